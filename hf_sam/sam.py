@@ -1,0 +1,306 @@
+"""Sharpness-Aware Minimization: the perturbation math and an optimizer wrapper. Imports torch only.
+
+SAM (Foret et al. 2021) minimises max_{||ε||_p <= ρ} L(w + ε). One step:
+
+1. g = ∇L(w)                                    (the "ascent" gradient)
+2. ε = ρ · g / ||g||₂            (p = 2, eq. 2)   or  ε = ρ · sign(g)   (p = ∞, appendix C.5)
+   ASAM (Kwon et al. 2021) rescales by T = |w| + η:  ε = ρ · T² g / ||T g||₂  (p = ∞: ρ · T · sign(g))
+3. g_SAM = ∇L(w + ε)                            (the "descent" gradient)
+4. w ← base_optimizer_step(w, g_SAM)            (w itself, not w + ε: we restore before stepping)
+
+Both the `SAM` optimizer wrapper below and `hf_sam.SAMTrainer` use `compute_perturbation_` and
+`WeightBackup`, so the trainer and the custom-loop API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SAM", "PerturbationGroup", "WeightBackup", "compute_perturbation_", "validate_sam_hparams"]
+
+SAM_NORMS = ("2", "inf")
+
+# Added to ||g|| so that a zero gradient gives ε = 0 instead of 0/0 (one of the public-implementation traps).
+NORM_EPS = 1e-12
+
+
+def validate_sam_hparams(rho: float, adaptive: bool, eta: float, norm: str, prefix: str = "") -> None:
+    """Raise `ValueError` naming the field and what it accepts. `prefix` is "sam_" for the Trainer fields."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
+        raise ValueError(f"{prefix}rho must be a finite number >= 0 (0 disables SAM), got {rho!r}.")
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"{prefix}adaptive must be True or False, got {adaptive!r}.")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0 or eta == float("inf"):
+        raise ValueError(f"{prefix}eta must be a finite number >= 0 (ASAM's T = |w| + eta), got {eta!r}.")
+    if str(norm) not in SAM_NORMS:
+        raise ValueError(
+            f"{prefix}norm must be one of {', '.join(repr(n) for n in SAM_NORMS)} "
+            f"('2': ε = ρ·g/‖g‖₂, 'inf': ε = ρ·sign(g)), got {norm!r}."
+        )
+
+
+@dataclass
+class PerturbationGroup:
+    """Parameters that share SAM hyper-parameters, with their ascent gradients (same order)."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    rho: float
+    adaptive: bool = False
+    eta: float = 0.01
+    norm: str = "2"
+
+
+@torch.no_grad()
+def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
+    """Turn each group's `grads` into ε **in place** and return the ascent gradient norm (a 0-dim tensor).
+
+    The norm is ||T g||₂ taken jointly over every p = 2 group with ρ > 0 (T = 1 without ASAM), so a group with
+    its own ρ changes the size of its ε but not the direction of the others. For p = ∞ groups the returned
+    norm is still ||T g||₂ (telemetry only; it does not enter ε).
+
+    The caller must check the returned norm is finite before applying ε: a non-finite gradient (fp16
+    overflow, a NaN loss) gives a non-finite norm, and then ε must not be applied.
+    Works on any scaled gradient (e.g. fp16's GradScaler): the scale cancels in g/||g|| and in sign(g).
+    """
+    active = [g for g in groups if g.rho > 0 and len(g.grads) > 0]
+    device = next((g.grads[0].device for g in active), None)
+    if device is None:
+        return torch.zeros(())
+
+    # T·g for ASAM groups (T = |w| + η); g itself otherwise. Written into the gradient buffers in place.
+    for group in active:
+        if group.adaptive:
+            torch._foreach_mul_(group.grads, _adaptive_scale(group))
+
+    # One fused norm per group, then one norm of the norms: ||x||₂ over all tensors without concatenating.
+    norms = {id(group): torch._foreach_norm(group.grads) for group in active}
+
+    def joint_norm(selected: list[PerturbationGroup]) -> torch.Tensor:
+        tensor_norms = [n.to(device, torch.float32) for group in selected for n in norms[id(group)]]
+        return torch.linalg.vector_norm(torch.stack(tensor_norms)) if tensor_norms else torch.zeros((), device=device)
+
+    grad_norm = joint_norm(active)
+    l2_groups = [g for g in active if g.norm == "2"]
+    l2_norm = grad_norm if len(l2_groups) == len(active) else joint_norm(l2_groups)
+
+    for group in active:
+        if group.norm == "2":
+            # ε = ρ T (T g) / ||T g||: the second T (ASAM) is applied below, after the shared scale.
+            scale = group.rho / (l2_norm + NORM_EPS)
+            torch._foreach_mul_(group.grads, scale)
+        else:
+            # ε = ρ · sign(T g) (T > 0 so sign(T g) = sign(g)), then times T for ASAM.
+            torch._foreach_sign_(group.grads)
+            torch._foreach_mul_(group.grads, group.rho)
+        if group.adaptive:
+            torch._foreach_mul_(group.grads, _adaptive_scale(group))
+    return grad_norm
+
+
+def _adaptive_scale(group: PerturbationGroup) -> list[torch.Tensor]:
+    """T = |w| + η, ASAM's elementwise parameter scale."""
+    scale = torch._foreach_abs(group.params)
+    torch._foreach_add_(scale, group.eta)
+    return scale
+
+
+class WeightBackup:
+    """Save w, move to w + ε in place, and copy w back exactly.
+
+    Restoring by subtracting ε is not exact in floating point (DDP replicas drift apart by ~1e-9 after a few
+    steps) and swapping `p.data` breaks tied weights, FSDP views and CUDA graphs; copying into the same
+    storage does neither. The backup buffers are allocated on first use and reused every step.
+    """
+
+    def __init__(self) -> None:
+        self._params: list[torch.Tensor] = []
+        self._backup: list[torch.Tensor] = []
+        self.perturbed = False
+
+    @torch.no_grad()
+    def perturb_(self, params: list[torch.Tensor], eps: list[torch.Tensor]) -> None:
+        if self.perturbed:
+            raise RuntimeError("The weights are already perturbed: call restore_() before perturbing again.")
+        if not self._matches(params):
+            self._params = list(params)
+            self._backup = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._backup, params)
+        torch._foreach_add_(params, eps)
+        self.perturbed = True
+
+    @torch.no_grad()
+    def restore_(self) -> None:
+        if self.perturbed:
+            torch._foreach_copy_(self._params, self._backup)
+            self.perturbed = False
+
+    def _matches(self, params: list[torch.Tensor]) -> bool:
+        return len(params) == len(self._params) and all(
+            a is b and a.shape == buf.shape and a.dtype == buf.dtype and a.device == buf.device
+            for a, b, buf in zip(params, self._params, self._backup, strict=True)
+        )
+
+
+class SAM(torch.optim.Optimizer):
+    """SAM around an already-built optimizer, for custom training loops (plain PyTorch or Accelerate).
+
+    Usage::
+
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
+        sam = SAM(base, rho=0.05)
+        for batch in loader:
+            loss_fn(model, batch).backward()      # gradient at w
+            sam.ascent_step()                     # w -> w + ε
+            sam.zero_grad()
+            loss_fn(model, batch).backward()      # gradient at w + ε
+            sam.descent_step()                    # w + ε -> w, then the base optimizer steps
+            sam.zero_grad()
+
+    The wrapper shares the base optimizer's `param_groups` (LR schedulers built on either keep working) and
+    keeps its hyper-parameters in each group (`rho`, `adaptive`, `eta`, `sam_norm`): set `rho=0` in a group
+    to leave it unperturbed (e.g. a freshly initialised head); ||g|| runs over the perturbed groups only.
+    Weight decay stays the base optimizer's business; it never enters ε. With Accelerate, call `ascent_step`
+    under `accelerator.no_sync(model)` for the first pass to keep ε per process (the paper's setting).
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        norm: str = "2",
+    ) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "SAM wraps an optimizer instance, e.g. SAM(torch.optim.SGD(model.parameters(), lr=0.1)); "
+                f"got {type(base_optimizer).__name__}."
+            )
+        validate_sam_hparams(rho, adaptive, eta, norm)
+        self.base_optimizer = base_optimizer
+        self.defaults = base_optimizer.defaults
+        for group in base_optimizer.param_groups:
+            group.setdefault("rho", rho)
+            group.setdefault("adaptive", adaptive)
+            group.setdefault("eta", eta)
+            group.setdefault("sam_norm", str(norm))
+            validate_sam_hparams(group["rho"], group["adaptive"], group["eta"], group["sam_norm"])
+        # torch.optim.Optimizer.__init__ is not called (param_groups and state are the base's); the hook tables
+        # that torch's step/state_dict machinery looks up still have to exist.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._backup = WeightBackup()
+        self.last_grad_norm: torch.Tensor | None = None
+        self.skipped_ascents = 0
+
+    # The wrapper *is* the base optimizer as far as schedulers and checkpoints are concerned.
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.base_optimizer.state = value
+
+    @torch.no_grad()
+    def ascent_step(self) -> torch.Tensor:
+        """Move every parameter with a gradient from w to w + ε. Returns ||g|| (0-dim tensor).
+
+        The gradients are consumed: they are turned into ε in place and then zeroed, so the next backward
+        gives the gradient at w + ε alone. If the gradient is not finite the weights stay at w (counted in
+        `skipped_ascents`) and the following descent step is a plain base-optimizer step.
+        """
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["rho"] > 0 and params:
+                groups.append(
+                    PerturbationGroup(
+                        params=params,
+                        grads=[p.grad for p in params],
+                        rho=group["rho"],
+                        adaptive=group["adaptive"],
+                        eta=group["eta"],
+                        norm=group["sam_norm"],
+                    )
+                )
+        grad_norm = compute_perturbation_(groups)
+        self.last_grad_norm = grad_norm
+        if groups and torch.isfinite(grad_norm):
+            self._backup.perturb_([p for g in groups for p in g.params], [e for g in groups for e in g.grads])
+        elif groups:
+            self.skipped_ascents += 1
+        for group in groups:
+            torch._foreach_zero_(group.grads)
+        return grad_norm
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy w back (exact). `descent_step` does this itself; call it to abandon a step."""
+        self._backup.restore_()
+
+    def descent_step(self, closure=None):
+        """Restore w exactly, then step the base optimizer with the gradient taken at w + ε."""
+        self.restore()
+        return self.base_optimizer.step(closure)
+
+    def step(self, closure=None):
+        """Without a closure: `descent_step()` (restore w if perturbed, then the base step); this is what
+        `transformers.Trainer`, Accelerate and LR schedulers call. With a closure that zeroes the grads, runs
+        forward + backward and returns the loss: a whole SAM step (ascent from the current gradients, closure
+        at w + ε, descent).
+
+        Prefer the explicit `ascent_step()`/`descent_step()` pair under fp16: a closure passed through a
+        GradScaler-aware `step` sees still-scaled gradients.
+        """
+        if closure is None:
+            return self.descent_step()
+        closure = torch.enable_grad()(closure)
+        self.ascent_step()
+        loss = closure()
+        self.descent_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        # The base optimizer's full state (momentum, Adam moments) plus the SAM hyper-parameters stored in
+        # its param_groups; the backup buffers are transient (never non-empty outside a step).
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        reference = self.param_groups[0] if self.param_groups else {}
+        for key, default in (("rho", 0.05), ("adaptive", False), ("eta", 0.01), ("sam_norm", "2")):
+            group.setdefault(key, reference.get(key, default))
+        validate_sam_hparams(group["rho"], group["adaptive"], group["eta"], group["sam_norm"])
+        self.base_optimizer.add_param_group(group)
+
+    def __repr__(self) -> str:
+        return f"SAM({self.base_optimizer!r})"
+
+
+def trainable_parameters(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters SAM perturbs: those that train (with PEFT/LoRA, only the adapters)."""
+    return [p for p in parameters if p.requires_grad]
