@@ -68,10 +68,12 @@ class SAMTrainingArguments(TrainingArguments):
         self.sam_norm = _normalize_norm(self.sam_norm)
         validate_sam_hparams(self.sam_rho, self.sam_adaptive, self.sam_eta, self.sam_norm, prefix="sam_")
         if not isinstance(self.sam_sync_perturbation, bool):
-            raise ValueError(f"sam_sync_perturbation must be True or False, got {self.sam_sync_perturbation!r}.")
-        super().__post_init__()
+            raise ValueError(
+                f"sam_sync_perturbation must be True or False, got {self.sam_sync_perturbation!r}."
+            )
         if self.sam_rho > 0:
             self._check_sam_compatible()
+        super().__post_init__()
 
     def _check_sam_compatible(self) -> None:
         """Reject the set-ups the two-pass step cannot run under, before any model or data is touched."""

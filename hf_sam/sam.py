@@ -82,7 +82,11 @@ def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
 
     def joint_norm(selected: list[PerturbationGroup]) -> torch.Tensor:
         tensor_norms = [n.to(device, torch.float32) for group in selected for n in norms[id(group)]]
-        return torch.linalg.vector_norm(torch.stack(tensor_norms)) if tensor_norms else torch.zeros((), device=device)
+        return (
+            torch.linalg.vector_norm(torch.stack(tensor_norms))
+            if tensor_norms
+            else torch.zeros((), device=device)
+        )
 
     grad_norm = joint_norm(active)
     l2_groups = [g for g in active if g.norm == "2"]
@@ -223,7 +227,7 @@ class SAM(torch.optim.Optimizer):
     def ascent_step(self) -> torch.Tensor:
         """Move every parameter with a gradient from w to w + ε. Returns ||g|| (0-dim tensor).
 
-        The gradients are consumed: they are turned into ε in place and then zeroed, so the next backward
+        The gradients are consumed (turned into ε in place, then set to None), so the next backward
         gives the gradient at w + ε alone. If the gradient is not finite the weights stay at w (counted in
         `skipped_ascents`) and the following descent step is a plain base-optimizer step.
         """
@@ -247,8 +251,9 @@ class SAM(torch.optim.Optimizer):
             self._backup.perturb_([p for g in groups for p in g.params], [e for g in groups for e in g.grads])
         elif groups:
             self.skipped_ascents += 1
-        for group in groups:
-            torch._foreach_zero_(group.grads)
+        # ε lives on in the weights only; dropping the gradients means the next backward is ∇L(w + ε) alone,
+        # whether or not the caller remembers zero_grad().
+        self.zero_grad()
         return grad_norm
 
     @torch.no_grad()
@@ -256,26 +261,27 @@ class SAM(torch.optim.Optimizer):
         """Copy w back (exact). `descent_step` does this itself; call it to abandon a step."""
         self._backup.restore_()
 
-    def descent_step(self, closure=None):
+    def descent_step(self):
         """Restore w exactly, then step the base optimizer with the gradient taken at w + ε."""
-        self.restore()
-        return self.base_optimizer.step(closure)
+        # Through self.step so that LR schedulers' step counters (they patch optimizer.step) see it.
+        return self.step()
 
     def step(self, closure=None):
-        """Without a closure: `descent_step()` (restore w if perturbed, then the base step); this is what
-        `transformers.Trainer`, Accelerate and LR schedulers call. With a closure that zeroes the grads, runs
-        forward + backward and returns the loss: a whole SAM step (ascent from the current gradients, closure
-        at w + ε, descent).
+        """Without a closure: restore w (if perturbed) and take the base optimizer's step, i.e.
+        `descent_step()`; this is what `transformers.Trainer`, Accelerate and LR schedulers call.
 
-        Prefer the explicit `ascent_step()`/`descent_step()` pair under fp16: a closure passed through a
-        GradScaler-aware `step` sees still-scaled gradients.
+        With a closure that zeroes the grads, runs forward + backward and returns the loss: a whole SAM step
+        from the gradients already in `.grad` (ascent, closure at w + ε, descent). Prefer the explicit
+        `ascent_step()`/`descent_step()` pair under fp16: a closure routed through a GradScaler-aware `step`
+        sees still-scaled gradients.
         """
         if closure is None:
-            return self.descent_step()
+            self.restore()
+            return self.base_optimizer.step()
         closure = torch.enable_grad()(closure)
         self.ascent_step()
         loss = closure()
-        self.descent_step()
+        self.step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -116,7 +116,9 @@ class SAMTrainer(Trainer):
         """
         sam = self._sam_optimizer()
         if sam is None:
-            raise RuntimeError("SAMTrainer's optimizer is not wrapped in hf_sam.SAM; was create_optimizer() overridden?")
+            raise RuntimeError(
+                "SAMTrainer's optimizer is not wrapped in hf_sam.SAM; was create_optimizer() overridden?"
+            )
         key = tuple(len(group["params"]) for group in sam.param_groups)
         if self._sam_plan is None or self._sam_plan[0] != key:
             params, slices = [], []
@@ -125,7 +127,9 @@ class SAMTrainer(Trainer):
                 slices.append((slice(len(params), len(params) + len(trainable)), group))
                 params.extend(trainable)
             if not params:
-                raise ValueError("SAMTrainer found no trainable parameter (requires_grad=True) in the optimizer.")
+                raise ValueError(
+                    "SAMTrainer found no trainable parameter (requires_grad=True) in the optimizer."
+                )
             self._sam_plan = (key, params, slices, _tracking_batchnorms(model))
         return self._sam_plan[1:]
 
@@ -168,7 +172,9 @@ class SAMTrainer(Trainer):
         _rng_restore(rng_state, self.args.device)
         try:
             if ascent_is_finite:
-                self._sam_backup.perturb_([p for g in groups for p in g.params], [e for g in groups for e in g.grads])
+                self._sam_backup.perturb_(
+                    [p for g in groups for p in g.params], [e for g in groups for e in g.grads]
+                )
             with _running_stats_frozen(batchnorms):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
@@ -246,7 +252,11 @@ def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
 
 
 def _tracking_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
 
 
 @contextmanager

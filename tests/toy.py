@@ -11,7 +11,14 @@ from torch import nn
 class TinyNet(nn.Module):
     """A plain nn.Module the way users write them: odd input names, a dict with `loss` and `logits`."""
 
-    def __init__(self, in_features: int = 6, hidden: int = 8, classes: int = 3, batchnorm: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_features: int = 6,
+        hidden: int = 8,
+        classes: int = 3,
+        batchnorm: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden)
         self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
@@ -48,7 +55,9 @@ def loss_and_grads(model: nn.Module, batch: dict, params: list[torch.Tensor] | N
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-def reference_sam_gradient(model: nn.Module, batch: dict, rho: float, norm: str = "2", adaptive: bool = False, eta: float = 0.01):
+def reference_sam_gradient(
+    model: nn.Module, batch: dict, rho: float, norm: str = "2", adaptive: bool = False, eta: float = 0.01
+):
     """The SAM gradient written out by hand, on a deep copy (BatchNorm stats of the copy are irrelevant)."""
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]

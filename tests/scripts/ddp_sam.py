@@ -1,0 +1,70 @@
+"""Run by tests/test_trainer_ddp.py under `torchrun --nproc_per_node 2` (gloo on CPU).
+
+Each rank trains one SAM step on its half of the data and saves: its micro-batch, the ε it applied, and the weights
+after the step. The parent test compares them with a single-process reference.
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from toy import make_model, make_rows  # noqa: E402
+
+from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+
+
+class RecordingSAMTrainer(SAMTrainer):
+    """Records this rank's micro-batch and the ε in the weights during the descent pass."""
+
+    record: dict = {}
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.record.setdefault("batch", {k: v.clone() for k, v in inputs.items()})
+        if self._sam_backup.perturbed:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            eps = {
+                names[id(p)]: p.detach() - b
+                for p, b in zip(self._sam_backup._params, self._sam_backup._backup)
+            }
+            self.record["eps"] = [eps[n] for n, _ in self.model.named_parameters()]  # model order
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def main(out_dir: str) -> None:
+    rows = make_rows(8)
+    for sync in (False, True):
+        model = make_model()
+        args = SAMTrainingArguments(
+            output_dir=os.path.join(out_dir, f"run-{sync}"),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            train_sampling_strategy="sequential",
+            sam_rho=0.05,
+            sam_sync_perturbation=sync,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = RecordingSAMTrainer(model=model, args=args, train_dataset=rows)
+        trainer.record = {}
+        trainer.train()
+        rank = trainer.args.process_index
+        torch.save(
+            {
+                **trainer.record,
+                "params": [p.detach() for p in model.parameters()],
+                "world": trainer.args.world_size,
+            },
+            os.path.join(out_dir, f"sync{int(sync)}-rank{rank}.pt"),
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

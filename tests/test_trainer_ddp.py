@@ -1,0 +1,91 @@
+"""Two gloo processes on CPU (torchrun): ε per rank, identical parameters, the mean of per-rank SAM gradients."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from toy import loss_and_grads, make_model, reference_sam_gradient, stack
+
+LR, RHO = 0.1, 0.05
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_sam.py")
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        SCRIPT,
+        str(out),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {
+        (sync, rank): torch.load(out / f"sync{sync}-rank{rank}.pt", weights_only=False)
+        for sync in (0, 1)
+        for rank in (0, 1)
+    }
+
+
+@pytest.mark.multiprocess
+def test_local_epsilon_differs_per_rank_and_update_is_mean_of_per_rank_sam_gradients(ddp_results):
+    rank0, rank1 = ddp_results[(0, 0)], ddp_results[(0, 1)]
+    assert rank0["world"] == 2
+    assert not torch.equal(rank0["batch"]["features"], rank1["batch"]["features"])  # each rank its own data
+
+    model = make_model()
+    references = [reference_sam_gradient(model, r["batch"], rho=RHO) for r in (rank0, rank1)]
+    for record, (_, eps) in zip((rank0, rank1), references, strict=True):
+        for got, want in zip(record["eps"], eps, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # ε from this rank's gradient alone
+    assert any(not torch.allclose(a, b) for a, b in zip(rank0["eps"], rank1["eps"], strict=True))
+
+    expected = [
+        p.detach() - LR * (a + b) / 2
+        for p, a, b in zip(model.parameters(), references[0][0], references[1][0], strict=True)
+    ]
+    for p0, p1, want in zip(rank0["params"], rank1["params"], expected, strict=True):
+        assert torch.equal(p0, p1)  # replicas stay identical (restore by copy, synced descent gradient)
+        torch.testing.assert_close(p0, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_sync_perturbation_uses_one_global_epsilon(ddp_results):
+    rank0, rank1 = ddp_results[(1, 0)], ddp_results[(1, 1)]
+    model = make_model()
+    batches = [rank0["batch"], rank1["batch"]]
+    # Global ε: from the mean of the per-rank ascent gradients.
+    grads = [loss_and_grads(model, b)[1] for b in batches]
+    mean_grad = [(a + b) / 2 for a, b in zip(*grads, strict=True)]
+    norm = torch.sqrt(sum((g**2).sum() for g in mean_grad))
+    eps = [RHO * g / norm for g in mean_grad]
+    for record in (rank0, rank1):
+        for got, want in zip(record["eps"], eps, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+    perturbed = make_model()
+    with torch.no_grad():
+        for p, e in zip(perturbed.parameters(), eps, strict=True):
+            p += e
+    descent = [loss_and_grads(perturbed, b)[1] for b in batches]
+    expected = [p.detach() - LR * (a + b) / 2 for p, a, b in zip(model.parameters(), *descent, strict=True)]
+    for p0, p1, want in zip(rank0["params"], rank1["params"], expected, strict=True):
+        assert torch.equal(p0, p1)
+        torch.testing.assert_close(p0, want, atol=1e-6, rtol=0)
+
+
+def test_reference_batches_cover_the_dataset(ddp_results):
+    """Guard on the harness itself: the two ranks together saw the 8 rows once each."""
+    from toy import make_rows
+
+    seen = torch.cat([ddp_results[(0, r)]["batch"]["features"] for r in (0, 1)])
+    assert torch.equal(seen.sort(dim=0).values, stack(make_rows(8))["features"].sort(dim=0).values)
