@@ -35,7 +35,7 @@ style: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
-	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/step_overhead.py --readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

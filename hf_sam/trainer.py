@@ -152,8 +152,9 @@ class SAMTrainer(Trainer):
             if self.accelerator.scaler is not None:
                 # fp16: scale like the descent pass so small gradients do not underflow; the scale cancels in ε.
                 ascent_loss = self.accelerator.scaler.scale(clean_loss)
-            grads = torch.autograd.grad(ascent_loss, params, allow_unused=True, materialize_grads=True)
-        grads = list(grads)
+            grads = list(torch.autograd.grad(ascent_loss, params, allow_unused=True, materialize_grads=True))
+        clean_loss = clean_loss.detach()
+        del ascent_loss
         if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
             _all_reduce_mean_(grads)
 
@@ -166,22 +167,22 @@ class SAMTrainer(Trainer):
         ]
         grad_norm = compute_perturbation_(groups)
         ascent_is_finite = bool(torch.isfinite(grad_norm))
-        del ascent_loss
-
-        # 3. Descent pass at w + ε: the stock step, with the ascent pass's random numbers (dropout masks).
-        _rng_restore(rng_state, self.args.device)
         try:
             if ascent_is_finite:
-                self._sam_backup.perturb_(
-                    [p for g in groups for p in g.params], [e for g in groups for e in g.grads]
-                )
+                self._sam_backup.perturb_(params, grads)
+            # ε now lives in the weights only: free it before the descent pass, so SAM's memory overhead is
+            # the backup copy of w alone.
+            del grads, groups
+
+            # 3. Descent pass at w + ε: the stock step, with the ascent pass's random numbers (dropout masks).
+            _rng_restore(rng_state, self.args.device)
             with _running_stats_frozen(batchnorms):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             # 4. Back to w (exact copy) before the Trainer clips, steps, saves or evaluates.
             self._sam_backup.restore_()
 
-        clean_loss = self._loss_as_reported(clean_loss.detach(), num_items_in_batch)
+        clean_loss = self._loss_as_reported(clean_loss, num_items_in_batch)
         self._record_sam_metrics(grad_norm, ascent_is_finite, clean_loss, perturbed_loss)
         return clean_loss
 
