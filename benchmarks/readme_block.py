@@ -13,7 +13,9 @@ def replace_readme_block(name: str, text: str, readme: str = README) -> None:
     with open(readme) as f:
         content = f.read()
     if start not in content or end not in content:
-        raise ValueError(f"README.md has no {start} ... {end} block to fill; add the two markers where the table goes.")
+        raise ValueError(
+            f"README.md has no {start} ... {end} block to fill; add the two markers where the table goes."
+        )
     before, rest = content.split(start, 1)
     _, after = rest.split(end, 1)
     with open(readme, "w") as f:

@@ -55,7 +55,11 @@ def build_model(name: str, preset: str, num_labels: int = 10):
             return ViTForImageClassification(ViTConfig(num_labels=num_labels)), 224  # ViT-B/16 defaults
         if name == "EfficientNet-B3":
             config = EfficientNetConfig(
-                width_coefficient=1.2, depth_coefficient=1.4, hidden_dim=1536, image_size=300, dropout_rate=0.3,
+                width_coefficient=1.2,
+                depth_coefficient=1.4,
+                hidden_dim=1536,
+                image_size=300,
+                dropout_rate=0.3,
                 num_labels=num_labels,
             )  # B3 scaling; the config's defaults are B7's
             return EfficientNetForImageClassification(config), 300
@@ -63,16 +67,27 @@ def build_model(name: str, preset: str, num_labels: int = 10):
             return ResNetForImageClassification(ResNetConfig(num_labels=num_labels)), 224
     if name == "ViT-S (4 layers)":
         config = ViTConfig(
-            hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768, image_size=64,
-            patch_size=8, num_labels=num_labels,
+            hidden_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=3,
+            intermediate_size=768,
+            image_size=64,
+            patch_size=8,
+            num_labels=num_labels,
         )
         return ViTForImageClassification(config), 64
     if name == "ResNet-18":
-        config = ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic", num_labels=num_labels)
+        config = ResNetConfig(
+            depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], layer_type="basic", num_labels=num_labels
+        )
         return ResNetForImageClassification(config), 64
     if name == "EfficientNet-B0":
         config = EfficientNetConfig(
-            width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280, image_size=64, dropout_rate=0.2,
+            width_coefficient=1.0,
+            depth_coefficient=1.0,
+            hidden_dim=1280,
+            image_size=64,
+            dropout_rate=0.2,
             num_labels=num_labels,
         )  # B0 scaling; the config's defaults are B7's
         return EfficientNetForImageClassification(config), 64
@@ -126,7 +141,11 @@ class TimedSAMTrainer(TimedTrainingStep, SAMTrainer):
     pass
 
 
-VARIANTS = {"stock": (StockTrainer, TrainingArguments), "two-pass": (TwoPassTrainer, TrainingArguments), "SAM": (TimedSAMTrainer, SAMTrainingArguments)}
+VARIANTS = {
+    "stock": (StockTrainer, TrainingArguments),
+    "two-pass": (TwoPassTrainer, TrainingArguments),
+    "SAM": (TimedSAMTrainer, SAMTrainingArguments),
+}
 
 
 def make_trainer(name, model, rows, args_kwargs, sync, steps):
@@ -170,9 +189,18 @@ def bench_model(name, preset, device, batch_size, rounds, steps, bf16):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out_dir = tempfile.mkdtemp()
     args_kwargs = dict(
-        output_dir=out_dir, per_device_train_batch_size=batch_size, learning_rate=1e-3, optim="sgd",
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, bf16=bf16,
-        use_cpu=device.type == "cpu", dataloader_num_workers=0, seed=0,
+        output_dir=out_dir,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-3,
+        optim="sgd",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        seed=0,
     )
     whole = {v: [] for v in VARIANTS}
     fwd_bwd = {v: [] for v in VARIANTS}
@@ -235,20 +263,30 @@ def to_markdown(results, header_note) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant per round (first discarded)")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="optimizer steps per variant per round (first discarded)"
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
-    parser.add_argument("--output", default=None, help="markdown file for the table (default: benchmarks/results/)")
+    parser.add_argument(
+        "--output", default=None, help="markdown file for the table (default: benchmarks/results/)"
+    )
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
 
     gpu = args.preset == "gpu"
     device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-    models = args.models or (["ViT-B/16", "EfficientNet-B3"] if gpu else ["ViT-S (4 layers)", "ResNet-18", "EfficientNet-B0"])
+    models = args.models or (
+        ["ViT-B/16", "EfficientNet-B3"] if gpu else ["ViT-S (4 layers)", "ResNet-18", "EfficientNet-B0"]
+    )
     batch_size = args.batch_size or (64 if gpu else 32)
     results = []
     for name in models:
@@ -264,7 +302,9 @@ def main(argv=None) -> None:
     )
     table = to_markdown(results, note)
     print(table)
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"step_overhead_{args.preset}.md")
+    output = args.output or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"step_overhead_{args.preset}.md"
+    )
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         f.write(table + "\n")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from hf_sam.sam import SAM_NORMS, validate_sam_hparams
+
+SAM_MODES = ("sam", "looksam", "gsam")
+SAM_RHO_SCHEDULES = ("constant", "linear_with_lr")
 
 # Optimizers that step inside backward (per-parameter hooks) or fuse backward and step: SAM needs the gradient
 # at w + ε to reach one optimizer step after w is restored, which these cannot give.
@@ -37,6 +42,34 @@ class SAMTrainingArguments(TrainingArguments):
         Scale-invariant perturbation: ε = ρ·T²g/‖Tg‖₂ with T = |w| + η.
     sam_eta (`float`, defaults to `0.01`):
         η in T = |w| + η.
+
+    > Cheaper SAM and variants (all opt-in; the defaults are plain SAM on every step)
+
+    sam_mode (`str`, defaults to `"sam"`):
+        `"sam"`; `"looksam"` (Liu et al. 2022: a SAM step every `sam_interval` steps, and in between one clean
+        forward+backward plus the stored part of the SAM gradient orthogonal to the clean one); `"gsam"`
+        (Zhuang et al. 2022: surrogate-gap guided SAM, as the authors' JAX version).
+    sam_interval (`int`, defaults to `1`):
+        SAM on optimizer steps 0, k, 2k, ...; a plain step (one forward+backward) on the others. LookSAM's k.
+    sam_start, sam_end (`float`, defaults to `0.0`, `1.0`):
+        Fractions of training (global step / max steps) between which SAM runs (late-phase SAM: `sam_start=0.5`).
+    sam_group_size (`int`, *optional*):
+        m-sharpness inside one process: one ε per chunk of m examples of each micro-batch, the chunks' SAM
+        gradients averaged. `None`: one ε per micro-batch.
+    sam_ascent_steps (`int`, defaults to `1`):
+        Steps of projected gradient ascent inside the ρ-ball (paper, appendix C.6); each moves ε by ρ·ĝ and
+        projects back onto the ball.
+    sam_rho_schedule (`str`, defaults to `"constant"`):
+        `"linear_with_lr"`: ρ_t = ρ_min + (ρ − ρ_min)·lr_t/lr_peak, as GSAM does.
+    sam_rho_min (`float`, defaults to `0.0`):
+        ρ_min of the `"linear_with_lr"` schedule.
+    sam_param_filter (`str`, *optional*):
+        Regular expression over parameter names: perturb only the matching parameters (e.g. `"norm"` for
+        SAM-ON); the ascent gradient is computed for those alone.
+    sam_looksam_alpha (`float`, defaults to `0.7`):
+        LookSAM's α (the paper's default).
+    sam_gsam_alpha (`float`, defaults to `0.1`):
+        GSAM's α (task-dependent; the paper tunes it per model).
     """
 
     sam_rho: float = field(
@@ -63,6 +96,41 @@ class SAMTrainingArguments(TrainingArguments):
         },
     )
 
+    sam_mode: str = field(
+        default="sam",
+        metadata={
+            "help": "'sam', 'looksam' (reuse between SAM steps) or 'gsam' (surrogate gap).",
+            "choices": list(SAM_MODES),
+        },
+    )
+    sam_interval: int = field(
+        default=1,
+        metadata={"help": "SAM on every k-th optimizer step, a plain step otherwise (LookSAM's k)."},
+    )
+    sam_start: float = field(default=0.0, metadata={"help": "Fraction of training at which SAM starts."})
+    sam_end: float = field(default=1.0, metadata={"help": "Fraction of training at which SAM stops."})
+    sam_group_size: int | None = field(
+        default=None, metadata={"help": "m-sharpness: one eps per chunk of m examples of each micro-batch."}
+    )
+    sam_ascent_steps: int = field(
+        default=1, metadata={"help": "Projected gradient ascent steps inside the rho-ball (appendix C.6)."}
+    )
+    sam_rho_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' or 'linear_with_lr' (rho follows the LR, as GSAM).",
+            "choices": list(SAM_RHO_SCHEDULES),
+        },
+    )
+    sam_rho_min: float = field(
+        default=0.0, metadata={"help": "rho at zero learning rate ('linear_with_lr')."}
+    )
+    sam_param_filter: str | None = field(
+        default=None, metadata={"help": "Regular expression over parameter names: perturb only the matches."}
+    )
+    sam_looksam_alpha: float = field(default=0.7, metadata={"help": "LookSAM's alpha."})
+    sam_gsam_alpha: float = field(default=0.1, metadata={"help": "GSAM's alpha."})
+
     def __post_init__(self):
         # Check our own fields first: a typo in a SAM field should not wait behind device set-up.
         self.sam_norm = _normalize_norm(self.sam_norm)
@@ -71,9 +139,77 @@ class SAMTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"sam_sync_perturbation must be True or False, got {self.sam_sync_perturbation!r}."
             )
+        self._check_variants()
         if self.sam_rho > 0:
             self._check_sam_compatible()
         super().__post_init__()
+
+    def _check_variants(self) -> None:
+        """Types, ranges and combinations of the variant fields: one clear error, before any work."""
+        if self.sam_mode not in SAM_MODES:
+            raise ValueError(
+                f"sam_mode must be one of {', '.join(map(repr, SAM_MODES))}, got {self.sam_mode!r}."
+            )
+        if not _is_int(self.sam_interval) or self.sam_interval < 1:
+            raise ValueError(
+                f"sam_interval must be an integer >= 1 (1: SAM on every step), got {self.sam_interval!r}."
+            )
+        for name in ("sam_start", "sam_end"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a fraction of training in [0, 1], got {value!r}.")
+        if self.sam_start >= self.sam_end:
+            raise ValueError(
+                f"sam_start ({self.sam_start}) must be smaller than sam_end ({self.sam_end}): SAM runs in between."
+            )
+        if self.sam_group_size is not None and (not _is_int(self.sam_group_size) or self.sam_group_size < 1):
+            raise ValueError(
+                f"sam_group_size must be a positive integer (examples per ε) or None, got {self.sam_group_size!r}."
+            )
+        if not _is_int(self.sam_ascent_steps) or self.sam_ascent_steps < 1:
+            raise ValueError(f"sam_ascent_steps must be an integer >= 1, got {self.sam_ascent_steps!r}.")
+        if self.sam_rho_schedule not in SAM_RHO_SCHEDULES:
+            raise ValueError(
+                f"sam_rho_schedule must be one of {', '.join(map(repr, SAM_RHO_SCHEDULES))}, got {self.sam_rho_schedule!r}."
+            )
+        if not _is_number(self.sam_rho_min) or not 0 <= self.sam_rho_min <= self.sam_rho:
+            raise ValueError(
+                f"sam_rho_min must be a number in [0, sam_rho={self.sam_rho}], got {self.sam_rho_min!r}."
+            )
+        for name in ("sam_looksam_alpha", "sam_gsam_alpha"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}.")
+        if self.sam_param_filter is not None:
+            try:
+                re.compile(self.sam_param_filter)
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    f"sam_param_filter must be a regular expression over parameter names, got {self.sam_param_filter!r} ({error})."
+                ) from None
+
+        # Combinations that have no sound meaning (or no implementation yet): refuse rather than guess.
+        if self.sam_mode in ("looksam", "gsam"):
+            for name, value, default in (
+                ("sam_group_size", self.sam_group_size, None),
+                ("sam_ascent_steps", self.sam_ascent_steps, 1),
+                ("sam_param_filter", self.sam_param_filter, None),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it needs the full clean "
+                        f"and SAM gradients of one ε per micro-batch. Use sam_mode='sam' or leave {name} at {default!r}."
+                    )
+        if self.sam_mode == "looksam" and self.sam_interval < 2:
+            raise ValueError("sam_mode='looksam' needs sam_interval >= 2 (its k: a SAM step every k steps).")
+        if self.sam_group_size is not None and self.sam_sync_perturbation:
+            raise ValueError(
+                "sam_group_size (one ε per chunk of m examples) contradicts sam_sync_perturbation=True (one ε for "
+                "all processes): choose one."
+            )
+        if self.sam_ascent_steps > 1 and (self.sam_adaptive or self.sam_norm != "2"):
+            raise ValueError(
+                "sam_ascent_steps > 1 projects onto the Euclidean ρ-ball: use it with sam_norm='2' and sam_adaptive=False."
+            )
 
     def _check_sam_compatible(self) -> None:
         """Reject the set-ups the two-pass step cannot run under, before any model or data is touched."""
@@ -94,6 +230,14 @@ class SAMTrainingArguments(TrainingArguments):
                 "SAMTrainer does not support FSDP yet (the ascent gradient norm must be taken over all shards). "
                 "Train with DDP (plain `accelerate launch --multi_gpu`) or set sam_rho=0."
             )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _normalize_norm(norm) -> str:

@@ -20,7 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SAM", "PerturbationGroup", "WeightBackup", "compute_perturbation_", "validate_sam_hparams"]
+__all__ = [
+    "SAM",
+    "PerturbationGroup",
+    "WeightBackup",
+    "compute_perturbation_",
+    "dot",
+    "gsam_gradient_",
+    "looksam_orthogonal_component",
+    "looksam_reuse_gradient_",
+    "project_to_ball_",
+    "validate_sam_hparams",
+]
 
 SAM_NORMS = ("2", "inf")
 
@@ -63,10 +74,14 @@ def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
     its own ρ changes the size of its ε but not the direction of the others. For p = ∞ groups the returned
     norm is still ||T g||₂ (telemetry only; it does not enter ε).
 
+    Groups with ρ = 0 get ε = 0 (their gradient buffers are zeroed).
     The caller must check the returned norm is finite before applying ε: a non-finite gradient (fp16
     overflow, a NaN loss) gives a non-finite norm, and then ε must not be applied.
     Works on any scaled gradient (e.g. fp16's GradScaler): the scale cancels in g/||g|| and in sign(g).
     """
+    for group in groups:
+        if group.rho <= 0 and group.grads:
+            torch._foreach_zero_(group.grads)  # ε = 0 for an unperturbed group (e.g. a new head with rho=0)
     active = [g for g in groups if g.rho > 0 and len(g.grads) > 0]
     device = next((g.grads[0].device for g in active), None)
     if device is None:
@@ -111,6 +126,55 @@ def _adaptive_scale(group: PerturbationGroup) -> list[torch.Tensor]:
     scale = torch._foreach_abs(group.params)
     torch._foreach_add_(scale, group.eta)
     return scale
+
+
+def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """<a, b> over lists of tensors, accumulated in float32."""
+    return sum(
+        (torch.sum(x.float() * y.float()) for x, y in zip(a, b, strict=True)),
+        torch.zeros((), device=a[0].device),
+    )
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
+
+
+@torch.no_grad()
+def project_to_ball_(eps: list[torch.Tensor], rho: float) -> None:
+    """ε ← ε · min(1, ρ/‖ε‖₂): the projection onto the ρ-ball for multi-step ascent (paper, appendix C.6)."""
+    scale = torch.clamp(rho / (_global_norm(eps) + NORM_EPS), max=1.0)
+    torch._foreach_mul_(eps, scale)
+
+
+@torch.no_grad()
+def looksam_orthogonal_component(
+    sam_grad: list[torch.Tensor], clean_grad: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """LookSAM's g_v (Liu et al. 2022, eq. 5): the part of the SAM gradient g_s orthogonal to the clean gradient g,
+    g_v = g_s − (<g_s, g>/‖g‖²) g. Returned as new tensors (they are kept between SAM steps)."""
+    coefficient = dot(sam_grad, clean_grad) / (dot(clean_grad, clean_grad) + NORM_EPS)
+    g_v = [t.clone() for t in sam_grad]
+    torch._foreach_add_(g_v, torch._foreach_mul(clean_grad, -coefficient))
+    return g_v
+
+
+@torch.no_grad()
+def looksam_reuse_gradient_(grads: list[torch.Tensor], g_v: list[torch.Tensor], alpha: float) -> None:
+    """LookSAM between two SAM steps (eq. 6): g ← g + α·(‖g‖/‖g_v‖)·g_v, in place, from one clean gradient."""
+    scale = alpha * _global_norm(grads) / (_global_norm(g_v) + NORM_EPS)
+    torch._foreach_add_(grads, torch._foreach_mul(g_v, scale))
+
+
+@torch.no_grad()
+def gsam_gradient_(sam_grad: list[torch.Tensor], clean_grad: list[torch.Tensor], alpha: float) -> None:
+    """GSAM (Zhuang et al. 2022), as the authors' JAX version: decompose the clean gradient g into its parts
+    parallel and orthogonal to the SAM gradient g_s and descend on the surrogate gap with the orthogonal part:
+    g_s ← g_s − α·(g − <g, ĝ_s> ĝ_s), in place, ĝ_s = g_s/‖g_s‖."""
+    unit = torch._foreach_div(sam_grad, _global_norm(sam_grad) + NORM_EPS)
+    projection = dot(clean_grad, unit)
+    residual = torch._foreach_sub(clean_grad, torch._foreach_mul(unit, projection))
+    torch._foreach_add_(sam_grad, torch._foreach_mul(residual, -alpha))
 
 
 class WeightBackup:
@@ -203,6 +267,7 @@ class SAM(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._backup = WeightBackup()
+        self.sam_state: dict = {}  # variant state that must survive a checkpoint (saved by state_dict)
         self.last_grad_norm: torch.Tensor | None = None
         self.skipped_ascents = 0
 
@@ -288,11 +353,19 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        # The base optimizer's full state (momentum, Adam moments) plus the SAM hyper-parameters stored in
-        # its param_groups; the backup buffers are transient (never non-empty outside a step).
-        return self.base_optimizer.state_dict()
+        # The base optimizer's full state (momentum, Adam moments) plus the SAM hyper-parameters stored in its
+        # param_groups, plus `sam_state` (what a variant keeps between steps, e.g. LookSAM's g_v) when not empty.
+        # The backup buffers are transient: never holding anything between two steps.
+        state = self.base_optimizer.state_dict()
+        if self.sam_state:
+            state["sam_state"] = {
+                k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in self.sam_state.items()
+            }
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.sam_state = dict(state_dict.pop("sam_state", {}))
         self.base_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import re
-from contextlib import contextmanager
 
 import torch
 from accelerate.utils import DistributedType
@@ -12,30 +13,58 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from hf_sam.configs import SAMTrainingArguments
-from hf_sam.sam import SAM, PerturbationGroup, WeightBackup, compute_perturbation_
+from hf_sam.sam import (
+    SAM,
+    PerturbationGroup,
+    WeightBackup,
+    compute_perturbation_,
+    gsam_gradient_,
+    looksam_orthogonal_component,
+    looksam_reuse_gradient_,
+    project_to_ball_,
+)
 
 logger = logging.get_logger(__name__)
 
-# Column order of the per-process telemetry accumulator (summed over micro-batches between two logs).
-_GRAD_NORM, _FINITE_ASCENTS, _PERTURBED_LOSS, _SHARPNESS, _SKIPPED = range(5)
+# Columns of the per-process telemetry accumulator (summed over micro-batches between two logs).
+(
+    _GRAD_NORM,
+    _FINITE_ASCENTS,
+    _PERTURBED_LOSS,
+    _SHARPNESS,
+    _SKIPPED,
+    _SAM_STEPS,
+    _FORWARDS,
+    _BACKWARDS,
+    _RHO,
+    _SAM_MICRO_BATCHES,
+    _N_COLUMNS,
+) = range(11)
+
+# What an optimizer step does, decided once per step from `state.global_step`.
+PLAIN, SAM_STEP, LOOKSAM_REUSE = "plain", "sam", "looksam_reuse"
 
 
 class SAMTrainer(Trainer):
-    """A drop-in `Trainer` that takes every optimizer step with the Sharpness-Aware Minimization gradient.
+    """A drop-in `Trainer` that takes its optimizer steps with the Sharpness-Aware Minimization gradient.
 
     Per micro-batch (`training_step`):
 
     1. ascent pass at w under `accelerator.no_sync`: forward + `torch.autograd.grad`, so gradients accumulated
        from earlier micro-batches stay untouched and ε is this process's own (m = per-device micro-batch);
-    2. ε = ρ·g/‖g‖ over the trainable parameters (see `hf_sam.sam.compute_perturbation_`), w ← w + ε in place;
+    2. ε = ρ·g/‖g‖ over the trainable parameters (`hf_sam.sam.compute_perturbation_`), w ← w + ε in place;
     3. descent pass at w + ε through the stock `Trainer.training_step` (same dropout masks as the ascent pass,
        BatchNorm running statistics left as the clean pass set them), so loss scaling, gradient accumulation,
        `num_items_in_batch`, DDP synchronisation and mixed precision stay the Trainer's;
     4. w restored by copy before returning; the Trainer then clips, steps and schedules as usual.
 
+    The variants of `SAMTrainingArguments` (interval, late-phase window, LookSAM, GSAM, m-sharpness groups,
+    multi-step ascent, ρ schedule, parameter filter) change which steps run SAM and how the final gradient is
+    formed; the math lives in `hf_sam.sam`.
+
     The optimizer the Trainer builds (`optim`, `optim_args`, weight-decay groups) is wrapped in `hf_sam.SAM`,
-    whose `state_dict` is the base optimizer's, so checkpoints keep momentum and Adam moments. The logged `loss`
-    is the loss at w (comparable with a plain run); the SAM metrics are logged as `sam/*`.
+    whose `state_dict` is the base optimizer's plus any variant state, so checkpoints resume exactly. The logged
+    `loss` is the loss at w (comparable with a plain run); the SAM metrics are logged as `sam/*`.
     """
 
     def __init__(self, model=None, args: SAMTrainingArguments | None = None, *pargs, **kwargs):
@@ -61,6 +90,10 @@ class SAMTrainer(Trainer):
         self._sam_telemetry: torch.Tensor | None = None
         self._sam_last_logged_step = 0
         self._sam_plan: tuple | None = None
+        self._sam_loss_weight: float | None = None  # a chunk's share of its micro-batch (sam_group_size)
+        self._sam_clean_grad_sum: list[torch.Tensor] | None = (
+            None  # GSAM / LookSAM: clean gradient of the window
+        )
 
     # ------------------------------------------------------------------ set-up checks
     def _check_sam_compatible(self) -> None:
@@ -87,6 +120,14 @@ class SAMTrainer(Trainer):
                 "gradient_checkpointing_kwargs={'use_reentrant': True} is incompatible with SAM's ascent pass "
                 "(torch.autograd.grad). Use {'use_reentrant': False} (the transformers default)."
             )
+        if self.args.sam_param_filter is not None:
+            pattern = re.compile(self.args.sam_param_filter)
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            if not any(pattern.search(n) for n in names):
+                raise ValueError(
+                    f"sam_param_filter={self.args.sam_param_filter!r} matches no trainable parameter. "
+                    f"Some parameter names: {', '.join(names[:8])}."
+                )
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, *args, **kwargs):
@@ -102,128 +143,304 @@ class SAMTrainer(Trainer):
             )
         return optimizer
 
-    def _sam_optimizer(self) -> SAM | None:
+    def _sam_optimizer(self) -> SAM:
         optimizer = self.optimizer
         while optimizer is not None and not isinstance(optimizer, SAM):
             optimizer = getattr(optimizer, "optimizer", None)  # AcceleratedOptimizer and friends
+        if optimizer is None:
+            raise RuntimeError(
+                "SAMTrainer's optimizer is not wrapped in hf_sam.SAM; was create_optimizer() overridden?"
+            )
         return optimizer
 
     def _perturbation_plan(self, model: torch.nn.Module) -> tuple[list, list[tuple[slice, dict]], list]:
-        """The trainable parameters in optimizer order, which slice of them each param group owns, and the
-        BatchNorm layers whose running statistics the perturbed pass must leave alone.
+        """The parameters to perturb in optimizer order (trainable, matching `sam_param_filter`), which slice of
+        them each param group owns, and the BatchNorm layers the perturbed passes must leave alone.
 
         Cached: rebuilt only when the optimizer's groups change (e.g. a user's `add_param_group`).
         """
         sam = self._sam_optimizer()
-        if sam is None:
-            raise RuntimeError(
-                "SAMTrainer's optimizer is not wrapped in hf_sam.SAM; was create_optimizer() overridden?"
-            )
         key = tuple(len(group["params"]) for group in sam.param_groups)
         if self._sam_plan is None or self._sam_plan[0] != key:
+            selected = None
+            if self.args.sam_param_filter is not None:
+                pattern = re.compile(self.args.sam_param_filter)
+                unwrapped = self.accelerator.unwrap_model(model)
+                selected = {id(p) for n, p in unwrapped.named_parameters() if pattern.search(n)}
             params, slices = [], []
             for group in sam.param_groups:
-                trainable = [p for p in group["params"] if p.requires_grad]
-                slices.append((slice(len(params), len(params) + len(trainable)), group))
-                params.extend(trainable)
+                chosen = [
+                    p for p in group["params"] if p.requires_grad and (selected is None or id(p) in selected)
+                ]
+                slices.append((slice(len(params), len(params) + len(chosen)), group))
+                params.extend(chosen)
             if not params:
                 raise ValueError(
-                    "SAMTrainer found no trainable parameter (requires_grad=True) in the optimizer."
+                    "SAMTrainer found no parameter to perturb (trainable and matching sam_param_filter)."
                 )
             self._sam_plan = (key, params, slices, _tracking_batchnorms(model))
         return self._sam_plan[1:]
 
+    # ------------------------------------------------------------------ which step is which
+    def _step_kind(self) -> str:
+        """SAM step, LookSAM reuse step or plain step, for the optimizer step in progress.
+
+        Decided from `state.global_step` alone, so every micro-batch of a step agrees and a resumed run takes
+        the same decisions as an uninterrupted one.
+        """
+        args, step = self.args, self.state.global_step
+        max_steps = max(self.state.max_steps or 1, 1)
+        first = math.ceil(args.sam_start * max_steps)
+        if not (first <= step and step < args.sam_end * max_steps):
+            return PLAIN
+        if (step - first) % args.sam_interval == 0:
+            return SAM_STEP
+        if args.sam_mode == "looksam":
+            # Without a stored g_v (e.g. a checkpoint written by an older version) take a full SAM step instead.
+            return LOOKSAM_REUSE if "looksam_gv" in self._sam_optimizer().sam_state else SAM_STEP
+        return PLAIN
+
+    def _scheduled_rho(self, group: dict) -> float:
+        """ρ for this step: constant, or ρ_min + (ρ − ρ_min)·lr_t/lr_peak ("linear_with_lr", as GSAM)."""
+        if self.args.sam_rho_schedule == "constant":
+            return group["rho"]
+        peak = group.get("initial_lr", self.args.learning_rate) or self.args.learning_rate
+        ratio = min(max(group["lr"] / peak, 0.0), 1.0) if peak else 1.0
+        return self.args.sam_rho_min + (group["rho"] - self.args.sam_rho_min) * ratio
+
     # ------------------------------------------------------------------ the step
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self._sam_loss_weight is None:
+            return result
+        # m-sharpness chunk: its share of the micro-batch, so the chunks' gradients average (not sum).
+        if return_outputs:
+            return result[0] * self._sam_loss_weight, result[1]
+        return result * self._sam_loss_weight
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.args.sam_rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
+        kind = self._step_kind()
+        last_micro_batch = self.accelerator.sync_gradients
+        if kind != SAM_STEP:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if kind == LOOKSAM_REUSE and last_micro_batch:
+                # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
+                params = self._perturbation_plan(model)[0]
+                g_v = self._sam_optimizer().sam_state["looksam_gv"]
+                looksam_reuse_gradient_(_grads_of(params), _on(g_v, params), self.args.sam_looksam_alpha)
+            self._count_passes(forwards=1, backwards=1)
+            return loss
 
         model.train()
         inputs = self._prepare_inputs(inputs)
         params, slices, batchnorms = self._perturbation_plan(model)
-        rng_state = _rng_snapshot(self.args.device)
+        chunks = self._split_into_groups(inputs, num_items_in_batch)
+        clean_total, perturbed_total = 0.0, 0.0
+        for index, (chunk, weight) in enumerate(chunks):
+            self._sam_loss_weight = weight
+            try:
+                clean, perturbed = self._sam_micro_step(
+                    model,
+                    chunk,
+                    num_items_in_batch,
+                    params,
+                    slices,
+                    batchnorms,
+                    is_last=index == len(chunks) - 1,
+                )
+            finally:
+                self._sam_loss_weight = None
+            clean_total, perturbed_total = clean_total + clean, perturbed_total + perturbed
+
+        if self.args.sam_mode in ("gsam", "looksam") and last_micro_batch:
+            self._finish_window_(params)
+        clean_loss = self._loss_as_reported(clean_total, num_items_in_batch)
+        self._record_sam_micro_batch(clean_loss, perturbed_total, last_micro_batch)
+        return clean_loss
+
+    def _sam_micro_step(self, model, inputs, num_items_in_batch, params, slices, batchnorms, is_last):
+        """Ascent(s) at w, descent at w + ε, exact restore, for one micro-batch (or one chunk of m examples).
+
+        Returns the clean loss (as `compute_loss` gives it) and the perturbed loss (as `training_step` reports it).
+        """
+        args = self.args
+        rng_state = _rng_snapshot(args.device)
 
         # 1. Ascent pass at w. Forward *and* backward under no_sync: a forward outside it would arm DDP's reducer.
-        with self.accelerator.no_sync(model):
-            with self.compute_loss_context_manager():
-                # compute_loss may pop "labels" (label smoothing): give it a shallow copy.
-                clean_loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-            ascent_loss = clean_loss
-            if self.accelerator.scaler is not None:
-                # fp16: scale like the descent pass so small gradients do not underflow; the scale cancels in ε.
-                ascent_loss = self.accelerator.scaler.scale(clean_loss)
-            grads = list(torch.autograd.grad(ascent_loss, params, allow_unused=True, materialize_grads=True))
-        clean_loss = clean_loss.detach()
-        del ascent_loss
-        if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
-            _all_reduce_mean_(grads)
+        clean_loss, grads = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+        if args.sam_mode in ("gsam", "looksam"):
+            self._accumulate_clean_gradient(grads, num_items_in_batch)
 
         # 2. ε from the ascent gradient, written into the gradient buffers in place.
-        groups = [
-            PerturbationGroup(
-                params[s], grads[s], group["rho"], group["adaptive"], group["eta"], group["sam_norm"]
-            )
-            for s, group in slices
-        ]
-        grad_norm = compute_perturbation_(groups)
+        rhos = [self._scheduled_rho(group) for _, group in slices]
+        grad_norm = compute_perturbation_(self._groups(params, grads, slices, rhos))
         ascent_is_finite = bool(torch.isfinite(grad_norm))
         try:
             if ascent_is_finite:
                 self._sam_backup.perturb_(params, grads)
+                for _ in range(args.sam_ascent_steps - 1):  # projected gradient ascent (appendix C.6)
+                    _rng_restore(rng_state, args.device)
+                    with _running_stats_frozen(batchnorms):
+                        _, step = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+                    if not bool(
+                        torch.isfinite(compute_perturbation_(self._groups(params, step, slices, rhos)))
+                    ):
+                        break  # keep the last finite ε
+                    torch._foreach_add_(grads, step)
+                    project_to_ball_(grads, max(rhos))
+                    self._sam_backup.restore_()
+                    self._sam_backup.perturb_(params, grads)
             # ε now lives in the weights only: free it before the descent pass, so SAM's memory overhead is
             # the backup copy of w alone.
-            del grads, groups
+            del grads
 
             # 3. Descent pass at w + ε: the stock step, with the ascent pass's random numbers (dropout masks).
-            _rng_restore(rng_state, self.args.device)
-            with _running_stats_frozen(batchnorms):
+            _rng_restore(rng_state, args.device)
+            sync = contextlib.nullcontext() if is_last else self.accelerator.no_sync(model)
+            with sync, _running_stats_frozen(batchnorms):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             # 4. Back to w (exact copy) before the Trainer clips, steps, saves or evaluates.
             self._sam_backup.restore_()
 
-        clean_loss = self._loss_as_reported(clean_loss, num_items_in_batch)
-        self._record_sam_metrics(grad_norm, ascent_is_finite, clean_loss, perturbed_loss)
-        return clean_loss
+        self._record_ascent(grad_norm, ascent_is_finite, rhos[0] if rhos else 0.0)
+        return clean_loss, perturbed_loss
 
-    def _loss_as_reported(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """Scale the clean loss exactly as `Trainer.training_step` scales the loss it returns."""
-        if self.args.n_gpu > 1:
-            loss = loss.mean()
+    def _ascent_gradient(self, model, inputs, num_items_in_batch, params):
+        """Forward + backward at the current weights without touching `.grad` or DDP's reducer."""
+        with self.accelerator.no_sync(model):
+            with self.compute_loss_context_manager():
+                # compute_loss may pop "labels" (label smoothing): give it a shallow copy.
+                loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+            if self.args.n_gpu > 1:
+                loss = loss.mean()
+            scaled = loss
+            if self.accelerator.scaler is not None:
+                # fp16: scale like the descent pass so small gradients do not underflow; the scale cancels in ε.
+                scaled = self.accelerator.scaler.scale(loss)
+            grads = list(torch.autograd.grad(scaled, params, allow_unused=True, materialize_grads=True))
+        self._count_passes(forwards=1, backwards=1)
+        if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
+            _all_reduce_mean_(grads)
+        return loss.detach(), grads
+
+    @staticmethod
+    def _groups(params, grads, slices, rhos) -> list[PerturbationGroup]:
+        return [
+            PerturbationGroup(params[s], grads[s], rho, group["adaptive"], group["eta"], group["sam_norm"])
+            for (s, group), rho in zip(slices, rhos, strict=True)
+        ]
+
+    def _split_into_groups(self, inputs: dict, num_items_in_batch) -> list[tuple[dict, float | None]]:
+        """`sam_group_size` = m: the micro-batch cut into chunks of m examples, each with its weight."""
+        m = self.args.sam_group_size
+        batch_size = _batch_size(inputs)
+        if m is None or batch_size is None or m >= batch_size:
+            return [(inputs, None)]
+        # A loss normalised by num_items_in_batch already sums over chunks; a per-batch mean needs the weights.
+        weighted = not self._loss_is_normalised_by_num_items(num_items_in_batch)
+        chunks = []
+        for start in range(0, batch_size, m):
+            chunk = {
+                k: v[start : start + m]
+                if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch_size
+                else v
+                for k, v in inputs.items()
+            }
+            size = min(m, batch_size - start)
+            chunks.append((chunk, size / batch_size if weighted else None))
+        return chunks
+
+    # ------------------------------------------------------------------ GSAM and LookSAM, per optimizer step
+    def _accumulate_clean_gradient(self, grads: list[torch.Tensor], num_items_in_batch) -> None:
+        """Sum the clean gradients of the window in the units of `.grad` (same loss scaling as the descent)."""
+        factor = (
+            1.0
+            if self._loss_is_normalised_by_num_items(num_items_in_batch)
+            else 1.0 / self.current_gradient_accumulation_steps
+        )
+        if self._sam_clean_grad_sum is None:
+            self._sam_clean_grad_sum = [torch.zeros_like(g) for g in grads]
+        torch._foreach_add_(self._sam_clean_grad_sum, grads, alpha=factor)
+
+    def _finish_window_(self, params: list[torch.Tensor]) -> None:
+        """At the last micro-batch of a SAM step `.grad` holds the (synced) SAM gradient g_s of the whole step."""
+        clean = self._sam_clean_grad_sum
+        if self.accelerator.num_processes > 1:
+            _all_reduce_mean_(clean)  # DDP averaged g_s over processes: average g the same way
+        sam_grads = _grads_of(params)
+        if self.args.sam_mode == "gsam":
+            gsam_gradient_(sam_grads, clean, self.args.sam_gsam_alpha)
+        else:
+            self._sam_optimizer().sam_state["looksam_gv"] = looksam_orthogonal_component(sam_grads, clean)
+        torch._foreach_zero_(clean)
+
+    # ------------------------------------------------------------------ loss bookkeeping
+    def _loss_is_normalised_by_num_items(self, num_items_in_batch) -> bool:
+        """Mirror of `Trainer.training_step`: is the loss already normalised over the whole accumulated batch?"""
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled_for_ga is None:
             scaled_for_ga = (
                 self.model_accepts_loss_kwargs and num_items_in_batch is not None
             ) or self.compute_loss_func is not None
-        if not scaled_for_ga:
+        return scaled_for_ga
+
+    def _loss_as_reported(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """Scale the clean loss exactly as `Trainer.training_step` scales the loss it returns."""
+        if not self._loss_is_normalised_by_num_items(num_items_in_batch):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
     # ------------------------------------------------------------------ telemetry
-    def _record_sam_metrics(self, grad_norm, ascent_is_finite, clean_loss, perturbed_loss) -> None:
+    def _telemetry(self, device) -> torch.Tensor:
         if self._sam_telemetry is None:
-            self._sam_telemetry = torch.zeros(5, device=clean_loss.device, dtype=torch.float64)
-        t = self._sam_telemetry
+            self._sam_telemetry = torch.zeros(_N_COLUMNS, device=device, dtype=torch.float64)
+        return self._sam_telemetry
+
+    def _count_passes(self, forwards: int, backwards: int) -> None:
+        t = self._telemetry(self.args.device)
+        t[_FORWARDS] += forwards
+        t[_BACKWARDS] += backwards
+
+    def _record_ascent(self, grad_norm, ascent_is_finite, rho) -> None:
+        t = self._telemetry(grad_norm.device)
         if ascent_is_finite:
             t[_GRAD_NORM] += grad_norm.to(t.device, t.dtype)
             t[_FINITE_ASCENTS] += 1
         else:
             t[_SKIPPED] += 1
+        t[_RHO] += rho
+        t[_SAM_MICRO_BATCHES] += 1
+        self._count_passes(forwards=1, backwards=1)  # the descent pass
+
+    def _record_sam_micro_batch(self, clean_loss, perturbed_loss, last_micro_batch) -> None:
+        t = self._telemetry(clean_loss.device)
         t[_PERTURBED_LOSS] += perturbed_loss.to(t.device, t.dtype)
         t[_SHARPNESS] += (perturbed_loss - clean_loss).to(t.device, t.dtype)
+        t[_SAM_STEPS] += float(last_micro_batch)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the `sam/*` metrics to each training log, averaged over the logging window like `loss`."""
         if "loss" in logs and self._sam_telemetry is not None:
             steps = max(self.state.global_step - self._sam_last_logged_step, 1)
-            # One collective on every rank (log() runs on all of them): sums over processes.
-            totals = self.accelerator.reduce(self._sam_telemetry.clone(), reduction="sum")
             processes = self.accelerator.num_processes
+            # One collective on every rank (log() runs on all of them): sums over processes.
+            totals = self.accelerator.reduce(self._sam_telemetry.clone(), reduction="sum").tolist()
             if totals[_FINITE_ASCENTS] > 0:
-                logs["sam/grad_norm"] = (totals[_GRAD_NORM] / totals[_FINITE_ASCENTS]).item()
-            logs["sam/perturbed_loss"] = (totals[_PERTURBED_LOSS] / (steps * processes)).item()
-            logs["sam/sharpness"] = (totals[_SHARPNESS] / (steps * processes)).item()
-            logs["sam/skipped_ascents"] = int(totals[_SKIPPED].item())
+                logs["sam/grad_norm"] = totals[_GRAD_NORM] / totals[_FINITE_ASCENTS]
+            if totals[_SAM_STEPS] > 0:
+                logs["sam/perturbed_loss"] = totals[_PERTURBED_LOSS] / totals[_SAM_STEPS]
+                logs["sam/sharpness"] = totals[_SHARPNESS] / totals[_SAM_STEPS]
+            if self.args.sam_rho_schedule != "constant" and totals[_SAM_MICRO_BATCHES] > 0:
+                logs["sam/rho"] = totals[_RHO] / totals[_SAM_MICRO_BATCHES]
+            logs["sam/skipped_ascents"] = int(totals[_SKIPPED])
+            logs["sam/fraction_sam_steps"] = totals[_SAM_STEPS] / (steps * processes)
+            logs["sam/forward_passes"] = int(totals[_FORWARDS] / processes)
+            logs["sam/backward_passes"] = int(totals[_BACKWARDS] / processes)
             self._sam_telemetry.zero_()
             self._sam_last_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
@@ -252,6 +469,23 @@ def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
     return bool(calls) and not any("**kwargs" in c or "num_items_in_batch" in c for c in calls)
 
 
+def _batch_size(inputs: dict) -> int | None:
+    sizes = [v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.ndim]
+    return max(sizes) if sizes else None
+
+
+def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    for p in params:
+        if p.grad is None:  # a parameter unused in this step: its gradient is zero
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def _on(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Stored state (e.g. loaded from a checkpoint on CPU) on the parameters' devices."""
+    return [t if t.device == p.device else t.to(p.device) for t, p in zip(tensors, like, strict=True)]
+
+
 def _tracking_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [
         m
@@ -260,7 +494,7 @@ def _tracking_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-@contextmanager
+@contextlib.contextmanager
 def _running_stats_frozen(modules: list[torch.nn.Module]):
     """BatchNorm in train mode (batch statistics) without touching running stats or `num_batches_tracked`.
 
@@ -297,7 +531,7 @@ def _rng_restore(state, device: torch.device) -> None:
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average gradients over processes in one collective (sam_sync_perturbation=True)."""
+    """Average tensors over processes in one collective (sam_sync_perturbation, GSAM/LookSAM clean gradient)."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
     torch.distributed.all_reduce(flat)
     flat /= torch.distributed.get_world_size()
