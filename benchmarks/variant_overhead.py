@@ -1,0 +1,120 @@
+"""What each SAM variant costs per optimizer step, against the stock Trainer in the same run.
+
+    python benchmarks/variant_overhead.py            # CPU: ResNet-18 (64 px, batch 32), ~3 minutes
+    python benchmarks/variant_overhead.py --readme   # also write the table into README.md
+
+Every variant trains the same model on the same batches; each round runs every variant for `--steps`
+optimizer steps (a multiple of the interval k = 5, so each round holds the same mix of SAM and cheap steps),
+the order rotating each round. The cost of a variant is the **mean** step time over a round (a median would
+hide the SAM steps of the interval variants); the table gives the median over rounds of the paired ratio
+variant / stock, and the forward and backward passes the variant actually ran per optimizer step (from its
+`sam/forward_passes` accounting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from readme_block import replace_readme_block  # noqa: E402
+from step_overhead import StepTimer, build_model  # noqa: E402
+
+from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+
+VARIANTS = {
+    "stock Trainer": None,
+    "SAM": {},
+    "SAM, sam_interval=5": {"sam_interval": 5},
+    "LookSAM, k=5": {"sam_mode": "looksam", "sam_interval": 5},
+    "GSAM": {"sam_mode": "gsam"},
+    "late-phase SAM, sam_start=0.5": {"sam_start": 0.5},
+    "m-sharpness, sam_group_size=8": {"sam_group_size": 8},
+    "SAM-ON, sam_param_filter='normalization'": {"sam_param_filter": "normalization"},
+    "2 ascent steps": {"sam_ascent_steps": 2},
+}
+
+
+def run_variant(name, model, initial, rows, steps, common):
+    model.load_state_dict(initial)
+    overrides = VARIANTS[name]
+    if overrides is None:
+        trainer = Trainer(model=model, args=TrainingArguments(max_steps=steps, **common), train_dataset=rows)
+    else:
+        args = SAMTrainingArguments(max_steps=steps, sam_rho=0.05, logging_steps=steps, **overrides, **common)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
+    trainer.remove_callback(PrinterCallback)
+    timer = StepTimer(lambda: None)
+    trainer.add_callback(timer)
+    trainer.train()
+    log = next((e for e in trainer.state.log_history if "sam/forward_passes" in e), None)
+    passes = (log["sam/forward_passes"] / steps, log["sam/backward_passes"] / steps) if log else (1.0, 1.0)
+    return statistics.mean(timer.times), passes
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ResNet-18")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant per round (multiple of 5)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--readme", action="store_true")
+    args = parser.parse_args(argv)
+    hf_logging.set_verbosity_error()
+
+    torch.manual_seed(0)
+    model, image_size = build_model(args.model, "cpu")
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"pixel_values": torch.randn(3, image_size, image_size, generator=g), "labels": torch.tensor(i % 10)}
+        for i in range(args.batch_size * args.steps)
+    ]
+    common = dict(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, learning_rate=1e-3, optim="sgd",
+        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+    )
+    ratios = {name: [] for name in VARIANTS}
+    passes = {}
+    names = list(VARIANTS)
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        times = {}
+        for name in order:
+            print(f"round {r + 1}/{args.rounds}: {name}", flush=True)
+            times[name], passes[name] = run_variant(name, model, initial, rows, args.steps, common)
+            gc.collect()
+        for name in names:
+            ratios[name].append(times[name] / times["stock Trainer"])
+
+    lines = [
+        f"`python benchmarks/variant_overhead.py` on CPU ({torch.get_num_threads()} threads), {args.model} from config "
+        f"at {image_size} px, batch {args.batch_size}, fp32; {args.rounds} interleaved rounds x {args.steps} steps; "
+        f"ratio = median over rounds of (mean step time / stock Trainer's).",
+        "",
+        "| variant | step time / stock | forward passes per step | backward passes per step |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        fwd, bwd = passes[name]
+        lines.append(f"| {name} | {statistics.median(ratios[name]):.2f} | {fwd:.2f} | {bwd:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "variant_overhead_cpu.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(table + "\n")
+    if args.readme:
+        replace_readme_block("variant_overhead_cpu", table)
+
+
+if __name__ == "__main__":
+    main()
