@@ -187,6 +187,7 @@ class WeightBackup:
 
     def __init__(self) -> None:
         self._params: list[torch.Tensor] = []
+        self._params_list: list[torch.Tensor] | None = None
         self._backup: list[torch.Tensor] = []
         self.perturbed = False
 
@@ -195,7 +196,7 @@ class WeightBackup:
         if self.perturbed:
             raise RuntimeError("The weights are already perturbed: call restore_() before perturbing again.")
         if not self._matches(params):
-            self._params = list(params)
+            self._params, self._params_list = list(params), params
             self._backup = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(self._backup, params)
         torch._foreach_add_(params, eps)
@@ -208,10 +209,15 @@ class WeightBackup:
             self.perturbed = False
 
     def _matches(self, params: list[torch.Tensor]) -> bool:
-        return len(params) == len(self._params) and all(
+        if params is self._params_list:  # the trainer passes the same cached list every step: no per-tensor loop
+            return True
+        matches = len(params) == len(self._params) and all(
             a is b and a.shape == buf.shape and a.dtype == buf.dtype and a.device == buf.device
             for a, b, buf in zip(params, self._params, self._backup, strict=True)
         )
+        if matches:
+            self._params_list = params
+        return matches
 
 
 class SAM(torch.optim.Optimizer):
