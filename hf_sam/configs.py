@@ -70,6 +70,13 @@ class SAMTrainingArguments(TrainingArguments):
         LookSAM's α (the paper's default).
     sam_gsam_alpha (`float`, defaults to `0.1`):
         GSAM's α (task-dependent; the paper tunes it per model).
+
+    > Safety
+
+    sam_max_nonfinite_steps (`int`, defaults to `3`):
+        In fp32/bf16, an optimizer step whose loss or gradient is NaN/inf is skipped (weights untouched, counted in
+        `sam/skipped_steps`); this many in a row stop the run with `NonFiniteTrainingError`. `0` disables the check.
+        In fp16 the GradScaler skips such steps itself; they are counted the same way.
     """
 
     sam_rho: float = field(
@@ -128,6 +135,13 @@ class SAMTrainingArguments(TrainingArguments):
     sam_param_filter: str | None = field(
         default=None, metadata={"help": "Regular expression over parameter names: perturb only the matches."}
     )
+    sam_max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "fp32/bf16: skip optimizer steps whose loss or gradient is NaN/inf and stop with an error after "
+            "this many in a row (0: no check, every step applied as the stock Trainer does). fp16 uses the GradScaler."
+        },
+    )
     sam_looksam_alpha: float = field(default=0.7, metadata={"help": "LookSAM's alpha."})
     sam_gsam_alpha: float = field(default=0.1, metadata={"help": "GSAM's alpha."})
 
@@ -175,6 +189,10 @@ class SAMTrainingArguments(TrainingArguments):
         if not _is_number(self.sam_rho_min) or not 0 <= self.sam_rho_min <= self.sam_rho:
             raise ValueError(
                 f"sam_rho_min must be a number in [0, sam_rho={self.sam_rho}], got {self.sam_rho_min!r}."
+            )
+        if not _is_int(self.sam_max_nonfinite_steps) or self.sam_max_nonfinite_steps < 0:
+            raise ValueError(
+                f"sam_max_nonfinite_steps must be an integer >= 0 (0 disables the check), got {self.sam_max_nonfinite_steps!r}."
             )
         for name in ("sam_looksam_alpha", "sam_gsam_alpha"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:

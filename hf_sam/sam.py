@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "SAM",
+    "NonFiniteTrainingError",
     "PerturbationGroup",
     "WeightBackup",
     "compute_perturbation_",
@@ -177,6 +178,10 @@ def gsam_gradient_(sam_grad: list[torch.Tensor], clean_grad: list[torch.Tensor],
     torch._foreach_add_(sam_grad, torch._foreach_mul(residual, -alpha))
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
 class WeightBackup:
     """Save w, move to w + ε in place, and copy w back exactly.
 
@@ -209,7 +214,9 @@ class WeightBackup:
             self.perturbed = False
 
     def _matches(self, params: list[torch.Tensor]) -> bool:
-        if params is self._params_list:  # the trainer passes the same cached list every step: no per-tensor loop
+        if (
+            params is self._params_list
+        ):  # the trainer passes the same cached list every step: no per-tensor loop
             return True
         matches = len(params) == len(self._params) and all(
             a is b and a.shape == buf.shape and a.dtype == buf.dtype and a.device == buf.device
@@ -274,6 +281,11 @@ class SAM(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._backup = WeightBackup()
         self.sam_state: dict = {}  # variant state that must survive a checkpoint (saved by state_dict)
+        # Non-finite guard (off by default; SAMTrainer turns it on in fp32/bf16): skip, count, stop after N.
+        self.max_nonfinite_steps = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite_steps = 0
+        self._loss_is_finite: torch.Tensor | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self.skipped_ascents = 0
 
@@ -348,12 +360,43 @@ class SAM(torch.optim.Optimizer):
         """
         if closure is None:
             self.restore()
+            if self.max_nonfinite_steps and not self._gradients_are_finite():
+                return None  # skipped: the weights keep their last finite values
             return self.base_optimizer.step()
         closure = torch.enable_grad()(closure)
         self.ascent_step()
         loss = closure()
         self.step()
         return loss
+
+    @torch.no_grad()
+    def _gradients_are_finite(self) -> bool:
+        """Guard for fp32/bf16 (fp16 has the GradScaler): a non-finite gradient (or a non-finite loss recorded
+        with `note_loss`) skips the step; too many in a row stop the run with a clear error."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.isfinite(_global_norm(grads)) if grads else torch.tensor(True)
+        if self._loss_is_finite is not None:
+            finite = finite & self._loss_is_finite.to(finite.device)
+            self._loss_is_finite = None
+        finite = bool(finite)  # the one host sync of the guard
+        if finite:
+            self.consecutive_nonfinite_steps = 0
+            return True
+        self.skipped_steps += 1
+        self.consecutive_nonfinite_steps += 1
+        if self.consecutive_nonfinite_steps >= self.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"{self.consecutive_nonfinite_steps} consecutive optimizer steps had a non-finite loss or gradient, "
+                "so training stops. None of them was applied: the weights (and any checkpoint saved before) hold the "
+                "last finite values. Lower the learning rate or sam_rho, check the data for corrupt examples, and "
+                "resume from the last checkpoint (raise sam_max_nonfinite_steps to tolerate more)."
+            )
+        return False
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Record a loss of the step in progress; a NaN/inf one makes `step()` skip (checked there, no sync here)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_is_finite = finite if self._loss_is_finite is None else self._loss_is_finite & finite
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

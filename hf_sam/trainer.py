@@ -9,7 +9,7 @@ import re
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from hf_sam.configs import SAMTrainingArguments
@@ -38,8 +38,9 @@ logger = logging.get_logger(__name__)
     _BACKWARDS,
     _RHO,
     _SAM_MICRO_BATCHES,
+    _SKIPPED_STEPS,
     _N_COLUMNS,
-) = range(11)
+) = range(12)
 
 # What an optimizer step does, decided once per step from `state.global_step`.
 PLAIN, SAM_STEP, LOOKSAM_REUSE = "plain", "sam", "looksam_reuse"
@@ -91,9 +92,11 @@ class SAMTrainer(Trainer):
         self._sam_last_logged_step = 0
         self._sam_plan: tuple | None = None
         self._sam_loss_weight: float | None = None  # a chunk's share of its micro-batch (sam_group_size)
-        self._sam_clean_grad_sum: list[torch.Tensor] | None = (
-            None  # GSAM / LookSAM: clean gradient of the window
-        )
+        # GSAM / LookSAM: the clean gradient summed over the micro-batches of the step in progress.
+        self._sam_clean_grad_sum: list[torch.Tensor] | None = None
+        self._sam_skipped_seen = 0
+        if self.args.sam_rho > 0:
+            self.add_callback(_SkippedStepCounter(self))
 
     # ------------------------------------------------------------------ set-up checks
     def _check_sam_compatible(self) -> None:
@@ -140,6 +143,10 @@ class SAMTrainer(Trainer):
                 adaptive=self.args.sam_adaptive,
                 eta=self.args.sam_eta,
                 norm=self.args.sam_norm,
+            )
+            # fp16's GradScaler already skips non-finite steps; in fp32/bf16 the wrapper does (and stops after N).
+            optimizer.max_nonfinite_steps = (
+                self.args.sam_max_nonfinite_steps if self.accelerator.scaler is None else 0
             )
         return optimizer
 
@@ -227,6 +234,7 @@ class SAMTrainer(Trainer):
         last_micro_batch = self.accelerator.sync_gradients
         if kind != SAM_STEP:
             loss = super().training_step(model, inputs, num_items_in_batch)
+            self._sam_optimizer().note_loss(loss)
             if kind == LOOKSAM_REUSE and last_micro_batch:
                 # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
                 params = self._perturbation_plan(model)[0]
@@ -259,6 +267,7 @@ class SAMTrainer(Trainer):
         if self.args.sam_mode in ("gsam", "looksam") and last_micro_batch:
             self._finish_window_(params)
         clean_loss = self._loss_as_reported(clean_total, num_items_in_batch)
+        self._sam_optimizer().note_loss(perturbed_total)  # the loss whose gradient the step applies
         self._record_sam_micro_batch(clean_loss, perturbed_total, last_micro_batch)
         return clean_loss
 
@@ -438,6 +447,7 @@ class SAMTrainer(Trainer):
             if self.args.sam_rho_schedule != "constant" and totals[_SAM_MICRO_BATCHES] > 0:
                 logs["sam/rho"] = totals[_RHO] / totals[_SAM_MICRO_BATCHES]
             logs["sam/skipped_ascents"] = int(totals[_SKIPPED])
+            logs["sam/skipped_steps"] = int(totals[_SKIPPED_STEPS] / processes)
             logs["sam/fraction_sam_steps"] = totals[_SAM_STEPS] / (steps * processes)
             logs["sam/forward_passes"] = int(totals[_FORWARDS] / processes)
             logs["sam/backward_passes"] = int(totals[_BACKWARDS] / processes)
@@ -447,6 +457,23 @@ class SAMTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------- helpers
+class _SkippedStepCounter(TrainerCallback):
+    """Counts optimizer steps that were not applied: fp16 overflow (GradScaler) or the fp32/bf16 guard of `SAM`."""
+
+    def __init__(self, trainer: SAMTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        sam = trainer._sam_optimizer()
+        skipped = (
+            trainer.accelerator.optimizer_step_was_skipped or sam.skipped_steps > trainer._sam_skipped_seen
+        )
+        trainer._sam_skipped_seen = sam.skipped_steps
+        if skipped:
+            trainer._telemetry(args.device)[_SKIPPED_STEPS] += 1
+
+
 def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
     """True for transformers models whose `forward(**kwargs)` computes a loss without passing kwargs on.
 
