@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hf_sam.demo
+	$(PY) recipes/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -36,6 +36,10 @@ style: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py --readme
+
+experiments: $(STAMP)
+	$(PY) experiments/run_all.py
+	$(PY) experiments/variants.py --readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -27,7 +27,9 @@ from hf_sam import SAMTrainer, SAMTrainingArguments
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10))
+        self.body = nn.Sequential(
+            nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10)
+        )
 
     def forward(self, x, y=None):
         logits = self.body(x)
@@ -47,11 +49,15 @@ def slope_kib_per_1000_steps(samples) -> float:
     xs = [s for s, _ in samples]
     ys = [r / 1024 for _, r in samples]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return (
+        1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--mode", default="sam", choices=["sam", "looksam", "gsam"])
@@ -78,9 +84,20 @@ def soak(args, rho: float):
     rows = [{"x": torch.randn(32), "y": torch.tensor(i % 10)} for i in range(512)]
     extra = {"sam_interval": 5} if args.mode == "looksam" else {}
     training_args = SAMTrainingArguments(
-        output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=32, learning_rate=0.01,
-        optim="sgd", optim_args="momentum=0.9", report_to=[], save_strategy="no", logging_steps=50, disable_tqdm=True,
-        use_cpu=True, sam_rho=rho, sam_mode=args.mode, **extra,
+        output_dir=tempfile.mkdtemp(),
+        max_steps=args.steps,
+        per_device_train_batch_size=32,
+        learning_rate=0.01,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=50,
+        disable_tqdm=True,
+        use_cpu=True,
+        sam_rho=rho,
+        sam_mode=args.mode,
+        **extra,
     )
     sampler = MemorySampler(args.every)
     trainer = SAMTrainer(model=Net(), args=training_args, train_dataset=rows, callbacks=[sampler])

@@ -61,10 +61,14 @@ def run_variant(name, model, initial, rows, steps, common):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="ResNet-18")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per variant per round (multiple of 5)")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="optimizer steps per variant per round (multiple of 5)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args(argv)
@@ -79,8 +83,15 @@ def main(argv=None) -> None:
         for i in range(args.batch_size * args.steps)
     ]
     common = dict(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, learning_rate=1e-3, optim="sgd",
-        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-3,
+        optim="sgd",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
     )
     ratios = {name: [] for name in VARIANTS}
     passes = {}

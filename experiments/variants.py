@@ -49,11 +49,16 @@ VARIANTS = {
 class MLP(nn.Module):
     def __init__(self, hidden: int = 256, classes: int = 10):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
 
     def forward(self, pixels, labels=None):
         logits = self.net(pixels)
-        return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels) if labels is not None else None}
+        return {
+            "logits": logits,
+            "loss": nn.functional.cross_entropy(logits, labels) if labels is not None else None,
+        }
 
 
 def load_noisy_digits(noise: float, seed: int):
@@ -67,7 +72,10 @@ def load_noisy_digits(noise: float, seed: int):
     noisy = y_train.copy()
     flip = rng.random(len(noisy)) < noise
     noisy[flip] = (noisy[flip] + rng.integers(1, 10, flip.sum())) % 10  # a uniformly drawn other class
-    rows = [{"pixels": torch.from_numpy(a), "labels": torch.tensor(int(b))} for a, b in zip(x_train, noisy, strict=True)]
+    rows = [
+        {"pixels": torch.from_numpy(a), "labels": torch.tensor(int(b))}
+        for a, b in zip(x_train, noisy, strict=True)
+    ]
     return rows, torch.from_numpy(x_test), torch.from_numpy(y_test)
 
 
@@ -80,10 +88,21 @@ def run(name: str, seed: int, epochs: int, noise: float, rho: float):
     torch.manual_seed(seed)
     model = MLP()
     args = SAMTrainingArguments(
-        output_dir=tempfile.mkdtemp(), num_train_epochs=epochs, per_device_train_batch_size=BATCH, learning_rate=0.1,
-        optim="sgd", optim_args="momentum=0.9", lr_scheduler_type="cosine", weight_decay=5e-4, report_to=[],
-        save_strategy="no", logging_steps=epochs * math.ceil(len(rows) / BATCH), disable_tqdm=True, use_cpu=True,
-        seed=seed, **overrides,  # one log, at the last step: it carries the pass accounting of the whole run
+        output_dir=tempfile.mkdtemp(),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=BATCH,
+        learning_rate=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="cosine",
+        weight_decay=5e-4,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=epochs * math.ceil(len(rows) / BATCH),
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+        **overrides,  # one log, at the last step: it carries the pass accounting of the whole run
     )
     trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
     trainer.remove_callback(PrinterCallback)
@@ -100,7 +119,9 @@ def run(name: str, seed: int, epochs: int, noise: float, rho: float):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--noise", type=float, default=0.4)
@@ -116,7 +137,10 @@ def main(argv=None) -> None:
         runs = [run(name, seed, args.epochs, args.noise, args.rho) for seed in range(args.seeds)]
         results[name] = runs
         acc = [100 * r[0] for r in runs]
-        print(f"{name:32s} {statistics.mean(acc):5.1f} ± {statistics.stdev(acc) if len(acc) > 1 else 0:.1f}", flush=True)
+        print(
+            f"{name:32s} {statistics.mean(acc):5.1f} ± {statistics.stdev(acc) if len(acc) > 1 else 0:.1f}",
+            flush=True,
+        )
     runtime = time.perf_counter() - started
 
     base_time = statistics.mean(r[2] for r in results["baseline (SGD)"])
@@ -141,7 +165,9 @@ def main(argv=None) -> None:
         f.write(table + "\n")
     _plot(results, os.path.join(RESULTS, "variants.png"), args)
     if args.readme:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+        sys.path.insert(
+            0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+        )
         from readme_block import replace_readme_block
 
         replace_readme_block("variants_benefit", table)
@@ -157,8 +183,16 @@ def _plot(results, path, args) -> None:
     for name, runs in results.items():
         acc = [100 * r[0] for r in runs]
         passes = statistics.mean(r[1] for r in runs)
-        ax.errorbar(passes, statistics.mean(acc), yerr=statistics.stdev(acc) if len(acc) > 1 else 0, fmt="o", capsize=3)
-        ax.annotate(name, (passes, statistics.mean(acc)), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.errorbar(
+            passes,
+            statistics.mean(acc),
+            yerr=statistics.stdev(acc) if len(acc) > 1 else 0,
+            fmt="o",
+            capsize=3,
+        )
+        ax.annotate(
+            name, (passes, statistics.mean(acc)), textcoords="offset points", xytext=(5, 3), fontsize=7
+        )
     ax.set_xlabel("forward+backward passes per optimizer step")
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_title(f"SAM variants: cost vs benefit (digits, {args.noise:.0%} label noise, {args.seeds} seeds)")

@@ -1,8 +1,9 @@
 """hf-sam: Sharpness-Aware Minimization for the Hugging Face Trainer."""
 
+from hf_sam.callbacks import SharpnessCallback
 from hf_sam.configs import SAMTrainingArguments
 from hf_sam.sam import SAM
 from hf_sam.trainer import SAMTrainer
 
 __version__ = "0.1.0"
-__all__ = ["SAM", "SAMTrainer", "SAMTrainingArguments", "__version__"]
+__all__ = ["SAM", "SAMTrainer", "SAMTrainingArguments", "SharpnessCallback", "__version__"]

@@ -97,7 +97,12 @@ def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
     norms = {id(group): torch._foreach_norm(group.grads) for group in active}
 
     def joint_norm(selected: list[PerturbationGroup]) -> torch.Tensor:
-        tensor_norms = [n.to(device, torch.float32) for group in selected for n in norms[id(group)]]
+        # float32 at least (fp16/bf16 norms overflow or round), float64 kept for float64 models.
+        tensor_norms = [
+            n.to(device, torch.promote_types(n.dtype, torch.float32))
+            for group in selected
+            for n in norms[id(group)]
+        ]
         return (
             torch.linalg.vector_norm(torch.stack(tensor_norms))
             if tensor_norms

@@ -1,0 +1,508 @@
+"""Image-classification data for the finetuning recipes: dataset specs, lazy transforms, collator.
+
+Everything the recipes know about a Hub dataset (id, revision, splits, columns, classes) lives in `SPECS`
+below, and only here. Facts from `shared/hub-ids.md` (read from the dataset cards). Any other Hub dataset id,
+or a local folder (`save_to_disk` output, parquet files, or an `imagefolder` tree), works too when the
+recipe names its columns and splits.
+
+Images are never decoded up front: the image column is cast to `Image(decode=False)` and each batch is
+decoded, converted to RGB and transformed on access (`with_transform`), so a 100k-image dataset costs no
+preprocessing pass and no disk cache. Unreadable images: with `verify_images` (the default) every image is
+opened once before training (header check, no full decode) and the first unreadable one fails the run with
+its split and index; an image that passes that check but fails to decode later stops training with the
+decoding error.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, load_from_disk
+from PIL import Image
+
+TRAIN_AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment", "random-resized-crop")
+
+
+class DataError(ValueError):
+    """A problem with the dataset named by the recipe; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives and how to read it.
+
+    `test_split` is the split evaluated at the end (Food-101 calls its official test set `validation`).
+    `train_split` may join splits with `+` (datasets' split syntax). `data_files` restricts what is
+    downloaded (Stanford Cars ships seven corruption splits next to train/test). `first_label` pins the class
+    order (the ClassLabel's names are the labels; the first one catches a re-ordered copy).
+    """
+
+    name: str
+    hub_id: str | None
+    image_column: str
+    label_column: str
+    num_classes: int
+    train_split: str = "train"
+    test_split: str = "test"
+    revision: str | None = None
+    config_name: str | None = None
+    data_files: dict[str, str] | None = None
+    first_label: str | None = None
+    local_path: str | None = None  # a local folder given as `dataset` (then hub_id is None)
+    builder: Callable[[], DatasetDict] | None = field(default=None, compare=False)
+
+
+@functools.lru_cache(maxsize=1)  # built once per process (in memory, ~0.3 MB), shared by both splits
+def digits_dataset() -> DatasetDict:
+    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) as grayscale PIL images.
+
+    The only real images available offline; used by `make demo`. Fixed, stratified split: every fifth image
+    *of each class* is test (364 test / 1,433 train). (The raw order cycles through 0..9, so "every fifth
+    image" alone would put almost only 0s and 5s in the test set.)
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "The `digits` dataset comes from scikit-learn: `pip install 'hf-sam[demo]'` (or scikit-learn)."
+        ) from None
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    features = Features({"image": datasets.Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    rank_in_class = np.zeros(len(pixels), dtype=int)
+    for digit in range(10):
+        members = np.flatnonzero(digits.target == digit)
+        rank_in_class[members] = np.arange(len(members))
+    is_test = rank_in_class % 5 == 0
+
+    def split(mask: np.ndarray) -> Dataset:
+        images = [Image.fromarray(p, mode="L") for p in pixels[mask]]
+        return Dataset.from_dict({"image": images, "label": digits.target[mask].tolist()}, features=features)
+
+    return DatasetDict(train=split(~is_test), test=split(is_test))
+
+
+# fmt: off
+SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
+    DatasetSpec("cifar10", "uoft-cs/cifar10", image_column="img", label_column="label", num_classes=10,
+                first_label="airplane"),
+    DatasetSpec("cifar100", "uoft-cs/cifar100", image_column="img", label_column="fine_label",
+                num_classes=100, first_label="apple"),
+    # The official Food-101 test set is the split named `validation`.
+    DatasetSpec("food101", "ethz/food101", image_column="image", label_column="label", num_classes=101,
+                test_split="validation", first_label="apple_pie"),
+    # Pets' `train` is the official trainval list (3,680); the standard label order (0 = abyssinian).
+    DatasetSpec("oxford_pets", "timm/oxford-iiit-pet", image_column="image", label_column="label",
+                num_classes=37, first_label="abyssinian"),
+    # Standard transfer protocol: train on train+validation (2 x 1,020), test on test (6,149). Official
+    # category order (0 = pink primrose); avoid `nelorth/oxford-flowers`, whose names are string-sorted.
+    DatasetSpec("flowers102", "dpdl-benchmark/oxford_flowers102", image_column="image", label_column="label",
+                num_classes=102, train_split="train+validation", first_label="pink primrose"),
+    # Only train/test are downloaded (the repo also holds 7 corruption splits of 8,041 images each).
+    DatasetSpec("stanford_cars", "tanganke/stanford_cars", image_column="image", label_column="label",
+                num_classes=196, revision="9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40",
+                data_files={"train": "data/train-*.parquet", "test": "data/test-*.parquet"},
+                first_label="AM General Hummer SUV 2000"),
+    # Labels are the 100 variants (there is no `label` column); trainval / test as in the paper.
+    DatasetSpec("fgvc_aircraft", "dpdl-benchmark/fgvc_aircraft", image_column="image", label_column="variant",
+                num_classes=100, train_split="train+validation", first_label="707-320"),
+    DatasetSpec("digits", None, image_column="image", label_column="label", num_classes=10, first_label="0",
+                builder=digits_dataset),
+]}
+# fmt: on
+
+
+@dataclass
+class ImageClassificationData:
+    train: Dataset  # image column not decoded yet (see `set_transforms`)
+    test: Dataset
+    label_names: list[str]
+    image_column: str
+    label_column: str
+    source: str  # what was loaded, for the model card ("uoft-cs/cifar10@<rev>", a local path...)
+
+
+# ---------------------------------------------------------------------- loading
+def resolve_spec(
+    dataset: str,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str | None = None,
+    test_split: str | None = None,
+    revision: str | None = None,
+    config_name: str | None = None,
+) -> DatasetSpec:
+    """The spec for a dataset name, Hub id or local path, with the recipe's overrides applied.
+
+    Pure (no file or Hub access beyond `os.path.exists`), so recipes can be validated before loading anything.
+    """
+    if dataset in SPECS:
+        base = SPECS[dataset]
+    elif os.path.exists(dataset) or "/" in dataset:
+        # A local folder or another Hub dataset: columns default to the usual `image` / `label`.
+        is_local = os.path.exists(dataset)
+        base = DatasetSpec(
+            name=os.path.basename(os.path.normpath(dataset)),
+            hub_id=None if is_local else dataset,
+            local_path=dataset if is_local else None,
+            image_column="image",
+            label_column="label",
+            num_classes=0,  # unknown: taken from the data
+        )
+    else:
+        raise DataError(
+            f"unknown dataset {dataset!r}: use one of {', '.join(sorted(SPECS))}, a Hub dataset id "
+            "(owner/name) or a local folder."
+        )
+    overrides = {
+        "image_column": image_column,
+        "label_column": label_column,
+        "train_split": train_split,
+        "test_split": test_split,
+        "revision": revision,
+        "config_name": config_name,
+    }
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return DatasetSpec(**{**base.__dict__, **values})
+
+
+def load_image_classification(
+    spec: DatasetSpec,
+    local_path: str | None = None,
+    num_labels: int | None = None,
+    label_subset: Sequence[str] | None = None,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    verify_images: bool = True,
+) -> ImageClassificationData:
+    """Load the train and test splits, check columns and labels, and return them undecoded.
+
+    `local_path` (or a spec without Hub id) reads from disk instead of the Hub. `label_subset` keeps only
+    those classes (by name), relabelled 0..k-1 in the given order.
+    """
+    local_path = local_path or spec.local_path
+    source = local_path or spec.hub_id or spec.name
+    splits = {
+        "train": _load_split(spec, spec.train_split, local_path),
+        "test": _load_split(spec, spec.test_split, local_path),
+    }
+    for role, ds in splits.items():
+        for kind, column in (("image", spec.image_column), ("label", spec.label_column)):
+            if column not in ds.column_names:
+                raise DataError(
+                    f"{kind} column {column!r} not found in {source} ({role} split); columns are "
+                    f"{', '.join(ds.column_names)}. Set `{kind}_column` to one of them."
+                )
+        if not isinstance(ds.features[spec.image_column], datasets.Image):
+            raise DataError(
+                f"column {spec.image_column!r} of {source} holds {ds.features[spec.image_column]}, not images. "
+                "Set `image_column` to the column of images."
+            )
+    label_names, encode = _label_names(splits["train"], spec.label_column, source)
+    expected = num_labels or spec.num_classes
+    if expected and len(label_names) != expected:
+        field_name = "num_labels" if num_labels else f"the {spec.name} spec's num_classes"
+        raise DataError(
+            f"{source} has {len(label_names)} classes in column {spec.label_column!r}, but {field_name} says "
+            f"{expected}. Check `label_column` (and `dataset_revision`), or fix `num_labels`."
+        )
+    if spec.first_label is not None and label_names[0] != spec.first_label:
+        raise DataError(
+            f"{source}: class 0 is {label_names[0]!r}, expected {spec.first_label!r} (the label order differs "
+            "from the one the spec was written for). Pin `dataset_revision` or use the dataset the spec names."
+        )
+    if encode is not None:  # string or unnamed labels: map them through the names read above
+        splits = {k: _encode_labels(ds, spec.label_column, encode) for k, ds in splits.items()}
+    if label_subset:
+        splits, label_names = _select_classes(splits, spec.label_column, label_names, label_subset)
+    if max_train_samples is not None:
+        splits["train"] = splits["train"].select(range(min(max_train_samples, len(splits["train"]))))
+    if max_test_samples is not None:
+        splits["test"] = splits["test"].select(range(min(max_test_samples, len(splits["test"]))))
+    for role, ds in splits.items():
+        if len(ds) == 0:
+            raise DataError(f"the {role} split of {source} is empty (after label_subset / max_*_samples).")
+        # Decode in our transform, not in `datasets`: we control the RGB conversion and the error message.
+        splits[role] = ds.cast_column(spec.image_column, datasets.Image(decode=False))
+        if verify_images:
+            verify_image_column(splits[role], spec.image_column, f"{role} split ({_split_name(spec, role)})")
+    revision = f"@{spec.revision}" if spec.revision and not local_path else ""
+    return ImageClassificationData(
+        splits["train"], splits["test"], label_names, spec.image_column, spec.label_column, source + revision
+    )
+
+
+def _split_name(spec: DatasetSpec, role: str) -> str:
+    return spec.train_split if role == "train" else spec.test_split
+
+
+def _load_split(spec: DatasetSpec, split: str, local_path: str | None) -> Dataset:
+    """One split (`a+b` joins splits) from the Hub, a local folder, or the spec's builder."""
+    if local_path is None and spec.builder is not None:
+        return _pick_split(spec.builder(), split, spec.name)
+    path = local_path or spec.hub_id
+    if path is None:
+        raise DataError(f"dataset {spec.name!r} has no Hub id: set `dataset_path` to a local copy.")
+    if os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, "dataset_dict.json"))
+        or os.path.exists(os.path.join(path, "state.json"))
+    ):
+        try:
+            return _pick_split(load_from_disk(path), split, path)
+        except OSError as err:
+            raise DataError(f"cannot read the dataset saved at {path}: {err}") from None
+    if os.path.exists(path):
+        # parquet files anywhere in the folder, else an imagefolder tree (class = sub-folder name).
+        has_parquet = any(f.endswith(".parquet") for _, _, files in os.walk(path) for f in files)
+        builder, kwargs = (
+            ("parquet", {"data_dir": path}) if has_parquet else ("imagefolder", {"data_dir": path})
+        )
+        return _call_load_dataset(builder, split, source=path, **kwargs)
+    return _call_load_dataset(
+        path, split, source=path, name=spec.config_name, revision=spec.revision, data_files=spec.data_files
+    )
+
+
+def _call_load_dataset(path: str, split: str, source: str, **kwargs) -> Dataset:
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return load_dataset(path, split=split, **kwargs)
+    except ValueError as err:
+        if "split" in str(err).lower():  # 'Unknown split "x". Should be one of [...]'
+            raise DataError(f"{source}: {err} Set `train_split` / `test_split`.") from None
+        raise
+    except Exception as err:  # offline, missing repo, gated repo, network: all surface as different types
+        raise DataError(_hub_failure(source, "dataset", err)) from None
+
+
+def _pick_split(dataset_dict: DatasetDict, split: str, source: str) -> Dataset:
+    parts = split.split("+")
+    missing = [p for p in parts if p not in dataset_dict]
+    if missing:
+        raise DataError(
+            f"split {missing[0]!r} not found in {source}; splits are {', '.join(dataset_dict)}. "
+            "Set `train_split` / `test_split`."
+        )
+    if len(parts) == 1:
+        return dataset_dict[parts[0]]
+    return datasets.concatenate_datasets([dataset_dict[p] for p in parts])
+
+
+def _hub_failure(source: str, what: str, err: Exception) -> str:
+    """One line for any failure to fetch from the Hub: offline, not found, gated, network."""
+    offline = (
+        os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or "offline" in str(err).lower()
+    )
+    reason = (
+        "the Hub is unreachable (offline mode)"
+        if offline
+        else "not found on the Hub or the Hub is unreachable"
+    )
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return (
+        f"cannot load {what} {source!r}: {reason} ({type(err).__name__}: {detail}). Check the id and your "
+        f"connection / `hf auth login`, or point the recipe at a local copy."
+    )
+
+
+def _label_names(train: Dataset, column: str, source: str) -> tuple[list[str], dict | None]:
+    """Class names in label-index order, and a value->index map when the column is not a ClassLabel."""
+    feature = train.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), None
+    if not (
+        isinstance(feature, datasets.Value)
+        and feature.dtype in ("string", "large_string")
+        or "int" in str(feature)
+    ):
+        raise DataError(
+            f"label column {column!r} of {source} holds {feature}, not class labels. Set `label_column`."
+        )
+    values = sorted(set(train[column]))  # one column only: cheap
+    return [str(v) for v in values], {v: i for i, v in enumerate(values)}
+
+
+def _encode_labels(ds: Dataset, column: str, mapping: dict) -> Dataset:
+    unknown = sorted({v for v in ds[column] if v not in mapping}, key=str)
+    if unknown:
+        raise DataError(f"label(s) {unknown[:5]} of column {column!r} do not occur in the train split.")
+    return _relabel(ds, column, mapping, [str(v) for v in mapping])
+
+
+def _relabel(ds: Dataset, column: str, mapping: dict, names: list[str]) -> Dataset:
+    """Rewrite the label column through `mapping` and give it a ClassLabel with `names`."""
+    features = ds.features.copy()
+    features[column] = ClassLabel(names=names)
+    return ds.map(
+        lambda labels: {column: [mapping[y] for y in labels]},
+        input_columns=column,
+        batched=True,
+        features=features,
+    )
+
+
+def _select_classes(splits: dict, column: str, names: list[str], subset: Sequence[str]):
+    subset = [str(s) for s in subset]
+    unknown = [s for s in subset if s not in names]
+    if unknown:
+        raise DataError(
+            f"label_subset names {unknown} are not classes of the dataset (first classes: {names[:10]})."
+        )
+    old_to_new = {names.index(s): i for i, s in enumerate(subset)}
+    out = {}
+    for role, ds in splits.items():
+        ds = ds.filter(lambda labels: [y in old_to_new for y in labels], input_columns=column, batched=True)
+        out[role] = _relabel(ds, column, old_to_new, subset)
+    return out, subset
+
+
+def verify_image_column(ds: Dataset, column: str, where: str) -> None:
+    """Open every image once (header + integrity check, no full decode); fail on the first unreadable one."""
+    for start in range(0, len(ds), 256):
+        batch = ds.select_columns([column])[start : start + 256][column]
+        for offset, item in enumerate(batch):
+            try:
+                with _open(item) as image:
+                    image.verify()
+            except Exception as err:
+                raise DataError(
+                    f"image {start + offset} of the {where} cannot be read ({type(err).__name__}: {err}). "
+                    "Remove or fix it (e.g. `ds.select(...)` it out), or set `verify_images: false` to skip this check."
+                ) from None
+
+
+def _open(item) -> Image.Image:
+    """A PIL image from datasets' undecoded `{"bytes", "path"}` (or an already decoded image)."""
+    if isinstance(item, Image.Image):
+        return item
+    if item.get("bytes") is not None:
+        return Image.open(io.BytesIO(item["bytes"]))
+    return Image.open(item["path"])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the checkpoints saw it in pretraining (torchvision / timm loaders: `convert("RGB")`).
+
+    Palette images with a transparent colour go through RGBA first (PIL warns otherwise). Grayscale, CMYK
+    and RGBA convert directly (alpha dropped).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------- transforms
+@dataclass(frozen=True)
+class Preprocessing:
+    """The checkpoint's own preprocessing, reduced to what the train augmentations need."""
+
+    eval: Callable[[list[Image.Image]], torch.Tensor]  # PIL images -> (N, C, H, W), resize + centre crop
+    size: tuple[int, int]  # (H, W) the model sees
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+
+
+def preprocessing_from_processor(processor) -> Preprocessing:
+    """From a transformers image processor or transformers' `TimmWrapperImageProcessor` (timm data config)."""
+    data_config = getattr(processor, "data_config", None)
+    if data_config is not None:  # timm: its own eval transform (resize by crop_pct, centre crop, normalise)
+        transform = processor.val_transforms
+
+        def evaluate(images):
+            return torch.stack([transform(im) for im in images])
+
+        size = tuple(data_config["input_size"][1:])
+        return Preprocessing(evaluate, size, tuple(data_config["mean"]), tuple(data_config["std"]),
+                             str(data_config.get("interpolation", "bicubic")))  # fmt: skip
+
+    def evaluate(images):
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+
+    size = tuple(evaluate([Image.new("RGB", (64, 48))]).shape[-2:])  # whatever resize/crop the processor does
+    resample = getattr(processor, "resample", None)
+    interpolation = (
+        {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear")
+        if resample is not None
+        else "bilinear"
+    )
+    mean = tuple(processor.image_mean) if getattr(processor, "image_mean", None) else (0.0, 0.0, 0.0)
+    std = tuple(processor.image_std) if getattr(processor, "image_std", None) else (1.0, 1.0, 1.0)
+    return Preprocessing(evaluate, size, mean, std, interpolation)
+
+
+def train_augmentation(
+    name: str, preprocessing: Preprocessing
+) -> Callable[[list[Image.Image]], torch.Tensor]:
+    """The train transform: the eval pipeline (paper: no augmentation) or one of `TRAIN_AUGMENTATIONS`.
+
+    The policy augmentations act on the image at its own resolution (as in CIFAR training) before the
+    checkpoint's resize + crop. `random-resized-crop` replaces resize + crop by Inception-style crops (+ flip).
+    """
+    from torchvision import transforms as T
+
+    if name not in TRAIN_AUGMENTATIONS:
+        raise DataError(
+            f"unknown train_augmentation {name!r}; choose one of {', '.join(TRAIN_AUGMENTATIONS)}."
+        )
+    if name == "none":
+        return preprocessing.eval
+    interpolation = T.InterpolationMode(preprocessing.interpolation)
+    if name == "random-resized-crop":
+        pipeline = T.Compose([
+            T.RandomResizedCrop(preprocessing.size, interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(preprocessing.mean, preprocessing.std),
+        ])  # fmt: skip
+        return lambda images: torch.stack([pipeline(im) for im in images])
+    policy = {
+        # The paper's CIFAR finetuning reuses its CIFAR AutoAugment policy (appendix C.2).
+        "autoaugment": T.AutoAugment(T.AutoAugmentPolicy.CIFAR10),
+        "randaugment": T.RandAugment(),
+        "trivialaugment": T.TrivialAugmentWide(),
+    }[name]
+    augment = T.Compose([T.RandomHorizontalFlip(), policy])
+    return lambda images: preprocessing.eval([augment(im) for im in images])
+
+
+def make_transform(
+    image_transform: Callable[[list[Image.Image]], torch.Tensor], image_column: str, label_column: str
+) -> Callable[[dict], dict]:
+    """The `with_transform` function: undecoded batch -> `pixel_values` + `labels`."""
+
+    def transform(batch: dict) -> dict:
+        images = []
+        for item in batch[image_column]:
+            with _open(item) as image:
+                image.load()
+                images.append(to_rgb(image))
+        return {"pixel_values": list(image_transform(images)), "labels": list(batch[label_column])}
+
+    return transform
+
+
+def set_transforms(data: ImageClassificationData, preprocessing: Preprocessing, augmentation: str) -> None:
+    """Attach the lazy transforms (train: augmentation; test: resize + centre crop) to both splits."""
+    columns = [data.image_column, data.label_column]
+    train_fn = make_transform(train_augmentation(augmentation, preprocessing), *columns)
+    data.train = data.train.with_transform(train_fn, columns=columns)
+    data.test = data.test.with_transform(make_transform(preprocessing.eval, *columns), columns=columns)
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack `pixel_values`, tensorise `labels` (what every image-classification model's forward takes)."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+    }

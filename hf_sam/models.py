@@ -1,0 +1,155 @@
+"""Checkpoint loading for finetuning: transformers or timm, with a new classifier head sized to the dataset.
+
+Both kinds load through `AutoModelForImageClassification`; timm checkpoints (`timm/...`, or any folder whose
+`config.json` holds a timm `pretrained_cfg`) come in as transformers' `TimmWrapperForImageClassification`, so
+the Trainer, `save_pretrained` and `push_to_hub` treat them like any transformers model.
+
+A finetuned timm model must also load with timm itself (`timm.create_model("hf-hub:<repo>")`, offline
+`timm.create_model("local-dir:<folder>")`). `make_timm_loadable` writes the saved folder in the layout both
+libraries read: weights without the wrapper's `timm_model.` prefix (transformers adds it back on load, as it
+does for every `timm/` Hub checkpoint) and a `config.json` holding timm's `pretrained_cfg` and a `model_args`
+dict (timm cannot parse the `null` the wrapper writes by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+
+from hf_sam.data import _hub_failure
+
+TIMM_PREFIX = "timm_model."
+
+
+class ModelError(ValueError):
+    """A problem with the checkpoint named by the recipe; the message says what to change."""
+
+
+def is_timm(model_or_config) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) == "timm_wrapper"
+
+
+def load_model_and_processor(
+    model_name_or_path: str, label_names: list[str], revision: str | None = None
+) -> tuple[PreTrainedModel, object]:
+    """The checkpoint's weights with a new, randomly initialised head of `len(label_names)` classes.
+
+    The head is new even when the checkpoint's head has the same size (paper, appendix C.2: "except the last
+    dense layer ... that is randomly initialized"); the label names go into the config (`id2label`, and
+    `label_names` for timm).
+    """
+    num_labels = len(label_names)
+    id2label = dict(enumerate(label_names))
+    label2id = {name: i for i, name in id2label.items()} if len(set(label_names)) == num_labels else None
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        config = AutoConfig.from_pretrained(
+            model_name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and "Unrecognized model" in str(err):
+            raise ModelError(
+                f"{model_name_or_path!r} has a config.json that transformers does not recognise ({err}). "
+                "Use a transformers image-classification checkpoint or a timm checkpoint."
+            ) from None
+        raise ModelError(_hub_failure(model_name_or_path, "model", err)) from None
+    if is_timm(config):
+        # The wrapper passes num_classes itself; timm needs a dict here, not the wrapper's default None.
+        config.model_args = {k: v for k, v in (config.model_args or {}).items() if k != "num_classes"}
+    try:
+        model, info = AutoModelForImageClassification.from_pretrained(
+            model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except ValueError as err:  # e.g. a text model's config: no image-classification class for it
+        raise ModelError(f"{model_name_or_path!r} is not an image-classification checkpoint: {err}") from None
+    except OSError as err:
+        raise ModelError(_hub_failure(model_name_or_path, "model", err)) from None
+    _ensure_new_head(model, info, num_labels)
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"{model_name_or_path!r} has no image processor / preprocessing config ({type(err).__name__}); "
+            "save one next to the weights (`image_processor.save_pretrained(folder)`)."
+        ) from None
+    return model, processor
+
+
+def _head_prefix(model: PreTrainedModel) -> tuple[str, torch.nn.Module]:
+    if is_timm(model):
+        name = model.timm_model.pretrained_cfg.get("classifier", "classifier")
+        return f"{TIMM_PREFIX}{name}", model.timm_model.get_submodule(name)
+    if not hasattr(model, "classifier"):
+        raise ModelError(f"{type(model).__name__} has no `classifier` head to replace.")
+    return "classifier", model.classifier
+
+
+def _ensure_new_head(model: PreTrainedModel, info: dict, num_labels: int) -> None:
+    """Re-initialise the head if it was loaded from the checkpoint (same number of classes)."""
+    prefix, head = _head_prefix(model)
+    fresh = {key for key, *_ in info.get("mismatched_keys", [])} | set(info.get("missing_keys", []))
+    if any(key.startswith(prefix) for key in fresh):
+        return  # transformers already built a new head of the new size with the model's own init
+    if is_timm(model):
+        model.timm_model.reset_classifier(num_labels)
+    else:
+        for module in head.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+
+def make_timm_loadable(folder: str) -> None:
+    """Rewrite a saved TimmWrapper folder so that timm reads it too (no-op for other models). Idempotent."""
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("model_type") != "timm_wrapper":
+        return
+    if "pretrained_cfg" not in config:
+        raise ModelError(
+            f"{config_path} has no timm `pretrained_cfg`, so timm cannot rebuild the model; finetune from a timm "
+            "checkpoint (its config.json holds one)."
+        )
+    if not isinstance(config.get("model_args"), dict):
+        config["model_args"] = {}
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    weights_path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights_path):
+        raise ModelError(
+            f"{folder} has no single model.safetensors (sharded weights?), which timm needs: save with a larger "
+            "`max_shard_size`."
+        )
+    state = load_file(weights_path)
+    if any(key.startswith(TIMM_PREFIX) for key in state):
+        state = {key.removeprefix(TIMM_PREFIX): value for key, value in state.items()}
+        save_file(state, weights_path, metadata={"format": "pt"})
+
+
+def save_timm_checkpoint(timm_model: torch.nn.Module, folder: str, **pretrained_cfg) -> None:
+    """Write a timm model as the Hub's `timm/...` repos hold it (config.json + model.safetensors).
+
+    For checkpoints made locally (the demo, tests): they then load exactly like a Hub timm checkpoint.
+    `pretrained_cfg` entries (e.g. `input_size=(3, 32, 32)`, `crop_pct=1.0`, `mean`, `std`) override the
+    architecture's preprocessing defaults.
+    """
+    from timm.models import save_for_hf
+
+    timm_model.pretrained_cfg = {**timm_model.pretrained_cfg, **pretrained_cfg}
+    save_for_hf(timm_model, folder, safe_serialization=True)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    # Hub timm configs carry no `model_args.num_classes` (transformers' wrapper passes num_classes itself).
+    config["model_args"] = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)

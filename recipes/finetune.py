@@ -1,0 +1,445 @@
+"""Finetune an image classifier with SAM (or the paired plain-SGD baseline) from a YAML recipe.
+
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/finetune.py \
+        --config recipes/cifar10/efficientnet_b7/sam.yaml [--any_field value]
+
+The YAML's flat keys are defaults, command-line flags override them, and a key or flag that is not a field of
+`ScriptArguments`, `ModelArguments`, `DataArguments` or `hf_sam.SAMTrainingArguments` is an error. Check a
+recipe on any machine (no data, model or Hub access; a GPU-only setting such as `bf16` is checked as if on
+CPU): `python recipes/finetune.py --config <recipe> --check_config true`.
+
+Writes into `output_dir`: the model (safetensors + config with label names + preprocessing config; a timm
+model in a layout both `transformers` and `timm.create_model` read), `test_results.json` (top-1 / top-5 on
+the test split), `train_results.json`, `resolved_config.yaml` and a model card (`README.md`). With
+`push_to_hub: true` and `hub_model_id`, that folder (without checkpoints) is uploaded at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import glob
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import yaml
+from huggingface_hub import HfApi
+from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_sam import SAMTrainer, SAMTrainingArguments
+from hf_sam.batchnorm import freeze_batchnorm
+from hf_sam.data import (
+    TRAIN_AUGMENTATIONS,
+    DataError,
+    collate,
+    load_image_classification,
+    preprocessing_from_processor,
+    resolve_spec,
+    set_transforms,
+)
+from hf_sam.models import ModelError, is_timm, load_model_and_processor, make_timm_loadable
+
+CARD_TAGS = ("sam", "image-classification", "hf-sam")
+
+
+class ConfigError(ValueError):
+    """A problem in the recipe or the flags; the message says what to change."""
+
+
+# ====================================================================== args
+@dataclass
+class ScriptArguments:
+    config: str | None = field(default=None, metadata={"help": "YAML recipe (flat keys); flags override it."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete the checkpoint-* folders of output_dir and start over (default: refuse)."},
+    )
+    check_config: bool = field(
+        default=False, metadata={"help": "Validate the recipe and print it; load nothing, train nothing."}
+    )
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "transformers or timm checkpoint: Hub id or local folder."}
+    )
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Branch, tag or commit of the checkpoint."}
+    )
+    freeze_batchnorm: bool = field(
+        default=True,
+        metadata={
+            "help": "BatchNorm as at test time for the whole run (paper, C.2); gamma/beta still train."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "A spec name (hf_sam.data.SPECS), a Hub dataset id or a local folder."},
+    )
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Read the spec's dataset from this local copy instead of the Hub."}
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Overrides the spec's pinned revision."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    image_column: str | None = field(default=None, metadata={"help": "Overrides the spec's image column."})
+    label_column: str | None = field(default=None, metadata={"help": "Overrides the spec's label column."})
+    train_split: str | None = field(
+        default=None, metadata={"help": "Overrides the spec's train split ('a+b' joins)."}
+    )
+    test_split: str | None = field(default=None, metadata={"help": "Overrides the spec's test split."})
+    num_labels: int | None = field(default=None, metadata={"help": "Expected number of classes (checked)."})
+    label_subset: list[str] | None = field(
+        default=None, metadata={"help": "Keep only these classes (by name), relabelled in this order."}
+    )
+    train_augmentation: str = field(
+        default="none", metadata={"help": "Train-time augmentation.", "choices": list(TRAIN_AUGMENTATIONS)}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the train split (debugging)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the test split (debugging)."}
+    )
+    verify_images: bool = field(
+        default=True,
+        metadata={"help": "Open every image once before training; fail on the first unreadable one."},
+    )
+
+
+@dataclass
+class Args:
+    script: ScriptArguments
+    model: ModelArguments
+    data: DataArguments
+    training: SAMTrainingArguments
+    argv: list[str]
+
+
+def parse_config(argv: list[str] | None = None) -> Args:
+    """YAML defaults + flags -> validated arguments. Touches nothing but the recipe file and `output_dir`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--check_config", nargs="?", const="true", default="false")
+    known, _ = pre.parse_known_args(argv)
+    parser = HfArgumentParser((ScriptArguments, ModelArguments, DataArguments, SAMTrainingArguments))
+    dests = {action.dest for action in parser._actions} - {"help"}
+    recipe = _read_recipe(known.config) if known.config else {}
+    unknown = sorted(set(recipe) - dests)
+    if unknown:
+        raise ConfigError(f"{known.config}: unknown key(s) {_with_suggestions(unknown, dests)}.")
+    if "hub_token" in recipe or any(a.startswith("--hub_token") for a in argv):
+        raise ConfigError(
+            "hub_token is not accepted (it would be pickled into training_args.bin and checkpoints): log in with "
+            "`hf auth login` or set HF_TOKEN instead."
+        )
+    if str(known.check_config).lower() in ("true", "1", "yes") and not torch.cuda.is_available():
+        # TrainingArguments refuses bf16 without a GPU unless use_cpu: check a GPU recipe as if on CPU.
+        recipe = {**recipe, "use_cpu": True}
+    if known.config and "output_dir" not in recipe:
+        recipe["output_dir"] = default_output_dir(known.config)
+    parser.set_defaults(**recipe)
+    script, model, data, training, rest = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if rest:
+        flags = [r for r in rest if r.startswith("-")] or rest
+        raise ConfigError(f"unknown flag(s) {_with_suggestions([f.lstrip('-') for f in flags], dests)}.")
+    _check(script, model, data, training)
+    return Args(script, model, data, training, argv)
+
+
+def default_output_dir(config_path: str) -> str:
+    """recipes/<dataset>/<model>/sam.yaml -> outputs/<dataset>/<model>/sam, so a sam/baseline pair needs no
+    output_dir key of its own (the pair then differs only in sam_* keys)."""
+    path = os.path.splitext(os.path.normpath(config_path))[0]
+    parts = path.split(os.sep)
+    tail = parts[len(parts) - parts[::-1].index("recipes") :] if "recipes" in parts else parts[-1:]
+    return os.path.join("outputs", *tail)
+
+
+def _read_recipe(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"config file {path!r} not found (cwd: {os.getcwd()}); pass --config <path to a YAML>."
+        )
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict) or any(isinstance(v, dict) for v in recipe.values()):
+        raise ConfigError(f"{path}: a recipe is a flat mapping of field: value (no nesting).")
+    return recipe
+
+
+def _with_suggestions(names: list[str], dests: set[str]) -> str:
+    out = []
+    for name in names:
+        close = difflib.get_close_matches(name, dests, n=1)
+        out.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(out) + "; see `recipes/finetune.py --help` for the fields"
+
+
+def _check(
+    script: ScriptArguments, model: ModelArguments, data: DataArguments, training: SAMTrainingArguments
+):
+    if not model.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (a Hub id or a local checkpoint folder).")
+    if not data.dataset:
+        raise ConfigError("dataset is required (a spec name, a Hub dataset id or a local folder).")
+    resolve_spec(data.dataset)  # unknown dataset name: fails here, before any loading
+    if data.num_labels is not None and data.num_labels < 1:
+        raise ConfigError(f"num_labels must be >= 1, got {data.num_labels}.")
+    if not training.output_dir:
+        raise ConfigError("output_dir is required.")
+    if training.push_to_hub and not training.hub_model_id:
+        raise ConfigError("push_to_hub needs hub_model_id (e.g. 'your-name/cifar10-effnet-b7-sam').")
+    resume = training.resume_from_checkpoint
+    checkpoints = sorted(glob.glob(os.path.join(training.output_dir, "checkpoint-*")))
+    if resume and resume.lower() in ("true", "last"):
+        if not checkpoints:
+            raise ConfigError(
+                f"resume_from_checkpoint={resume}: no checkpoint-* in {training.output_dir} to resume."
+            )
+    elif resume and not os.path.isdir(resume):
+        raise ConfigError(
+            f"resume_from_checkpoint={resume!r} is not a folder; give a checkpoint-* path or 'true'."
+        )
+    elif checkpoints and not script.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {training.output_dir} already holds {os.path.basename(checkpoints[-1])}: continue with "
+            "--resume_from_checkpoint true, or start over with --overwrite_output_dir true (deletes its checkpoints)."
+        )
+
+
+# ====================================================================== main
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run a recipe; recipe, data, model and Hub problems exit with one `error:` line, before any training."""
+    try:
+        args = parse_config(argv)
+    except ValueError as err:  # ours and SAMTrainingArguments' (invalid sam_* values, bf16 without GPU, ...)
+        raise SystemExit(f"finetune.py: error: {err}") from None
+    if args.script.check_config:
+        print(yaml.safe_dump(resolved_config(args), sort_keys=False))
+        print(f"{args.script.config or 'flags'}: OK")
+        return {}
+    try:
+        return run(args)
+    except (DataError, ModelError, ConfigError) as err:
+        raise SystemExit(f"finetune.py: error: {err}") from None
+
+
+def run(args: Args) -> dict[str, float]:
+    training = args.training
+    set_seed(training.seed)
+    push_to_hub, training.push_to_hub = training.push_to_hub, False  # we push once, at the end, with the card
+    if push_to_hub and training.process_index == 0:
+        _create_repo(training.hub_model_id, training.hub_private_repo)
+
+    # ------------------------------------------------------------------ data
+    spec = resolve_spec(
+        args.data.dataset, args.data.image_column, args.data.label_column, args.data.train_split,
+        args.data.test_split, args.data.dataset_revision, args.data.dataset_config,
+    )  # fmt: skip
+    with training.main_process_first(desc="loading the dataset"):
+        data = load_image_classification(
+            spec, args.data.dataset_path, args.data.num_labels, args.data.label_subset,
+            args.data.max_train_samples, args.data.max_test_samples, args.data.verify_images,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ model
+    model, processor = load_model_and_processor(
+        args.model.model_name_or_path, data.label_names, args.model.model_revision
+    )
+    if args.model.freeze_batchnorm:
+        frozen = freeze_batchnorm(model)
+        print(
+            f"freeze_batchnorm: {frozen} BatchNorm layers use their pretrained statistics for the whole run"
+        )
+    set_transforms(data, preprocessing_from_processor(processor), args.data.train_augmentation)
+
+    # ------------------------------------------------------------------ trainer
+    training.remove_unused_columns = False  # the lazy transform needs the raw image and label columns
+    trainer = SAMTrainer(
+        model=model, args=training, train_dataset=data.train, eval_dataset=data.test,
+        data_collator=collate, processing_class=processor, compute_metrics=top_k_accuracy,
+    )  # fmt: skip
+
+    # ------------------------------------------------------------------ train
+    resume = training.resume_from_checkpoint
+    if resume and resume.lower() in ("true", "last"):
+        resume = get_last_checkpoint(training.output_dir)
+    elif not resume and args.script.overwrite_output_dir and trainer.is_world_process_zero():
+        for old in glob.glob(os.path.join(training.output_dir, "checkpoint-*")):
+            shutil.rmtree(old)  # starting over: the old run's checkpoints would be "the last checkpoint"
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    # ------------------------------------------------------------------ evaluate
+    metrics = trainer.evaluate(data.test, metric_key_prefix="test")
+    trainer.log_metrics("test", metrics)
+    trainer.save_metrics("test", metrics)
+
+    # ------------------------------------------------------------------ save
+    trainer.save_model(training.output_dir)
+    if trainer.is_world_process_zero():
+        make_timm_loadable(training.output_dir)
+        with open(os.path.join(training.output_dir, "resolved_config.yaml"), "w") as f:
+            yaml.safe_dump(resolved_config(args), f, sort_keys=False)
+        write_model_card(args, data.source, len(data.train), data.label_names, metrics, is_timm(model))
+
+    # ------------------------------------------------------------------ push
+    if push_to_hub and trainer.is_world_process_zero():
+        _upload(training.output_dir, training.hub_model_id)
+    return metrics
+
+
+# ====================================================================== helpers
+def top_k_accuracy(eval_pred) -> dict[str, float]:
+    """Top-1 and top-5 accuracy computed locally (`evaluate.load` needs the Hub)."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    k = min(5, logits.shape[-1])
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return {
+        "top1": float(np.mean(top[:, 0] == labels)),
+        "top5": float(np.mean((top == labels[:, None]).any(axis=-1))),
+    }
+
+
+def resolved_config(args: Args) -> dict:
+    """Every field as used (flat, re-usable as a recipe); never a token."""
+    out = {}
+    for group in (args.model, args.data):
+        out.update(asdict(group))
+    out["overwrite_output_dir"] = args.script.overwrite_output_dir
+    training = args.training.to_dict()  # masks *_token fields
+    init_fields = {f.name for f in fields(args.training) if f.init}
+    out.update({k: v for k, v in training.items() if k in init_fields and not k.endswith("_token")})
+    return {
+        k: v if isinstance(v, (str, int, float, bool, list, type(None))) else str(v) for k, v in out.items()
+    }
+
+
+def command_line(args: Args) -> str:
+    world = args.training.world_size
+    launcher = f"accelerate launch --num_processes {world} " if world > 1 else "python "
+    return launcher + "recipes/finetune.py " + shlex.join(args.argv)
+
+
+def write_model_card(args, source, num_train, label_names, metrics, timm_model) -> str:
+    t, m = args.training, args.model
+    global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
+    sam = (
+        f"ρ = {t.sam_rho}, norm = {t.sam_norm}, adaptive = {t.sam_adaptive} (η = {t.sam_eta}), "
+        f"per-process ε (m = {t.per_device_train_batch_size})"
+        + (", synchronised across processes" if t.sam_sync_perturbation else "")
+        if t.sam_rho > 0
+        else "none (ρ = 0: the paired baseline, plain optimizer)"
+    )
+    front = {
+        "library_name": "timm" if timm_model else "transformers",
+        "tags": list(CARD_TAGS),
+        "base_model": m.model_name_or_path,
+        "datasets": [source.split("@")[0]] if "/" in source and not os.path.exists(source) else [],
+        "metrics": ["accuracy"],
+        "pipeline_tag": "image-classification",
+    }
+    results = "\n".join(
+        f"| {k} | {v:.4f} |"
+        for k, v in sorted(metrics.items())
+        if k in ("test_top1", "test_top5", "test_loss")
+    )
+    load_timm = (
+        f'\nWith timm: `timm.create_model("hf-hub:{t.hub_model_id or "<repo>"}", pretrained=True)`.\n'
+        if timm_model
+        else ""
+    )
+    card = f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+# {os.path.basename(os.path.normpath(t.output_dir))}
+
+`{m.model_name_or_path}` finetuned on `{source}` ({len(label_names)} classes, {num_train} training images) with
+hf-sam (Sharpness-Aware Minimization in the Hugging Face Trainer).
+
+## Test metrics (test split)
+
+| metric | value |
+|---|---|
+{results}
+
+## Training
+
+- Base checkpoint: `{m.model_name_or_path}`{f" @ {m.model_revision}" if m.model_revision else ""}; new classifier head
+- Dataset: `{source}`, train augmentation: {args.data.train_augmentation}
+- SAM: {sam}
+- Optimizer: {t.optim.value if hasattr(t.optim, "value") else t.optim} ({t.optim_args or "defaults"}), lr {t.learning_rate}, \
+{t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type} schedule, weight decay {t.weight_decay}, \
+label smoothing {t.label_smoothing_factor}
+- Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x \
+{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}
+- BatchNorm statistics frozen: {m.freeze_batchnorm}
+
+Command:
+
+```bash
+{command_line(args)}
+```
+
+Full configuration: `resolved_config.yaml`.
+
+## Use
+
+```python
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained("{t.hub_model_id or "<repo>"}")
+```
+{load_timm}"""
+    with open(os.path.join(t.output_dir, "README.md"), "w") as f:
+        f.write(card)
+    return card
+
+
+def _hub_error(action: str, err: Exception) -> ConfigError:
+    offline = "offline" in f"{type(err).__name__} {err}".lower() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "the Hub is unreachable (offline mode)" if offline else "not found / not allowed on the Hub"
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return ConfigError(f"push_to_hub: cannot {action}: {why} ({type(err).__name__}: {first}). Check hub_model_id, "
+                       "your connection and `hf auth login`, or set push_to_hub false.")  # fmt: skip
+
+
+def _create_repo(repo_id: str, private: bool | None) -> None:
+    """Before training: a run that cannot push should fail now, not after hours on GPUs."""
+    try:
+        HfApi().create_repo(repo_id, exist_ok=True, private=private)
+    except Exception as err:
+        raise _hub_error(f"create {repo_id!r}", err) from None
+
+
+def _upload(folder: str, repo_id: str) -> None:
+    try:
+        HfApi().upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message="hf-sam finetuning run",
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth"],
+        )  # fmt: skip
+    except Exception as err:
+        raise _hub_error(f"upload to {repo_id!r}", err) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""recipes/finetune.py end to end on CPU: every dataset spec, the push folder, resume, bad input, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import timm
+import torch
+from finetune_helpers import (
+    REPO,
+    fake_image,
+    fixture_for_spec,
+    load_finetune,
+    tiny_timm_checkpoint,
+    tiny_vit_checkpoint,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
+
+import hf_sam.data
+from hf_sam.data import SPECS
+
+finetune = load_finetune()
+FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+        "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+        "--learning_rate", "0.01", "--optim", "sgd", "--logging_steps", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def timm_ckpt(tmp_path_factory):
+    return tiny_timm_checkpoint(str(tmp_path_factory.mktemp("timm_ckpt")))
+
+
+@pytest.fixture(scope="module")
+def vit_ckpt(tmp_path_factory):
+    return tiny_vit_checkpoint(str(tmp_path_factory.mktemp("vit_ckpt")))
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """Route `load_dataset(<spec's Hub id>)` to a local fixture, checking the call the real Hub would get."""
+    calls = []
+
+    def install(spec):
+        folder = fixture_for_spec(spec, str(tmp_path / f"hub_{spec.name}"))
+
+        def fake_load_dataset(path, split, name=None, revision=None, data_files=None):
+            assert (path, name, revision, data_files) == (
+                spec.hub_id,
+                spec.config_name,
+                spec.revision,
+                spec.data_files,
+            )
+            calls.append(split)
+            disk = datasets.load_from_disk(folder)
+            return datasets.concatenate_datasets([disk[s] for s in split.split("+")])
+
+        monkeypatch.setattr(hf_sam.data, "load_dataset", fake_load_dataset)
+        return calls
+
+    return install
+
+
+def run(tmp_path, *argv) -> dict:
+    return finetune.main(["--output_dir", str(tmp_path / "out"), *FAST, *argv])
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_dataset_spec_runs_two_steps(name, hub, timm_ckpt, tmp_path):
+    spec = SPECS[name]
+    calls = hub(spec) if spec.hub_id else None
+    metrics = run(
+        tmp_path,
+        "--dataset",
+        name,
+        "--model_name_or_path",
+        timm_ckpt,
+        "--sam_rho",
+        "0.1",
+        "--max_train_samples",
+        "8",
+        "--max_test_samples",
+        "8",
+    )
+    if calls is not None:
+        assert calls == [
+            spec.train_split,
+            spec.test_split,
+        ]  # only these splits (Cars: not the corruption ones)
+    out = tmp_path / "out"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert any("sam/sharpness" in h for h in state["log_history"])
+    assert 0.0 <= metrics["test_top1"] <= metrics["test_top5"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_classes"] == spec.num_classes and config["label_names"][0] == (
+        spec.first_label or "class_0"
+    )
+
+
+@pytest.mark.parametrize("augmentation", ["autoaugment", "random-resized-crop"])
+def test_transformers_checkpoint_with_augmentation(augmentation, vit_ckpt, tmp_path):
+    metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", vit_ckpt,
+                  "--train_augmentation", augmentation, "--max_test_samples", "8")  # fmt: skip
+    assert "test_top1" in metrics
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"]["3"] == "3" and (tmp_path / "out" / "preprocessor_config.json").exists()
+
+
+def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
+    """What push_to_hub uploads: weights, label names, card; reloads with transformers and timm alike."""
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok, private):
+            uploads.append(("create", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+            uploads.append(("upload", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+
+    monkeypatch.setattr(finetune, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETtokenSHOULDNOTLEAK")
+    metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--sam_rho", "0.2",
+                  "--push_to_hub", "true", "--hub_model_id", "me/digits-sam", "--label_subset", "3", "1", "4")  # fmt: skip
+    out = tmp_path / "out"
+    assert uploads[0] == ("create", "me/digits-sam")
+    kind, repo, files, ignored = uploads[1]
+    assert (kind, repo) == ("upload", "me/digits-sam") and "checkpoint-*" in ignored
+    assert {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "test_results.json",
+        "resolved_config.yaml",
+    } <= set(files)
+
+    card = (out / "README.md").read_text()
+    for needle in ("- sam", "- image-classification", "- hf-sam", f"base_model: {timm_ckpt}", "`digits`",
+                   "ρ = 0.2", "recipes/finetune.py --output_dir", f"| test_top1 | {metrics['test_top1']:.4f} |"):  # fmt: skip
+        assert needle in card, needle
+    for path in out.iterdir():
+        if path.is_file() and path.suffix in (".md", ".json", ".yaml"):
+            assert "SECRET" not in path.read_text(), path.name
+
+    assert not any(k.startswith("timm_model.") for k in load_file(str(out / "model.safetensors")))
+    hf_model = AutoModelForImageClassification.from_pretrained(str(out)).eval()
+    timm_model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert hf_model.config.id2label == {0: "3", 1: "1", 2: "4"}
+    assert timm_model.pretrained_cfg["label_names"] == ["3", "1", "4"]
+    # The pushed weights are the evaluated ones: re-evaluating the reloaded model gives the recorded top-1.
+    data = hf_sam.data.load_image_classification(SPECS["digits"], label_subset=["3", "1", "4"])
+    from transformers import AutoImageProcessor
+
+    hf_sam.data.set_transforms(
+        data, hf_sam.data.preprocessing_from_processor(AutoImageProcessor.from_pretrained(str(out))), "none"
+    )
+    batch = hf_sam.data.collate([data.test[i] for i in range(len(data.test))])
+    with torch.no_grad():
+        hf_logits = hf_model(pixel_values=batch["pixel_values"]).logits
+        timm_logits = timm_model(batch["pixel_values"])
+    torch.testing.assert_close(hf_logits, timm_logits, rtol=0, atol=0)
+    correct = int((hf_logits.argmax(-1) == batch["labels"]).sum())
+    assert correct / len(batch["labels"]) == metrics["test_top1"]
+
+
+def test_resume_continues_and_guard_refuses_old_checkpoints(timm_ckpt, tmp_path):
+    args = [
+        "--dataset",
+        "digits",
+        "--model_name_or_path",
+        timm_ckpt,
+        "--max_train_samples",
+        "8",
+        "--max_test_samples",
+        "4",
+    ]
+    run(tmp_path, *args, "--save_strategy", "steps", "--save_steps", "2")
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    with pytest.raises(SystemExit, match="checkpoint-2: continue with --resume_from_checkpoint true"):
+        run(tmp_path, *args)
+    run(tmp_path, *args, "--max_steps", "3", "--resume_from_checkpoint", "true")
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    run(tmp_path, *args, "--overwrite_output_dir", "true")  # starts over: old checkpoints deleted first
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+# ---------------------------------------------------------------------- bad input
+def _fails(tmp_path, argv, message, capsys=None):
+    out = tmp_path / "out"
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    with pytest.raises(SystemExit) as err:
+        finetune.main(["--output_dir", str(out), *FAST, *argv])
+    text = str(err.value.code)
+    assert text.startswith("finetune.py: error: ") and "\n" not in text, text
+    assert message in text, text
+    after = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    assert after == before, "nothing may be written before the error"
+    return text
+
+
+def test_unknown_dataset_name(tmp_path, timm_ckpt):
+    text = _fails(
+        tmp_path, ["--dataset", "cifar11", "--model_name_or_path", timm_ckpt], "unknown dataset 'cifar11'"
+    )
+    assert "cifar10" in text  # lists the names that exist
+
+
+def test_wrong_column_lists_existing_columns(tmp_path, timm_ckpt):
+    _fails(tmp_path, ["--dataset", "digits", "--image_column", "img", "--model_name_or_path", timm_ckpt],
+           "image column 'img' not found in digits (train split); columns are image, label")  # fmt: skip
+
+
+def test_label_count_mismatch(tmp_path, timm_ckpt):
+    _fails(tmp_path, ["--dataset", "digits", "--num_labels", "9", "--model_name_or_path", timm_ckpt],
+           "has 10 classes in column 'label', but num_labels says 9")  # fmt: skip
+
+
+def test_unknown_local_model(tmp_path):
+    _fails(
+        tmp_path,
+        ["--dataset", "digits", "--model_name_or_path", str(tmp_path / "no_such_model")],
+        "cannot load model",
+    )
+
+
+def test_unknown_yaml_key_and_flag(tmp_path, timm_ckpt):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"dataset: digits\nmodel_name_or_path: {timm_ckpt}\nlearning_rat: 0.1\n")
+    _fails(
+        tmp_path, ["--config", str(recipe)], "unknown key(s) 'learning_rat' (did you mean 'learning_rate'?)"
+    )
+    _fails(tmp_path, ["--dataset", "digits", "--model_name_or_path", timm_ckpt, "--sam_roh", "0.1"],
+           "unknown flag(s) 'sam_roh' (did you mean 'sam_rho'?)")  # fmt: skip
+
+
+def test_missing_config_file_names_its_path(tmp_path):
+    _fails(tmp_path, ["--config", "recipes/nope/sam.yaml"], "config file 'recipes/nope/sam.yaml' not found")
+
+
+def test_invalid_sam_value(tmp_path, timm_ckpt):
+    _fails(
+        tmp_path,
+        ["--dataset", "digits", "--model_name_or_path", timm_ckpt, "--sam_rho", "-1"],
+        "sam_rho must be",
+    )
+
+
+def test_hub_token_is_refused(tmp_path, timm_ckpt):
+    _fails(
+        tmp_path,
+        ["--dataset", "digits", "--model_name_or_path", timm_ckpt, "--hub_token", "hf_x"],
+        "hf auth login",
+    )
+
+
+def test_output_dir_with_checkpoint_is_refused(tmp_path, timm_ckpt):
+    (tmp_path / "out" / "checkpoint-500").mkdir(parents=True)
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    _fails(
+        tmp_path, ["--dataset", "digits", "--model_name_or_path", timm_ckpt], "--overwrite_output_dir true"
+    )
+    assert (tmp_path / "out" / "checkpoint-500").is_dir()
+
+
+def test_unreadable_image_fails_with_its_index(tmp_path, timm_ckpt):
+    rng = __import__("numpy").random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"image": [fake_image(i, rng) for i in range(4)], "label": [0, 1, 0, 1]}
+    ds = datasets.Dataset.from_dict(rows, features=features).cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    broken = ds.to_dict()
+    broken["image"][2] = {"bytes": b"not an image at all", "path": None}
+    bad = datasets.Dataset.from_dict(broken, features=ds.features).cast_column("image", datasets.Image())
+    datasets.DatasetDict(train=bad, test=bad).save_to_disk(str(tmp_path / "local"))
+    _fails(tmp_path, ["--dataset", str(tmp_path / "local"), "--model_name_or_path", timm_ckpt],
+           "image 2 of the train split (train) cannot be read")  # fmt: skip
+
+
+def _offline_subprocess(argv):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "recipes/finetune.py", *FAST, *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_hub_dataset_offline_is_one_line(tmp_path, timm_ckpt):
+    proc = _offline_subprocess(
+        ["--dataset", "cifar10", "--model_name_or_path", timm_ckpt, "--output_dir", str(tmp_path / "o")]
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("finetune.py: error: cannot load dataset 'uoft-cs/cifar10'") and "offline" in last
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_hub_model_offline_is_one_line(tmp_path):
+    proc = _offline_subprocess(["--dataset", "digits", "--model_name_or_path", "timm/no-such-model",
+                                "--output_dir", str(tmp_path / "o"), "--verify_images", "false"])  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("finetune.py: error: cannot load model 'timm/no-such-model'") and "offline" in last
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_push_offline_fails_before_training(tmp_path, timm_ckpt, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _fails(tmp_path, ["--dataset", "digits", "--model_name_or_path", timm_ckpt, "--push_to_hub", "true",
+                      "--hub_model_id", "me/x"], "push_to_hub: cannot create 'me/x': the Hub is unreachable (offline")  # fmt: skip
+
+
+def test_gpu_recipe_validates_on_cpu_but_does_not_run(tmp_path):
+    recipe = "recipes/cifar10/efficientnet_b7/sam.yaml"
+    args = finetune.parse_config(["--config", os.path.join(REPO, recipe), "--check_config", "true"])
+    assert args.training.bf16 and args.training.sam_rho == 0.05
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="bf16"):
+            finetune.main(["--config", os.path.join(REPO, recipe), "--output_dir", str(tmp_path / "o")])
+
+
+@pytest.mark.multiprocess
+def test_two_process_launch_with_cpu_config(tmp_path, timm_ckpt):
+    out = tmp_path / "ddp"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+           "accelerate_configs/cpu.yaml", "recipes/finetune.py", *FAST, "--dataset", "digits",
+           "--model_name_or_path", timm_ckpt, "--output_dir", str(out), "--sam_rho", "0.05",
+           "--max_test_samples", "8"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert "2 per device x 2 processes" in card and "accelerate launch --num_processes 2" in card
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and any("sam/sharpness" in h for h in state["log_history"])
+
+
+@pytest.mark.slow
+def test_make_demo(tmp_path):
+    for _ in range(2):  # a second run must work too
+        proc = subprocess.run(["make", "demo"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("| baseline |") for line in lines) and any(
+        line.startswith("| SAM ") for line in lines
+    )
+    assert os.path.getsize(os.path.join(REPO, "outputs/digits/test_efficientnet/demo.png")) > 10_000

@@ -1,0 +1,92 @@
+"""Checkpoint loading: new head sized to the dataset, label names, timm layout readable by timm and transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from finetune_helpers import tiny_timm_checkpoint, tiny_vit_checkpoint
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+
+from hf_sam.models import ModelError, load_model_and_processor, make_timm_loadable
+
+NAMES = ["cat", "dog", "bird"]
+
+
+def test_timm_checkpoint_gets_new_head_and_keeps_the_rest(tmp_path):
+    ckpt = tiny_timm_checkpoint(str(tmp_path / "ckpt"), num_classes=7)
+    model, processor = load_model_and_processor(ckpt, NAMES)
+    assert model.timm_model.classifier.out_features == 3 and model.config.id2label == dict(enumerate(NAMES))
+    saved = load_file(f"{ckpt}/model.safetensors")
+    for name, tensor in model.timm_model.state_dict().items():
+        if not name.startswith("classifier."):
+            assert torch.equal(tensor, saved[name]), name
+    assert processor.data_config["input_size"] == (3, 32, 32)
+
+
+def test_same_size_head_is_reinitialised(tmp_path):
+    ckpt = tiny_timm_checkpoint(str(tmp_path / "ckpt"), num_classes=3)
+    model, _ = load_model_and_processor(ckpt, NAMES)
+    assert not torch.equal(
+        model.timm_model.classifier.weight, load_file(f"{ckpt}/model.safetensors")["classifier.weight"]
+    )
+    vit = tiny_vit_checkpoint(str(tmp_path / "vit"), num_classes=3)
+    model, _ = load_model_and_processor(vit, NAMES)
+    assert not torch.equal(
+        model.classifier.weight, load_file(f"{vit}/model.safetensors")["classifier.weight"]
+    )
+
+
+def test_transformers_checkpoint_new_head(tmp_path):
+    vit = tiny_vit_checkpoint(str(tmp_path / "vit"), num_classes=7)
+    model, processor = load_model_and_processor(vit, NAMES)
+    assert model.classifier.out_features == 3 and model.config.label2id == {n: i for i, n in enumerate(NAMES)}
+    assert processor(images=[torch.zeros(3, 20, 24)], return_tensors="pt")["pixel_values"].shape[-2:] == (
+        32,
+        32,
+    )
+
+
+def test_finetuned_timm_model_loads_with_both_libraries(tmp_path):
+    model, _ = load_model_and_processor(tiny_timm_checkpoint(str(tmp_path / "ckpt")), NAMES)
+    model.save_pretrained(tmp_path / "out")
+    make_timm_loadable(str(tmp_path / "out"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(pixel_values=x).logits
+        by_transformers = (
+            AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()(pixel_values=x).logits
+        )
+        by_timm = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()(x)
+    torch.testing.assert_close(by_transformers, expected, rtol=0, atol=0)
+    torch.testing.assert_close(by_timm, expected, rtol=0, atol=0)
+
+
+def test_make_timm_loadable_strips_the_wrapper_prefix(tmp_path):
+    """A wrapper built from config saves `timm_model.`-prefixed keys and `model_args: null`; timm reads neither."""
+    config = TimmWrapperConfig(architecture="test_efficientnet", num_labels=3)
+    config.pretrained_cfg = timm.create_model("test_efficientnet").pretrained_cfg | {
+        "input_size": [3, 32, 32]
+    }
+    model = TimmWrapperForImageClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    assert any(k.startswith("timm_model.") for k in load_file(tmp_path / "model.safetensors"))
+    with pytest.raises((AttributeError, RuntimeError, TypeError)):  # model_args None / prefixed keys
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    make_timm_loadable(str(tmp_path))
+    make_timm_loadable(str(tmp_path))  # idempotent
+    assert json.loads((tmp_path / "config.json").read_text())["model_args"] == {}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(x),
+            model(pixel_values=x).logits,
+        )
+
+
+def test_missing_model_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="cannot load model"):
+        load_model_and_processor(str(tmp_path / "nothing-here"), NAMES)
