@@ -27,6 +27,7 @@ __all__ = [
     "WeightBackup",
     "compute_perturbation_",
     "dot",
+    "global_norm",
     "gsam_gradient_",
     "looksam_orthogonal_component",
     "looksam_reuse_gradient_",
@@ -142,14 +143,18 @@ def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖x‖₂ over a list of tensors (one fused norm per tensor, then the norm of the norms), in float32 at least."""
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(
+        torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms])
+    )
 
 
 @torch.no_grad()
 def project_to_ball_(eps: list[torch.Tensor], rho: float) -> None:
     """ε ← ε · min(1, ρ/‖ε‖₂): the projection onto the ρ-ball for multi-step ascent (paper, appendix C.6)."""
-    scale = torch.clamp(rho / (_global_norm(eps) + NORM_EPS), max=1.0)
+    scale = torch.clamp(rho / (global_norm(eps) + NORM_EPS), max=1.0)
     torch._foreach_mul_(eps, scale)
 
 
@@ -168,7 +173,7 @@ def looksam_orthogonal_component(
 @torch.no_grad()
 def looksam_reuse_gradient_(grads: list[torch.Tensor], g_v: list[torch.Tensor], alpha: float) -> None:
     """LookSAM between two SAM steps (eq. 6): g ← g + α·(‖g‖/‖g_v‖)·g_v, in place, from one clean gradient."""
-    scale = alpha * _global_norm(grads) / (_global_norm(g_v) + NORM_EPS)
+    scale = alpha * global_norm(grads) / (global_norm(g_v) + NORM_EPS)
     torch._foreach_add_(grads, torch._foreach_mul(g_v, scale))
 
 
@@ -177,7 +182,7 @@ def gsam_gradient_(sam_grad: list[torch.Tensor], clean_grad: list[torch.Tensor],
     """GSAM (Zhuang et al. 2022), as the authors' JAX version: decompose the clean gradient g into its parts
     parallel and orthogonal to the SAM gradient g_s and descend on the surrogate gap with the orthogonal part:
     g_s ← g_s − α·(g − <g, ĝ_s> ĝ_s), in place, ĝ_s = g_s/‖g_s‖."""
-    unit = torch._foreach_div(sam_grad, _global_norm(sam_grad) + NORM_EPS)
+    unit = torch._foreach_div(sam_grad, global_norm(sam_grad) + NORM_EPS)
     projection = dot(clean_grad, unit)
     residual = torch._foreach_sub(clean_grad, torch._foreach_mul(unit, projection))
     torch._foreach_add_(sam_grad, torch._foreach_mul(residual, -alpha))
@@ -202,14 +207,16 @@ class WeightBackup:
         self.perturbed = False
 
     @torch.no_grad()
-    def perturb_(self, params: list[torch.Tensor], eps: list[torch.Tensor]) -> None:
+    def perturb_(self, params: list[torch.Tensor], eps: list[torch.Tensor], alpha: float = 1.0) -> None:
+        """w ← w + alpha·eps in place, after saving w. `alpha` lets a caller pass the unscaled gradient and
+        the scalar ρ/‖g‖, which saves a full read and write of the gradients compared with scaling them first."""
         if self.perturbed:
             raise RuntimeError("The weights are already perturbed: call restore_() before perturbing again.")
         if not self._matches(params):
             self._params, self._params_list = list(params), params
             self._backup = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(self._backup, params)
-        torch._foreach_add_(params, eps)
+        torch._foreach_add_(params, eps, alpha=alpha)
         self.perturbed = True
 
     @torch.no_grad()
@@ -379,7 +386,7 @@ class SAM(torch.optim.Optimizer):
         """Guard for fp32/bf16 (fp16 has the GradScaler): a non-finite gradient (or a non-finite loss recorded
         with `note_loss`) skips the step; too many in a row stop the run with a clear error."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.isfinite(_global_norm(grads)) if grads else torch.tensor(True)
+        finite = torch.isfinite(global_norm(grads)) if grads else torch.tensor(True)
         if self._loss_is_finite is not None:
             finite = finite & self._loss_is_finite.to(finite.device)
             self._loss_is_finite = None

@@ -14,10 +14,12 @@ from transformers.utils import logging
 
 from hf_sam.configs import SAMTrainingArguments
 from hf_sam.sam import (
+    NORM_EPS,
     SAM,
     PerturbationGroup,
     WeightBackup,
     compute_perturbation_,
+    global_norm,
     gsam_gradient_,
     looksam_orthogonal_component,
     looksam_reuse_gradient_,
@@ -284,13 +286,20 @@ class SAMTrainer(Trainer):
         if args.sam_mode in ("gsam", "looksam"):
             self._accumulate_clean_gradient(grads, num_items_in_batch)
 
-        # 2. ε from the ascent gradient, written into the gradient buffers in place.
+        # 2. ε from the ascent gradient.
         rhos = [self._scheduled_rho(group) for _, group in slices]
-        grad_norm = compute_perturbation_(self._groups(params, grads, slices, rhos))
-        ascent_is_finite = bool(torch.isfinite(grad_norm))
+        plain_l2 = args.sam_norm == "2" and not args.sam_adaptive and args.sam_ascent_steps == 1
+        if plain_l2 and len(set(rhos)) == 1:
+            # The default case: ε = ρ·g/‖g‖ is applied as w += (ρ/‖g‖)·g, without first scaling g in place.
+            grad_norm = global_norm(grads)
+            ascent_is_finite = bool(torch.isfinite(grad_norm))
+            alpha = rhos[0] / (float(grad_norm) + NORM_EPS) if ascent_is_finite else 0.0
+        else:  # per-group ρ, ASAM, p = ∞, multi-step: the general form turns the gradients into ε in place
+            grad_norm = compute_perturbation_(self._groups(params, grads, slices, rhos))
+            ascent_is_finite, alpha = bool(torch.isfinite(grad_norm)), 1.0
         try:
             if ascent_is_finite:
-                self._sam_backup.perturb_(params, grads)
+                self._sam_backup.perturb_(params, grads, alpha=alpha)
                 for _ in range(args.sam_ascent_steps - 1):  # projected gradient ascent (appendix C.6)
                     _rng_restore(rng_state, args.device)
                     with _running_stats_frozen(batchnorms):
