@@ -136,10 +136,13 @@ def _adaptive_scale(group: PerturbationGroup) -> list[torch.Tensor]:
 
 
 def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """<a, b> over lists of tensors, accumulated in float32."""
+    """<a, b> over lists of tensors, accumulated in float32 at least (no elementwise product is materialised)."""
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1) if x.dtype in (torch.float32, torch.float64) else x.reshape(-1).float()
+
     return sum(
-        (torch.sum(x.float() * y.float()) for x, y in zip(a, b, strict=True)),
-        torch.zeros((), device=a[0].device),
+        (torch.dot(flat(x), flat(y)) for x, y in zip(a, b, strict=True)), torch.zeros((), device=a[0].device)
     )
 
 
@@ -164,28 +167,28 @@ def looksam_orthogonal_component(
 ) -> list[torch.Tensor]:
     """LookSAM's g_v (Liu et al. 2022, eq. 5): the part of the SAM gradient g_s orthogonal to the clean gradient g,
     g_v = g_s − (<g_s, g>/‖g‖²) g. Returned as new tensors (they are kept between SAM steps)."""
-    coefficient = dot(sam_grad, clean_grad) / (dot(clean_grad, clean_grad) + NORM_EPS)
+    coefficient = float(dot(sam_grad, clean_grad) / (dot(clean_grad, clean_grad) + NORM_EPS))
     g_v = [t.clone() for t in sam_grad]
-    torch._foreach_add_(g_v, torch._foreach_mul(clean_grad, -coefficient))
+    torch._foreach_add_(g_v, clean_grad, alpha=-coefficient)
     return g_v
 
 
 @torch.no_grad()
 def looksam_reuse_gradient_(grads: list[torch.Tensor], g_v: list[torch.Tensor], alpha: float) -> None:
     """LookSAM between two SAM steps (eq. 6): g ← g + α·(‖g‖/‖g_v‖)·g_v, in place, from one clean gradient."""
-    scale = alpha * global_norm(grads) / (global_norm(g_v) + NORM_EPS)
-    torch._foreach_add_(grads, torch._foreach_mul(g_v, scale))
+    scale = float(alpha * global_norm(grads) / (global_norm(g_v) + NORM_EPS))
+    torch._foreach_add_(grads, g_v, alpha=scale)
 
 
 @torch.no_grad()
 def gsam_gradient_(sam_grad: list[torch.Tensor], clean_grad: list[torch.Tensor], alpha: float) -> None:
     """GSAM (Zhuang et al. 2022), as the authors' JAX version: decompose the clean gradient g into its parts
-    parallel and orthogonal to the SAM gradient g_s and descend on the surrogate gap with the orthogonal part:
-    g_s ← g_s − α·(g − <g, ĝ_s> ĝ_s), in place, ĝ_s = g_s/‖g_s‖."""
-    unit = torch._foreach_div(sam_grad, global_norm(sam_grad) + NORM_EPS)
-    projection = dot(clean_grad, unit)
-    residual = torch._foreach_sub(clean_grad, torch._foreach_mul(unit, projection))
-    torch._foreach_add_(sam_grad, torch._foreach_mul(residual, -alpha))
+    parallel and orthogonal to the SAM gradient g_s and descend on the surrogate gap with the orthogonal part,
+    g_s ← g_s − α·(g − <g, ĝ_s> ĝ_s) with ĝ_s = g_s/‖g_s‖, in place. Written as
+    g_s·(1 + α<g, g_s>/‖g_s‖²) − α·g, two passes and no temporary copy of the gradients."""
+    projection = float(dot(clean_grad, sam_grad) / (dot(sam_grad, sam_grad) + NORM_EPS))
+    torch._foreach_mul_(sam_grad, 1.0 + alpha * projection)
+    torch._foreach_add_(sam_grad, clean_grad, alpha=-alpha)
 
 
 class NonFiniteTrainingError(RuntimeError):
