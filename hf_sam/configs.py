@@ -240,13 +240,15 @@ class SAMTrainingArguments(TrainingArguments):
             )
         if self.deepspeed:
             raise ValueError(
-                "SAMTrainer does not support DeepSpeed yet (ZeRO shards the gradients, so the ascent norm would "
-                "be a shard's norm). Train with DDP (plain `accelerate launch --multi_gpu`) or set sam_rho=0."
+                "SAMTrainer does not support DeepSpeed: ZeRO-2/3 partition the gradients inside the engine's backward "
+                "(so the ascent norm would be a partition's norm, and no_sync does nothing under ZeRO-2/3). Train "
+                "with DDP (plain `accelerate launch --multi_gpu`), use FSDP2 with the hf_sam.SAM wrapper, or set sam_rho=0."
             )
         if self.fsdp:
             raise ValueError(
-                "SAMTrainer does not support FSDP yet (the ascent gradient norm must be taken over all shards). "
-                "Train with DDP (plain `accelerate launch --multi_gpu`) or set sam_rho=0."
+                "SAMTrainer does not support FSDP yet (its ascent pass needs a synced backward into the sharded gradients "
+                "without disturbing accumulation). Under FSDP2 use the hf_sam.SAM wrapper in your own loop (sharded ε "
+                "with the full-model norm), or train with DDP (plain `accelerate launch --multi_gpu`), or set sam_rho=0."
             )
 
 

@@ -83,7 +83,9 @@ def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
     """
     for group in groups:
         if group.rho <= 0 and group.grads:
-            torch._foreach_zero_(group.grads)  # ε = 0 for an unperturbed group (e.g. a new head with rho=0)
+            torch._foreach_zero_(
+                local_tensors(group.grads)
+            )  # ε = 0 for an unperturbed group (e.g. a new head)
     active = [g for g in groups if g.rho > 0 and len(g.grads) > 0]
     device = next((g.grads[0].device for g in active), None)
     if device is None:
@@ -92,45 +94,32 @@ def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
     # T·g for ASAM groups (T = |w| + η); g itself otherwise. Written into the gradient buffers in place.
     for group in active:
         if group.adaptive:
-            torch._foreach_mul_(group.grads, _adaptive_scale(group))
+            torch._foreach_mul_(local_tensors(group.grads), _adaptive_scale(group))
 
-    # One fused norm per group, then one norm of the norms: ||x||₂ over all tensors without concatenating.
-    norms = {id(group): torch._foreach_norm(group.grads) for group in active}
-
-    def joint_norm(selected: list[PerturbationGroup]) -> torch.Tensor:
-        # float32 at least (fp16/bf16 norms overflow or round), float64 kept for float64 models.
-        tensor_norms = [
-            n.to(device, torch.promote_types(n.dtype, torch.float32))
-            for group in selected
-            for n in norms[id(group)]
-        ]
-        return (
-            torch.linalg.vector_norm(torch.stack(tensor_norms))
-            if tensor_norms
-            else torch.zeros((), device=device)
-        )
-
-    grad_norm = joint_norm(active)
+    grad_norm = global_norm([g for group in active for g in group.grads])
     l2_groups = [g for g in active if g.norm == "2"]
-    l2_norm = grad_norm if len(l2_groups) == len(active) else joint_norm(l2_groups)
+    if len(l2_groups) == len(active):
+        l2_norm = grad_norm
+    else:
+        l2_norm = global_norm([g for group in l2_groups for g in group.grads]) if l2_groups else grad_norm
 
     for group in active:
+        grads = local_tensors(group.grads)  # FSDP2 shards: ε is computed and applied shard by shard
         if group.norm == "2":
             # ε = ρ T (T g) / ||T g||: the second T (ASAM) is applied below, after the shared scale.
-            scale = group.rho / (l2_norm + NORM_EPS)
-            torch._foreach_mul_(group.grads, scale)
+            torch._foreach_mul_(grads, group.rho / (l2_norm + NORM_EPS))
         else:
             # ε = ρ · sign(T g) (T > 0 so sign(T g) = sign(g)), then times T for ASAM.
-            torch._foreach_sign_(group.grads)
-            torch._foreach_mul_(group.grads, group.rho)
+            torch._foreach_sign_(grads)
+            torch._foreach_mul_(grads, group.rho)
         if group.adaptive:
-            torch._foreach_mul_(group.grads, _adaptive_scale(group))
+            torch._foreach_mul_(grads, _adaptive_scale(group))
     return grad_norm
 
 
 def _adaptive_scale(group: PerturbationGroup) -> list[torch.Tensor]:
     """T = |w| + η, ASAM's elementwise parameter scale."""
-    scale = torch._foreach_abs(group.params)
+    scale = torch._foreach_abs(local_tensors(group.params))
     torch._foreach_add_(scale, group.eta)
     return scale
 
@@ -146,12 +135,47 @@ def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
+def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FSDP2 parameters and gradients are DTensors: their local shards (views sharing storage), for in-place ops."""
+    return [t.to_local() if _is_dtensor(t) else t for t in tensors]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖x‖₂ over a list of tensors (one fused norm per tensor, then the norm of the norms), in float32 at least."""
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(
-        torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms])
-    )
+    """‖x‖₂ over a list of tensors (one fused norm per tensor, then the norm of the norms), in float32 at least.
+
+    Sharded tensors (FSDP2's DTensors on a 1-D mesh) count once: the squared norms of the local shards are
+    all-reduced over the shard group, so every rank gets the full-model norm, not its shard's.
+    """
+    sharded = [t for t in tensors if _is_dtensor(t)]
+    if not sharded:
+        norms = torch._foreach_norm(tensors)
+        return torch.linalg.vector_norm(
+            torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms])
+        )
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1 or any(
+        t.device_mesh != mesh or not all(p.is_shard() for p in t.placements) for t in sharded
+    ):
+        raise NotImplementedError(
+            "SAM supports sharded parameters on one 1-D device mesh (FSDP2 `fully_shard`); HSDP and tensor "
+            "parallel layouts are not supported yet."
+        )
+
+    def squares(group: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch._foreach_norm(group)
+        return torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros(())
+
+    shard_squares = squares([t.to_local() for t in sharded])
+    torch.distributed.all_reduce(
+        shard_squares, group=mesh.get_group()
+    )  # the all-reduce of squared local norms
+    replicated = [t for t in tensors if not _is_dtensor(t)]
+    total = shard_squares + (squares(replicated).to(shard_squares.device) if replicated else 0.0)
+    return total.sqrt()
 
 
 @torch.no_grad()
@@ -206,6 +230,7 @@ class WeightBackup:
     def __init__(self) -> None:
         self._params: list[torch.Tensor] = []
         self._params_list: list[torch.Tensor] | None = None
+        self._local: list[torch.Tensor] = []
         self._backup: list[torch.Tensor] = []
         self.perturbed = False
 
@@ -217,15 +242,16 @@ class WeightBackup:
             raise RuntimeError("The weights are already perturbed: call restore_() before perturbing again.")
         if not self._matches(params):
             self._params, self._params_list = list(params), params
-            self._backup = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(self._backup, params)
-        torch._foreach_add_(params, eps, alpha=alpha)
+            self._local = local_tensors(self._params)  # FSDP2: perturb and restore each rank's shard in place
+            self._backup = [torch.empty_like(p) for p in self._local]
+        torch._foreach_copy_(self._backup, self._local)
+        torch._foreach_add_(self._local, local_tensors(eps), alpha=alpha)
         self.perturbed = True
 
     @torch.no_grad()
     def restore_(self) -> None:
         if self.perturbed:
-            torch._foreach_copy_(self._params, self._backup)
+            torch._foreach_copy_(self._local, self._backup)
             self.perturbed = False
 
     def _matches(self, params: list[torch.Tensor]) -> bool:
@@ -234,8 +260,8 @@ class WeightBackup:
         ):  # the trainer passes the same cached list every step: no per-tensor loop
             return True
         matches = len(params) == len(self._params) and all(
-            a is b and a.shape == buf.shape and a.dtype == buf.dtype and a.device == buf.device
-            for a, b, buf in zip(params, self._params, self._backup, strict=True)
+            a is b and loc.shape == buf.shape and loc.dtype == buf.dtype and loc.device == buf.device
+            for a, b, loc, buf in zip(params, self._params, self._local, self._backup, strict=True)
         )
         if matches:
             self._params_list = params

@@ -110,8 +110,10 @@ class SAMTrainer(Trainer):
             )
         if distributed_type == DistributedType.FSDP or self.is_fsdp_enabled:
             raise ValueError(
-                "SAMTrainer does not support FSDP yet (the ascent gradient norm must be taken over all shards). "
-                "Launch with DDP (`accelerate launch --multi_gpu`) or set sam_rho=0."
+                "SAMTrainer does not support FSDP yet (its ascent pass needs a synced backward into the sharded gradients "
+                "without disturbing accumulation). Under FSDP2 use the hf_sam.SAM wrapper in your own loop (sharded ε "
+                "with the full-model norm), "
+                "or launch with DDP (`accelerate launch --multi_gpu`), or set sam_rho=0."
             )
         if self.args.n_gpu > 1:
             raise ValueError(
