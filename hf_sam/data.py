@@ -230,6 +230,8 @@ def load_image_classification(
     for role, ds in splits.items():
         if len(ds) == 0:
             raise DataError(f"the {role} split of {source} is empty (after label_subset / max_*_samples).")
+        where = f"{role} split ({_split_name(spec, role)})"
+        check_label_range(ds, spec.label_column, len(label_names), where, source)
         # Decode in our transform, not in `datasets`: we control the RGB conversion and the error message.
         splits[role] = ds.cast_column(spec.image_column, datasets.Image(decode=False))
         if verify_images:
@@ -256,9 +258,14 @@ def _load_split(spec: DatasetSpec, split: str, local_path: str | None) -> Datase
         or os.path.exists(os.path.join(path, "state.json"))
     ):
         try:
-            return _pick_split(load_from_disk(path), split, path)
-        except OSError as err:
-            raise DataError(f"cannot read the dataset saved at {path}: {err}") from None
+            saved = load_from_disk(path)
+        except Exception as err:  # OSError, and datasets' IndexError on a split saved with zero rows
+            empty = _empty_saved_splits(path)
+            why = (
+                f"split(s) {', '.join(empty)} saved with no rows" if empty else f"{type(err).__name__}: {err}"
+            )
+            raise DataError(f"cannot read the dataset saved at {path} ({why}).") from None
+        return _pick_split(saved, split, path)
     if os.path.exists(path):
         # parquet files anywhere in the folder, else an imagefolder tree (class = sub-folder name).
         has_parquet = any(f.endswith(".parquet") for _, _, files in os.walk(path) for f in files)
@@ -281,6 +288,23 @@ def _call_load_dataset(path: str, split: str, source: str, **kwargs) -> Dataset:
         raise
     except Exception as err:  # offline, missing repo, gated repo, network: all surface as different types
         raise DataError(_hub_failure(source, "dataset", err)) from None
+
+
+def _empty_saved_splits(path: str) -> list[str]:
+    """Splits of a `save_to_disk` folder that hold no data file (`load_from_disk` cannot read those back)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            names = json.load(f)["splits"]
+        empty = []
+        for name in names:
+            with open(os.path.join(path, name, "state.json")) as f:
+                if not json.load(f).get("_data_files"):
+                    empty.append(name)
+        return empty
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _pick_split(dataset_dict: DatasetDict, split: str, source: str) -> Dataset:
@@ -362,6 +386,23 @@ def _select_classes(splits: dict, column: str, names: list[str], subset: Sequenc
         ds = ds.filter(lambda labels: [y in old_to_new for y in labels], input_columns=column, batched=True)
         out[role] = _relabel(ds, column, old_to_new, subset)
     return out, subset
+
+
+def check_label_range(ds: Dataset, column: str, num_classes: int, where: str, source: str) -> None:
+    """Every label an integer in [0, num_classes): a label out of range would stop training (or evaluation)
+    hours in with an indexing error. `datasets`' ClassLabel lets -1 through (its "no label" value)."""
+    for index, label in enumerate(ds[column]):  # one column: cheap even for 100k rows
+        if (
+            isinstance(label, bool)
+            or not isinstance(label, (int, np.integer))
+            or not 0 <= label < num_classes
+        ):
+            hint = " (-1 is datasets' 'no label': a split without labels cannot be trained or evaluated on)"
+            raise DataError(
+                f"label {label!r} of example {index} of the {where} of {source} is out of range: "
+                f"{num_classes} classes, so labels 0..{num_classes - 1}{hint if label == -1 else ''}. "
+                "Fix or drop those examples, or set `label_column` / `test_split`."
+            )
 
 
 def verify_image_column(ds: Dataset, column: str, where: str) -> None:

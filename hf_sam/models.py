@@ -35,23 +35,36 @@ def is_timm(model_or_config) -> bool:
 
 
 def load_model_and_processor(
-    model_name_or_path: str, label_names: list[str], revision: str | None = None
+    model_name_or_path: str,
+    label_names: list[str],
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, object]:
     """The checkpoint's weights with a new, randomly initialised head of `len(label_names)` classes.
 
     The head is new even when the checkpoint's head has the same size (paper, appendix C.2: "except the last
     dense layer ... that is randomly initialized"); the label names go into the config (`id2label`, and
     `label_names` for timm).
+
+    Code shipped with a checkpoint (`auto_map` in its config.json) runs only with `trust_remote_code=True`;
+    the flag is passed explicitly to every loader, so transformers never prompts and never falls back to a default.
+    The checkpoint's weights must fit the architecture of its config: apart from the classifier head, every
+    tensor must be in the checkpoint with its shape (otherwise transformers would silently initialise the rest
+    at random, and the run would "finetune" an untrained network).
     """
+    trust_remote_code = bool(trust_remote_code)
     num_labels = len(label_names)
     id2label = dict(enumerate(label_names))
     label2id = {name: i for i, name in id2label.items()} if len(set(label_names)) == num_labels else None
     kwargs = {"revision": revision} if revision else {}
+    kwargs["trust_remote_code"] = trust_remote_code
     try:
         config = AutoConfig.from_pretrained(
             model_name_or_path, num_labels=num_labels, id2label=id2label, label2id=label2id, **kwargs
         )
     except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and "trust_remote_code" in str(err):
+            raise ModelError(_remote_code_refused(model_name_or_path)) from None
         if isinstance(err, ValueError) and "Unrecognized model" in str(err):
             raise ModelError(
                 f"{model_name_or_path!r} has a config.json that transformers does not recognise ({err}). "
@@ -70,18 +83,51 @@ def load_model_and_processor(
             **kwargs,
         )
     except ValueError as err:  # e.g. a text model's config: no image-classification class for it
-        raise ModelError(f"{model_name_or_path!r} is not an image-classification checkpoint: {err}") from None
+        if "trust_remote_code" in str(err):
+            raise ModelError(_remote_code_refused(model_name_or_path)) from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ModelError(
+            f"{model_name_or_path!r} is not an image-classification checkpoint "
+            f"({type(config).__name__}, model_type {getattr(config, 'model_type', None)!r}): {first}"
+        ) from None
     except OSError as err:
         raise ModelError(_hub_failure(model_name_or_path, "model", err)) from None
+    _check_weights_fit(model, info, model_name_or_path)
     _ensure_new_head(model, info, num_labels)
     try:
         processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and "trust_remote_code" in str(err):
+            raise ModelError(_remote_code_refused(model_name_or_path)) from None
         raise ModelError(
             f"{model_name_or_path!r} has no image processor / preprocessing config ({type(err).__name__}); "
             "save one next to the weights (`image_processor.save_pretrained(folder)`)."
         ) from None
     return model, processor
+
+
+def _remote_code_refused(model_name_or_path: str) -> str:
+    return (
+        f"{model_name_or_path!r} ships its own Python code (auto_map in its config), which is never run unless "
+        "you set `trust_remote_code: true`; read that code first, or use a checkpoint of a built-in architecture."
+    )
+
+
+def _check_weights_fit(model: PreTrainedModel, info: dict, model_name_or_path: str) -> None:
+    """Refuse a checkpoint whose weights belong to another architecture than its config (head excepted)."""
+    prefix, _ = _head_prefix(model)
+    absent = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(prefix))
+    reshaped = sorted(k for k, *_ in info.get("mismatched_keys", ()) if not k.startswith(prefix))
+    # BatchNorm's step counter is not saved by every converter (TF ports); it carries no learned value.
+    wrong = [k for k in absent + reshaped if not k.endswith("num_batches_tracked")]
+    if wrong:
+        total = sum(1 for k in model.state_dict() if not k.startswith(prefix))
+        raise ModelError(
+            f"{model_name_or_path!r}: {len(wrong)} of the {total} weight tensors of {type(model).__name__} (head "
+            f"excluded) are missing from the checkpoint or have another shape (e.g. {', '.join(wrong[:3])}): its "
+            "weights belong to another architecture than its config.json. Use a checkpoint saved from the model "
+            "its config describes."
+        )
 
 
 def _head_prefix(model: PreTrainedModel) -> tuple[str, torch.nn.Module]:

@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import glob
+import json
+import logging
 import os
+import re
 import shlex
 import shutil
 import sys
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -30,7 +34,6 @@ import torch
 import yaml
 from huggingface_hub import HfApi
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_sam import SAMTrainer, SAMTrainingArguments
 from hf_sam.batchnorm import freeze_batchnorm
@@ -43,9 +46,10 @@ from hf_sam.data import (
     resolve_spec,
     set_transforms,
 )
-from hf_sam.models import ModelError, is_timm, load_model_and_processor, make_timm_loadable
+from hf_sam.models import TIMM_PREFIX, ModelError, is_timm, load_model_and_processor, make_timm_loadable
 
 CARD_TAGS = ("sam", "image-classification", "hf-sam")
+logger = logging.getLogger("finetune")
 
 
 class ConfigError(ValueError):
@@ -77,6 +81,13 @@ class ModelArguments:
         default=True,
         metadata={
             "help": "BatchNorm as at test time for the whole run (paper, C.2); gamma/beta still train."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run Python code shipped in the model repository (auto_map). Off: such a checkpoint is "
+            "refused. (Dataset repositories never run code: datasets >= 4 has no loading scripts.)"
         },
     )
 
@@ -132,10 +143,12 @@ def parse_config(argv: list[str] | None = None) -> Args:
     """YAML defaults + flags -> validated arguments. Touches nothing but the recipe file and `output_dir`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
+    pre.error = _raise_config_error  # argparse would print the usage of ~150 flags and exit 2
     pre.add_argument("--config")
     pre.add_argument("--check_config", nargs="?", const="true", default="false")
     known, _ = pre.parse_known_args(argv)
     parser = HfArgumentParser((ScriptArguments, ModelArguments, DataArguments, SAMTrainingArguments))
+    parser.error = _raise_config_error  # e.g. "argument --sam_interval: invalid int value: '2.5'"
     dests = {action.dest for action in parser._actions} - {"help"}
     recipe = _read_recipe(known.config) if known.config else {}
     unknown = sorted(set(recipe) - dests)
@@ -160,6 +173,10 @@ def parse_config(argv: list[str] | None = None) -> Args:
         raise ConfigError(f"unknown flag(s) {_with_suggestions([f.lstrip('-') for f in flags], dests)}.")
     _check(script, model, data, training)
     return Args(script, model, data, training, argv)
+
+
+def _raise_config_error(message: str):
+    raise ConfigError(message)
 
 
 def default_output_dir(config_path: str) -> str:
@@ -199,27 +216,160 @@ def _check(
     if not data.dataset:
         raise ConfigError("dataset is required (a spec name, a Hub dataset id or a local folder).")
     resolve_spec(data.dataset)  # unknown dataset name: fails here, before any loading
+    if data.dataset_path and not os.path.exists(data.dataset_path):
+        raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
     if data.num_labels is not None and data.num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {data.num_labels}.")
     if not training.output_dir:
         raise ConfigError("output_dir is required.")
+    _check_output_dir(training.output_dir)
     if training.push_to_hub and not training.hub_model_id:
         raise ConfigError("push_to_hub needs hub_model_id (e.g. 'your-name/cifar10-effnet-b7-sam').")
     resume = training.resume_from_checkpoint
-    checkpoints = sorted(glob.glob(os.path.join(training.output_dir, "checkpoint-*")))
-    if resume and resume.lower() in ("true", "last"):
-        if not checkpoints:
-            raise ConfigError(
-                f"resume_from_checkpoint={resume}: no checkpoint-* in {training.output_dir} to resume."
-            )
-    elif resume and not os.path.isdir(resume):
+    checkpoints = checkpoints_newest_first(training.output_dir)
+    if resume:
+        resolve_resume(resume, training.output_dir, not training.save_only_model, warn=False)
+    elif checkpoints and not script.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {training.output_dir} already holds {os.path.basename(checkpoints[0])}: continue with "
+            "--resume_from_checkpoint true, or start over with --overwrite_output_dir true (deletes its checkpoints)."
+        )
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """A file, or a folder that cannot be created or written: fail now, not at the first checkpoint."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"output_dir {output_dir!r} is a file, not a folder; choose another output_dir.")
+    ancestor = os.path.abspath(output_dir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(
+            f"output_dir {output_dir!r} cannot be created: {ancestor!r} is a file, not a folder."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {output_dir!r} is not writable (no write permission on {ancestor!r}).")
+
+
+# ====================================================================== checkpoints
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints_newest_first(output_dir: str) -> list[str]:
+    """The checkpoint-<step> folders of output_dir, highest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(folder: str, with_optimizer: bool = True) -> str | None:
+    """Why `folder` cannot be resumed from, or None when it is complete.
+
+    `Trainer._save_checkpoint` (transformers 5) writes in place, with no temporary folder and no rename: config
+    and weights, then optimizer.pt, scheduler.pt, rng_state*.pth, and trainer_state.json last. A process
+    killed while saving leaves a checkpoint-N folder that `get_last_checkpoint` would pick (it only looks at
+    names): resuming from it would lose the optimizer state, or crash. Complete means: trainer_state.json parses,
+    every safetensors file is as long as its header says, and the torch pickles (zip archives, whose directory
+    is written at the end) are whole.
+    """
+    state_path = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        return "no trainer_state.json (the save was interrupted; it is written last)"
+    try:
+        with open(state_path) as f:
+            int(json.load(f)["global_step"])
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is truncated"
+    names = os.listdir(folder)
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not weights and not any(n.endswith(".bin") and n != "training_args.bin" for n in names):
+        return "no model weights"
+    for name in weights:
+        if not _safetensors_complete(os.path.join(folder, name)):
+            return f"{name} is truncated"
+    needed = ["optimizer.pt", "scheduler.pt"] if with_optimizer else []
+    needed += sorted(n for n in names if n.startswith("rng_state") and n.endswith(".pth"))
+    for name in needed:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"no {name}"
+        if not zipfile.is_zipfile(path):
+            return f"{name} is truncated"
+    return None
+
+
+def _safetensors_complete(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return os.path.getsize(path) == 8 + header_size + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def resolve_resume(resume: str | None, output_dir: str, with_optimizer: bool, warn: bool) -> str | None:
+    """`resume_from_checkpoint` as a folder: 'true'/'last' is the newest *complete* checkpoint of output_dir
+    (newer incomplete ones are skipped with a warning); an explicit folder must be complete."""
+    if not resume:
+        return None
+    if resume.lower() in ("true", "last"):
+        candidates = checkpoints_newest_first(output_dir)
+        if not candidates:
+            raise ConfigError(f"resume_from_checkpoint={resume}: no checkpoint-* in {output_dir} to resume.")
+        skipped = []
+        for path in candidates:
+            problem = checkpoint_problem(path, with_optimizer)
+            if problem is None:
+                for old, why in skipped:
+                    if warn:
+                        logger.warning(
+                            f"finetune.py: warning: skipping {old}: incomplete ({why}); resuming from "
+                            f"{os.path.basename(path)}."
+                        )
+                return path
+            skipped.append((os.path.basename(path), problem))
+        raise ConfigError(
+            f"resume_from_checkpoint={resume}: no complete checkpoint in {output_dir} ("
+            + "; ".join(f"{name}: {why}" for name, why in skipped)
+            + "). Start over with --overwrite_output_dir true."
+        )
+    if not os.path.isdir(resume):
         raise ConfigError(
             f"resume_from_checkpoint={resume!r} is not a folder; give a checkpoint-* path or 'true'."
         )
-    elif checkpoints and not script.overwrite_output_dir:
+    problem = checkpoint_problem(resume, with_optimizer)
+    if problem is not None:
         raise ConfigError(
-            f"output_dir {training.output_dir} already holds {os.path.basename(checkpoints[-1])}: continue with "
-            "--resume_from_checkpoint true, or start over with --overwrite_output_dir true (deletes its checkpoints)."
+            f"resume_from_checkpoint={resume!r} is incomplete ({problem}); give an older checkpoint, or 'true' for "
+            "the newest complete one."
+        )
+    return resume
+
+
+def _check_checkpoint_fits(model, checkpoint: str) -> None:
+    """The checkpoint to resume holds this model's tensors (same names, same shapes): transformers would load
+    another architecture's checkpoint with a warning and train from the freshly loaded weights instead."""
+    path = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(path):
+        return  # sharded or adapter checkpoints: left to the Trainer
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    # transformers saves a timm model without the wrapper's `timm_model.` prefix (and adds it back on load).
+    saved = {k.removeprefix(TIMM_PREFIX): tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    expected = {k.removeprefix(TIMM_PREFIX): tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = sorted(k for k in expected if saved.get(k) != expected[k]) + sorted(set(saved) - set(expected))
+    if differ:
+        raise ConfigError(
+            f"resume_from_checkpoint {checkpoint} holds another model's weights: {len(differ)} of {len(expected)} "
+            f"tensors differ in name or shape (e.g. {', '.join(differ[:3])}). Resume with the run's own "
+            "model_name_or_path and dataset, or from that run's output_dir."
         )
 
 
@@ -229,15 +379,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         args = parse_config(argv)
     except ValueError as err:  # ours and SAMTrainingArguments' (invalid sam_* values, bf16 without GPU, ...)
-        raise SystemExit(f"finetune.py: error: {err}") from None
+        raise SystemExit(_one_line(err)) from None
     if args.script.check_config:
         print(yaml.safe_dump(resolved_config(args), sort_keys=False))
         print(f"{args.script.config or 'flags'}: OK")
         return {}
+    output_dir = args.training.output_dir
+    existed = os.path.exists(output_dir)
     try:
         return run(args)
     except (DataError, ModelError, ConfigError) as err:
-        raise SystemExit(f"finetune.py: error: {err}") from None
+        if not existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)  # made by Trainer.__init__ before a set-up check failed: leave no trace
+        raise SystemExit(_one_line(err)) from None
+
+
+def _one_line(err: Exception) -> str:
+    return "finetune.py: error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def run(args: Args) -> dict[str, float]:
@@ -257,11 +415,19 @@ def run(args: Args) -> dict[str, float]:
             spec, args.data.dataset_path, args.data.num_labels, args.data.label_subset,
             args.data.max_train_samples, args.data.max_test_samples, args.data.verify_images,
         )  # fmt: skip
+    resume = resolve_resume(
+        training.resume_from_checkpoint, training.output_dir, not training.save_only_model, warn=True
+    )
 
     # ------------------------------------------------------------------ model
     model, processor = load_model_and_processor(
-        args.model.model_name_or_path, data.label_names, args.model.model_revision
+        args.model.model_name_or_path,
+        data.label_names,
+        args.model.model_revision,
+        args.model.trust_remote_code,
     )
+    if resume:
+        _check_checkpoint_fits(model, resume)
     if args.model.freeze_batchnorm:
         frozen = freeze_batchnorm(model)
         print(
@@ -271,16 +437,16 @@ def run(args: Args) -> dict[str, float]:
 
     # ------------------------------------------------------------------ trainer
     training.remove_unused_columns = False  # the lazy transform needs the raw image and label columns
-    trainer = SAMTrainer(
-        model=model, args=training, train_dataset=data.train, eval_dataset=data.test,
-        data_collator=collate, processing_class=processor, compute_metrics=top_k_accuracy,
-    )  # fmt: skip
+    try:
+        trainer = SAMTrainer(
+            model=model, args=training, train_dataset=data.train, eval_dataset=data.test,
+            data_collator=collate, processing_class=processor, compute_metrics=top_k_accuracy,
+        )  # fmt: skip
+    except ValueError as err:  # set-up checks that need the model (e.g. a sam_param_filter matching nothing)
+        raise ConfigError(str(err)) from None
 
     # ------------------------------------------------------------------ train
-    resume = training.resume_from_checkpoint
-    if resume and resume.lower() in ("true", "last"):
-        resume = get_last_checkpoint(training.output_dir)
-    elif not resume and args.script.overwrite_output_dir and trainer.is_world_process_zero():
+    if not resume and args.script.overwrite_output_dir and trainer.is_world_process_zero():
         for old in glob.glob(os.path.join(training.output_dir, "checkpoint-*")):
             shutil.rmtree(old)  # starting over: the old run's checkpoints would be "the last checkpoint"
     train_result = trainer.train(resume_from_checkpoint=resume)
