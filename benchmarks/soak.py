@@ -62,20 +62,28 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--mode", default="sam", choices=["sam", "looksam", "gsam"])
     parser.add_argument("--max-slope-kib", type=float, default=256.0)
+    parser.add_argument("--readme", action="store_true", help="write the result into README.md")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
-    slopes = {}
+    slopes, lines = {}, []
     for label, rho in (("stock (sam_rho=0)", 0.0), (f"SAM mode {args.mode!r}", 0.05)):
         samples = soak(args, rho)
         warm = [s for s in samples if s[0] > args.steps // 5]  # allocator and caches settle first
         slopes[label] = slope_kib_per_1000_steps(warm)
-        print(
+        lines.append(
             f"{label}: {args.steps} steps, RSS {warm[0][1] / 2**20:.1f} MiB -> {warm[-1][1] / 2**20:.1f} MiB after "
-            f"warm-up, slope {slopes[label]:+.1f} KiB per 1,000 steps",
-            flush=True,
+            f"warm-up, slope {slopes[label]:+.1f} KiB per 1,000 steps"
         )
+        print(lines[-1], flush=True)
     excess = slopes[f"SAM mode {args.mode!r}"] - slopes["stock (sam_rho=0)"]
-    print(f"SAM minus stock: {excess:+.1f} KiB per 1,000 steps (limit {args.max_slope_kib})")
+    lines.append(f"SAM minus stock: {excess:+.1f} KiB per 1,000 steps (limit {args.max_slope_kib})")
+    print(lines[-1])
+    if args.readme:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from readme_block import replace_readme_block
+
+        text = f"`python benchmarks/soak.py --steps {args.steps}` on CPU:\n\n```\n" + "\n".join(lines) + "\n```"
+        replace_readme_block("soak", text)
     return 0 if excess <= args.max_slope_kib else 1
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from readme_block import replace_readme_block  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
-from hf_sam.sam import PerturbationGroup, WeightBackup, compute_perturbation_  # noqa: E402
+from hf_sam.sam import NORM_EPS, WeightBackup, global_norm  # noqa: E402
 
 
 def build_model(name: str, preset: str, num_labels: int = 10):
@@ -161,15 +161,16 @@ def make_trainer(name, model, rows, args_kwargs, sync, steps):
 
 
 def perturbation_time(model, repeats: int, sync) -> float:
-    """Median time of ε + perturb + restore on the model's trainable parameters (random gradients)."""
+    """Median time of SAMTrainer's default ε path on the model's trainable parameters (random gradients):
+    ‖g‖, w ← w + (ρ/‖g‖)·g after backing w up, and the exact restore."""
     params = [p for p in model.parameters() if p.requires_grad]
     backup, times = WeightBackup(), []
     for _ in range(repeats + 2):
         grads = [torch.randn_like(p) for p in params]
         sync()
         start = time.perf_counter()
-        compute_perturbation_([PerturbationGroup(params, grads, rho=0.05)])
-        backup.perturb_(params, grads)
+        grad_norm = global_norm(grads)
+        backup.perturb_(params, grads, alpha=0.05 / (float(grad_norm) + NORM_EPS))
         backup.restore_()
         sync()
         times.append(time.perf_counter() - start)
