@@ -78,6 +78,8 @@ class SAMTrainer(Trainer):
                 f"SAMTrainer needs SAMTrainingArguments, got {type(args).__name__}. Replace "
                 "`TrainingArguments(...)` by `hf_sam.SAMTrainingArguments(...)`: it takes the same fields plus sam_*."
             )
+        if args.sam_rho > 0 and args.sam_param_filter is not None and model is not None:
+            _check_param_filter(model, args.sam_param_filter)  # before Trainer.__init__ creates output_dir
         super().__init__(model, args, *pargs, **kwargs)
         if self.args.sam_rho > 0:
             self._check_sam_compatible()
@@ -127,14 +129,6 @@ class SAMTrainer(Trainer):
                 "gradient_checkpointing_kwargs={'use_reentrant': True} is incompatible with SAM's ascent pass "
                 "(torch.autograd.grad). Use {'use_reentrant': False} (the transformers default)."
             )
-        if self.args.sam_param_filter is not None:
-            pattern = re.compile(self.args.sam_param_filter)
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            if not any(pattern.search(n) for n in names):
-                raise ValueError(
-                    f"sam_param_filter={self.args.sam_param_filter!r} matches no trainable parameter. "
-                    f"Some parameter names: {', '.join(names[:8])}."
-                )
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, *args, **kwargs):
@@ -468,6 +462,15 @@ class SAMTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_param_filter(model: torch.nn.Module, regex: str) -> None:
+    pattern = re.compile(regex)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not any(pattern.search(n) for n in names):
+        raise ValueError(
+            f"sam_param_filter={regex!r} matches no trainable parameter. Some parameter names: {', '.join(names[:8])}."
+        )
+
+
 class _SkippedStepCounter(TrainerCallback):
     """Counts optimizer steps that were not applied: fp16 overflow (GradScaler) or the fp32/bf16 guard of `SAM`."""
 

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -227,10 +228,10 @@ def test_param_filter_perturbs_only_matching_parameters(tmp_path):
 
 
 def test_param_filter_matching_nothing_is_refused(tmp_path):
+    args = make_args(tmp_path, sam_param_filter="nope")
     with pytest.raises(ValueError, match="matches no trainable parameter"):
-        SAMTrainer(
-            model=make_model(), args=make_args(tmp_path, sam_param_filter="nope"), train_dataset=make_rows(8)
-        )
+        SAMTrainer(model=make_model(), args=args, train_dataset=make_rows(8))
+    assert not os.path.exists(args.output_dir)  # refused before the Trainer creates anything
 
 
 class CountPasses:
