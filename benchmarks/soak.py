@@ -82,7 +82,9 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from readme_block import replace_readme_block
 
-        text = f"`python benchmarks/soak.py --steps {args.steps}` on CPU:\n\n```\n" + "\n".join(lines) + "\n```"
+        text = (
+            f"`python benchmarks/soak.py --steps {args.steps}` on CPU:\n\n```\n" + "\n".join(lines) + "\n```"
+        )
         replace_readme_block("soak", text)
     return 0 if excess <= args.max_slope_kib else 1
 
