@@ -2,9 +2,9 @@
 
     python experiments/variants.py [--seeds 3] [--epochs 40] [--noise 0.4] [--readme]
 
-Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, the only real images on this machine), a
-fixed stratified split (1,257 train / 540 test), symmetric label noise on the training labels (each noisy
-example gets a uniformly drawn *other* class); accuracy is measured on the clean test labels. Model: an MLP
+Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, the only real images on this machine), with
+the split, standardisation and symmetric label noise of the other experiments (`experiments/common.py`: each
+noisy example gets a uniformly drawn *other* class); accuracy is measured on the clean test labels. Model: an MLP
 (64-256-256-10), SGD with momentum 0.9, cosine decay, batch 128. Each variant runs with several seeds (mean ± std);
 the plain baseline also runs with twice the epochs, as in the paper's label-noise comparison. Cost: forward and
 backward passes per optimizer step from the trainer's own `sam/forward_passes` accounting, and wall time relative
@@ -21,13 +21,15 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_sam import SAMTrainer, SAMTrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import digits, symmetric_noise  # noqa: E402
 
 BATCH = 128
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -62,21 +64,11 @@ class MLP(nn.Module):
 
 
 def load_noisy_digits(noise: float, seed: int):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=540, stratify=y, random_state=0)
-    rng = np.random.default_rng(seed)
-    noisy = y_train.copy()
-    flip = rng.random(len(noisy)) < noise
-    noisy[flip] = (noisy[flip] + rng.integers(1, 10, flip.sum())) % 10  # a uniformly drawn other class
-    rows = [
-        {"pixels": torch.from_numpy(a), "labels": torch.tensor(int(b))}
-        for a, b in zip(x_train, noisy, strict=True)
-    ]
-    return rows, torch.from_numpy(x_test), torch.from_numpy(y_test)
+    """The same split, standardisation and symmetric noise as the other experiments (`experiments/common.py`)."""
+    x_train, y_train, x_test, y_test = digits()
+    noisy = symmetric_noise(y_train, noise, seed)
+    rows = [{"pixels": x, "labels": y} for x, y in zip(x_train, noisy, strict=True)]
+    return rows, x_test, y_test
 
 
 def run(name: str, seed: int, epochs: int, noise: float, rho: float):
