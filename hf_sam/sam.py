@@ -15,7 +15,7 @@ Both the `SAM` optimizer wrapper below and `hf_sam.SAMTrainer` use `compute_pert
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -436,6 +436,8 @@ class SAM(torch.optim.Optimizer):
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Record a loss of the step in progress; a NaN/inf one makes `step()` skip (checked there, no sync here)."""
+        if not self.max_nonfinite_steps:
+            return  # guard off (fp16 uses the GradScaler): nothing would ever read or reset the flag
         finite = torch.isfinite(loss.detach()).all()
         self._loss_is_finite = finite if self._loss_is_finite is None else self._loss_is_finite & finite
 
@@ -468,8 +470,3 @@ class SAM(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"SAM({self.base_optimizer!r})"
-
-
-def trainable_parameters(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The parameters SAM perturbs: those that train (with PEFT/LoRA, only the adapters)."""
-    return [p for p in parameters if p.requires_grad]
