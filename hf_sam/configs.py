@@ -32,9 +32,11 @@ class SAMTrainingArguments(TrainingArguments):
         stock `Trainer`.
     sam_norm (`str`, defaults to `"2"`):
         `"2"`: ε = ρ·g/‖g‖₂ (the paper's choice); `"inf"`: ε = ρ·sign(g) (paper, appendix C.5).
-    sam_sync_perturbation (`bool`, defaults to `False`):
+    sam_sync_perturbation (`bool`, *optional*):
         `False`: each process computes ε from its own micro-batch gradient (m = per-device batch, the paper's
         multi-accelerator setting). `True`: the ascent gradients are averaged over processes first, one global ε.
+        `None` (default): the engine's natural scope — per process under DDP, global under FSDP, where every
+        process forwards through the same sharded weights (`False` is refused there).
 
     > ASAM (Kwon et al. 2021)
 
@@ -95,11 +97,12 @@ class SAMTrainingArguments(TrainingArguments):
             "choices": list(SAM_NORMS),
         },
     )
-    sam_sync_perturbation: bool = field(
-        default=False,
+    sam_sync_perturbation: bool | None = field(
+        default=None,
         metadata={
             "help": "Average the ascent gradients over processes before computing eps (one global eps). "
-            "Default: each process uses its own micro-batch gradient (the paper's setting)."
+            "Default: each process uses its own micro-batch gradient (the paper's setting) under DDP; one global "
+            "eps under FSDP (the only scope sharded weights allow)."
         },
     )
 
@@ -149,14 +152,20 @@ class SAMTrainingArguments(TrainingArguments):
         # Check our own fields first: a typo in a SAM field should not wait behind device set-up.
         self.sam_norm = _normalize_norm(self.sam_norm)
         validate_sam_hparams(self.sam_rho, self.sam_adaptive, self.sam_eta, self.sam_norm, prefix="sam_")
-        if not isinstance(self.sam_sync_perturbation, bool):
+        if self.sam_sync_perturbation is not None and not isinstance(self.sam_sync_perturbation, bool):
             raise ValueError(
-                f"sam_sync_perturbation must be True or False, got {self.sam_sync_perturbation!r}."
+                f"sam_sync_perturbation must be True, False or None, got {self.sam_sync_perturbation!r}."
             )
         self._check_variants()
         if self.sam_rho > 0:
             self._check_sam_compatible()
         super().__post_init__()
+        if self.sam_rho > 0 and self.fsdp:
+            self.check_fsdp_compatible(self.fsdp_plugin_args["fsdp_version"])
+        if self.sam_rho > 0 and self.deepspeed:
+            self.check_deepspeed_compatible(
+                int(self.hf_deepspeed_config.get_value("zero_optimization.stage", 0))
+            )
 
     def _check_variants(self) -> None:
         """Types, ranges and combinations of the variant fields: one clear error, before any work."""
@@ -238,17 +247,52 @@ class SAMTrainingArguments(TrainingArguments):
                 "w + eps and step from w. Use a regular optimizer (e.g. optim='sgd' or 'adamw_torch'), "
                 "or set sam_rho=0."
             )
-        if self.deepspeed:
+
+    def check_fsdp_compatible(self, fsdp_version: int) -> None:
+        """The SAM settings FSDP can honour. Called with `fsdp` set here, and by `SAMTrainer` when Accelerate's
+        FSDP plugin comes from `accelerate launch --config_file accelerate_configs/fsdp.yaml` instead."""
+        if fsdp_version != 2:
             raise ValueError(
-                "SAMTrainer does not support DeepSpeed: ZeRO-2/3 partition the gradients inside the engine's backward "
-                "(so the ascent norm would be a partition's norm, and no_sync does nothing under ZeRO-2/3). Train "
-                "with DDP (plain `accelerate launch --multi_gpu`), use FSDP2 with the hf_sam.SAM wrapper, or set sam_rho=0."
+                f"SAMTrainer supports FSDP2 only, got FSDP version {fsdp_version}: FSDP1's flat parameters have no "
+                "shard-aware norm. Set fsdp_config={'version': 2} (Accelerate: fsdp_version: 2), or train with DDP."
             )
-        if self.fsdp:
+        if self.sam_sync_perturbation is False:
             raise ValueError(
-                "SAMTrainer does not support FSDP yet (its ascent pass needs a synced backward into the sharded gradients "
-                "without disturbing accumulation). Under FSDP2 use the hf_sam.SAM wrapper in your own loop (sharded ε "
-                "with the full-model norm), or train with DDP (plain `accelerate launch --multi_gpu`), or set sam_rho=0."
+                "sam_sync_perturbation=False (one ε per process) is impossible under FSDP: each process holds one "
+                "shard of the weights and every process forwards through the same all-gathered w + ε, so ε comes from "
+                "the gradient reduced over all processes. A per-process ε needs a full copy of the weights on every "
+                "process: train with DDP for it, or drop sam_sync_perturbation (FSDP's default is the global ε)."
+            )
+        if self.sam_group_size is not None:
+            raise ValueError(
+                f"sam_group_size={self.sam_group_size} (one ε per chunk of examples) is impossible under FSDP, where ε "
+                "is one for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size."
+            )
+        if self.sam_mode != "sam":
+            raise ValueError(
+                f"sam_mode={self.sam_mode!r} is not supported under FSDP yet (its stored and combined gradients are "
+                "not sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP."
+            )
+
+    def check_deepspeed_compatible(self, zero_stage: int) -> None:
+        """The SAM settings DeepSpeed can honour. Called with `deepspeed` set here, and by `SAMTrainer` when the
+        DeepSpeed plugin comes from `accelerate launch` instead."""
+        if zero_stage >= 3:
+            raise ValueError(
+                "SAMTrainer does not support DeepSpeed ZeRO-3: it partitions the parameters themselves (the engine "
+                "gathers them inside its forward), so SAM can neither take the ascent gradient outside the engine's "
+                "backward nor perturb the full weights. Use ZeRO stage 1 or 2, or FSDP2 (accelerate_configs/fsdp.yaml)."
+            )
+        if self.sam_group_size is not None:
+            raise ValueError(
+                f"sam_group_size={self.sam_group_size} is not supported under DeepSpeed (each chunk's backward would "
+                "count as a micro-batch of the engine's accumulation). Train with DDP for m-sharpness."
+            )
+        if self.sam_mode != "sam":
+            raise ValueError(
+                f"sam_mode={self.sam_mode!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own "
+                "partitioned buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval "
+                "for a cheaper SAM), or train with DDP."
             )
 
 

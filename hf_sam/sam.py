@@ -182,7 +182,7 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 def project_to_ball_(eps: list[torch.Tensor], rho: float) -> None:
     """ε ← ε · min(1, ρ/‖ε‖₂): the projection onto the ρ-ball for multi-step ascent (paper, appendix C.6)."""
     scale = torch.clamp(rho / (global_norm(eps) + NORM_EPS), max=1.0)
-    torch._foreach_mul_(eps, scale)
+    torch._foreach_mul_(local_tensors(eps), scale)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from hf_sam.sam import (
     compute_perturbation_,
     global_norm,
     gsam_gradient_,
+    local_tensors,
     looksam_orthogonal_component,
     looksam_reuse_gradient_,
     project_to_ball_,
@@ -91,6 +92,10 @@ class SAMTrainer(Trainer):
                 f"{type(self.model).__name__}'s loss ignores num_items_in_batch: averaging micro-batch losses instead."
             )
             self.model_accepts_loss_kwargs = False
+        # FSDP2: parameters and gradients are shards (DTensors); ε comes from the reduced gradient (global).
+        self._sharded = bool(getattr(self.accelerator, "is_fsdp2", False))
+        # DeepSpeed ZeRO-1/2: full weights on every process, the engine steps inside `accelerator.backward`.
+        self._deepspeed = bool(self.is_deepspeed_enabled)
         self._sam_backup = WeightBackup()
         self._sam_telemetry: torch.Tensor | None = None
         self._sam_last_logged_step = 0
@@ -106,17 +111,11 @@ class SAMTrainer(Trainer):
     def _check_sam_compatible(self) -> None:
         distributed_type = self.accelerator.distributed_type
         if distributed_type == DistributedType.DEEPSPEED or self.is_deepspeed_enabled:
-            raise ValueError(
-                "SAMTrainer does not support DeepSpeed yet (ZeRO shards the gradients, so the ascent norm would be "
-                "a shard's norm). Launch with DDP (`accelerate launch --multi_gpu`) or set sam_rho=0."
-            )
+            # Also reached when the DeepSpeed plugin comes from `accelerate launch` rather than `args.deepspeed`.
+            self.args.check_deepspeed_compatible(self.accelerator.state.deepspeed_plugin.zero_stage)
         if distributed_type == DistributedType.FSDP or self.is_fsdp_enabled:
-            raise ValueError(
-                "SAMTrainer does not support FSDP yet (its ascent pass needs a synced backward into the sharded gradients "
-                "without disturbing accumulation). Under FSDP2 use the hf_sam.SAM wrapper in your own loop (sharded ε "
-                "with the full-model norm), "
-                "or launch with DDP (`accelerate launch --multi_gpu`), or set sam_rho=0."
-            )
+            # Also reached when the FSDP plugin comes from `accelerate launch` rather than from `args.fsdp`.
+            self.args.check_fsdp_compatible(self.accelerator.state.fsdp_plugin.fsdp_version)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"SAMTrainer does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): its "
@@ -134,7 +133,9 @@ class SAMTrainer(Trainer):
     def create_optimizer(self, *args, **kwargs):
         """Build the stock optimizer, then wrap it in `SAM` (it shares the base's param_groups and state)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.args.sam_rho > 0 and not isinstance(optimizer, SAM):
+        if self.args.sam_rho > 0 and not self.is_deepspeed_enabled and not isinstance(optimizer, SAM):
+            # (Under DeepSpeed the ZeRO optimizer owns the step and rewrites the groups into flat partitions: the
+            # base optimizer stays unwrapped and the SAM settings come from the arguments.)
             self.optimizer = optimizer = SAM(
                 optimizer,
                 rho=self.args.sam_rho,
@@ -164,6 +165,8 @@ class SAMTrainer(Trainer):
 
         Cached: rebuilt only when the optimizer's groups change (e.g. a user's `add_param_group`).
         """
+        if self._deepspeed:
+            return self._deepspeed_plan(model)
         sam = self._sam_optimizer()
         key = tuple(len(group["params"]) for group in sam.param_groups)
         if self._sam_plan is None or self._sam_plan[0] != key:
@@ -185,6 +188,36 @@ class SAMTrainer(Trainer):
                 )
             self._sam_plan = (key, params, slices, _tracking_batchnorms(model))
         return self._sam_plan[1:]
+
+    def _deepspeed_plan(self, model: torch.nn.Module) -> tuple[list, list[tuple[slice, dict]], list]:
+        """DeepSpeed: the module's own parameters (ZeRO has replaced the optimizer's by flat fp32 partitions,
+        which no forward uses), one group with the SAM settings of the arguments and the current learning rate."""
+        if self._sam_plan is None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            pattern = (
+                re.compile(self.args.sam_param_filter) if self.args.sam_param_filter is not None else None
+            )
+            params = [
+                p
+                for n, p in unwrapped.named_parameters()
+                if p.requires_grad and (pattern is None or pattern.search(n))
+            ]
+            self._sam_plan = (None, params, None, _tracking_batchnorms(model))
+        args, lr_group = self.args, self.optimizer.param_groups[0]
+        group = {
+            "rho": args.sam_rho,
+            "adaptive": args.sam_adaptive,
+            "eta": args.sam_eta,
+            "sam_norm": args.sam_norm,
+            "lr": lr_group["lr"],
+            "initial_lr": lr_group.get("initial_lr", args.learning_rate),
+        }
+        params = self._sam_plan[1]
+        return params, [(slice(0, len(params)), group)], self._sam_plan[3]
+
+    def _note_loss(self, loss: torch.Tensor) -> None:
+        if not self._deepspeed:  # DeepSpeed's engine handles overflow itself (fp16); our wrapper is not there
+            self._sam_optimizer().note_loss(loss)
 
     # ------------------------------------------------------------------ which step is which
     def _step_kind(self) -> str:
@@ -232,7 +265,7 @@ class SAMTrainer(Trainer):
         last_micro_batch = self.accelerator.sync_gradients
         if kind != SAM_STEP:
             loss = super().training_step(model, inputs, num_items_in_batch)
-            self._sam_optimizer().note_loss(loss)
+            self._note_loss(loss)
             if kind == LOOKSAM_REUSE and last_micro_batch:
                 # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
                 params = self._perturbation_plan(model)[0]
@@ -244,6 +277,12 @@ class SAMTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         params, slices, batchnorms = self._perturbation_plan(model)
+        if self._sharded:
+            # The Trainer defers FSDP2's reduce-scatter to the last micro-batch, keeping unsharded local gradients
+            # in between; the ascent's own synced backward would fold those into its gradient. So a SAM step
+            # reduce-scatters every pass: the accumulated gradient then lives in the sharded `.grad` alone
+            # (less memory than the deferred path, one reduce-scatter per pass instead of per step).
+            model.set_requires_gradient_sync(True)
         chunks = self._split_into_groups(inputs, num_items_in_batch)
         clean_total, perturbed_total = 0.0, 0.0
         for index, (chunk, weight) in enumerate(chunks):
@@ -265,7 +304,7 @@ class SAMTrainer(Trainer):
         if self.args.sam_mode in ("gsam", "looksam") and last_micro_batch:
             self._finish_window_(params)
         clean_loss = self._loss_as_reported(clean_total, num_items_in_batch)
-        self._sam_optimizer().note_loss(perturbed_total)  # the loss whose gradient the step applies
+        self._note_loss(perturbed_total)  # the loss whose gradient the step applies
         self._record_sam_micro_batch(clean_loss, perturbed_total, last_micro_batch)
         return clean_loss
 
@@ -304,7 +343,7 @@ class SAMTrainer(Trainer):
                         torch.isfinite(compute_perturbation_(self._groups(params, step, slices, rhos)))
                     ):
                         break  # keep the last finite ε
-                    torch._foreach_add_(grads, step)
+                    torch._foreach_add_(local_tensors(grads), local_tensors(step))
                     project_to_ball_(grads, max(rhos))
                     self._sam_backup.restore_()
                     self._sam_backup.perturb_(params, grads)
@@ -314,8 +353,8 @@ class SAMTrainer(Trainer):
 
             # 3. Descent pass at w + ε: the stock step, with the ascent pass's random numbers (dropout masks).
             _rng_restore(rng_state, args.device)
-            sync = contextlib.nullcontext() if is_last else self.accelerator.no_sync(model)
-            with sync, _running_stats_frozen(batchnorms):
+            sync = contextlib.nullcontext() if is_last or self._sharded else self.accelerator.no_sync(model)
+            with sync, _running_stats_frozen(batchnorms), self._restore_before_engine_step(model):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             # 4. Back to w (exact copy) before the Trainer clips, steps, saves or evaluates.
@@ -326,7 +365,13 @@ class SAMTrainer(Trainer):
 
     def _ascent_gradient(self, model, inputs, num_items_in_batch, params):
         """Forward + backward at the current weights without touching `.grad` or DDP's reducer."""
-        with self.accelerator.no_sync(model):
+        if self._sharded:
+            return self._sharded_ascent_gradient(model, inputs, num_items_in_batch, params)
+        if self._deepspeed:
+            # The engine's forward hooks its output so that any backward runs ZeRO's gradient reduction; the
+            # module itself computes the same loss without them (and touches no engine state).
+            model = self.accelerator.unwrap_model(model)
+        with contextlib.nullcontext() if self._deepspeed else self.accelerator.no_sync(model):
             with self.compute_loss_context_manager():
                 # compute_loss may pop "labels" (label smoothing): give it a shallow copy.
                 loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
@@ -341,6 +386,48 @@ class SAMTrainer(Trainer):
         if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
             _all_reduce_mean_(grads)
         return loss.detach(), grads
+
+    def _sharded_ascent_gradient(self, model, inputs, num_items_in_batch, params):
+        """FSDP2: the ascent gradient as this process's shard of the gradient averaged over processes.
+
+        The forward runs on all-gathered weights (the unsharded copies are not the leaves `autograd.grad` could
+        reach), so this is a real backward: FSDP2 reduce-scatters into each parameter's sharded `.grad`. The
+        gradients accumulated by earlier micro-batches are set aside for it and put back untouched.
+        """
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        accumulated = [p.grad for p in trainable]
+        for p in trainable:
+            p.grad = None
+        try:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+            scaled = loss if self.accelerator.scaler is None else self.accelerator.scaler.scale(loss)
+            scaled.backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        finally:
+            for p, grad in zip(trainable, accumulated, strict=True):
+                p.grad = grad
+        self._count_passes(forwards=1, backwards=1)
+        return loss.detach(), grads
+
+    @contextlib.contextmanager
+    def _restore_before_engine_step(self, model):
+        """DeepSpeed steps inside `accelerator.backward` (`engine.step()` at the accumulation boundary), i.e.
+        inside the descent's `training_step`: w must be restored before that step, not after it."""
+        if not self._deepspeed:
+            yield
+            return
+        engine_step = model.step
+
+        def step_from_w(*args, **kwargs):
+            self._sam_backup.restore_()  # the SAM gradient is complete: back to w, then the engine's step
+            return engine_step(*args, **kwargs)
+
+        model.step = step_from_w
+        try:
+            yield
+        finally:
+            del model.step  # the engine's own method again
 
     @staticmethod
     def _groups(params, grads, slices, rhos) -> list[PerturbationGroup]:
@@ -479,11 +566,9 @@ class _SkippedStepCounter(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        sam = trainer._sam_optimizer()
-        skipped = (
-            trainer.accelerator.optimizer_step_was_skipped or sam.skipped_steps > trainer._sam_skipped_seen
-        )
-        trainer._sam_skipped_seen = sam.skipped_steps
+        guard_skips = 0 if trainer._deepspeed else trainer._sam_optimizer().skipped_steps
+        skipped = trainer.accelerator.optimizer_step_was_skipped or guard_skips > trainer._sam_skipped_seen
+        trainer._sam_skipped_seen = guard_skips
         if skipped:
             trainer._telemetry(args.device)[_SKIPPED_STEPS] += 1
 

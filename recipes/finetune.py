@@ -506,13 +506,30 @@ def command_line(args: Args) -> str:
     return launcher + "recipes/finetune.py " + shlex.join(args.argv)
 
 
+def distributed_engine(training) -> str:
+    """How the run was distributed, from the arguments or from `accelerate launch`'s environment."""
+    if training.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP2"
+    if training.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if getattr(training, "hf_deepspeed_config", None) is not None:
+            stage = training.hf_deepspeed_config.get_value("zero_optimization.stage", stage)
+        return f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed"
+    return "DDP" if training.world_size > 1 else "single process"
+
+
 def write_model_card(args, source, num_train, label_names, metrics, timm_model) -> str:
     t, m = args.training, args.model
     global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
+    engine = distributed_engine(t)
+    global_epsilon = t.sam_sync_perturbation or (engine == "FSDP2" and t.sam_sync_perturbation is None)
+    scope = (
+        f"one ε over the {t.per_device_train_batch_size * t.world_size} examples of each micro-batch of all processes"
+        if global_epsilon and t.world_size > 1
+        else f"per-process ε (m = {t.per_device_train_batch_size})"
+    )
     sam = (
-        f"ρ = {t.sam_rho}, norm = {t.sam_norm}, adaptive = {t.sam_adaptive} (η = {t.sam_eta}), "
-        f"per-process ε (m = {t.per_device_train_batch_size})"
-        + (", synchronised across processes" if t.sam_sync_perturbation else "")
+        f"ρ = {t.sam_rho}, norm = {t.sam_norm}, adaptive = {t.sam_adaptive} (η = {t.sam_eta}), {scope}"
         if t.sam_rho > 0
         else "none (ρ = 0: the paired baseline, plain optimizer)"
     )
@@ -558,7 +575,7 @@ hf-sam (Sharpness-Aware Minimization in the Hugging Face Trainer).
 {t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type} schedule, weight decay {t.weight_decay}, \
 label smoothing {t.label_smoothing_factor}
 - Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x \
-{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}
+{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}
 - BatchNorm statistics frozen: {m.freeze_batchnorm}
 
 Command:

@@ -127,6 +127,15 @@ SAM_CASES = {
         "sam_ascent_steps > 1 projects",
     ),
     "ascent-steps+adaptive": (["--sam_ascent_steps", "2", "--sam_adaptive", "true"], "sam_ascent_steps > 1"),
+    "fsdp+per-process-epsilon": (
+        ["--sam_sync_perturbation", "false", "--fsdp"],
+        "sam_sync_perturbation=False (one ε per process) is impossible under FSDP",
+    ),  # fmt: skip
+    "fsdp+gsam": (["--sam_mode", "gsam", "--fsdp"], "sam_mode='gsam' is not supported under FSDP"),
+    "deepspeed-zero3": (
+        ["--deepspeed", '{"zero_optimization": {"stage": 3}}'],
+        "SAMTrainer does not support DeepSpeed ZeRO-3",
+    ),  # fmt: skip
     "augmentation-unknown": (
         ["--train_augmentation", "mixup"],
         "argument --train_augmentation/--train-augmentation: invalid choice",
@@ -374,7 +383,7 @@ API_ARGS_CASES = {
     "adaptive-string": ({"sam_adaptive": "yes"}, "sam_adaptive must be True or False"),
     "eta-none": ({"sam_eta": None}, "sam_eta must be a finite number"),
     "norm-1": ({"sam_norm": 1}, "sam_norm must be one of '2', 'inf'"),
-    "sync-int": ({"sam_sync_perturbation": 1}, "sam_sync_perturbation must be True or False"),
+    "sync-int": ({"sam_sync_perturbation": 1}, "sam_sync_perturbation must be True, False or None"),
     "mode-none": ({"sam_mode": None}, "sam_mode must be one of"),
     "interval-float": ({"sam_interval": 2.0}, "sam_interval must be an integer >= 1"),
     "interval-bool": ({"sam_interval": True}, "sam_interval must be an integer >= 1"),

@@ -2,6 +2,7 @@
 single-process global-ε reference, and each rank moved only its own shard."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,189 @@ def test_each_rank_holds_a_different_shard(ranks):
     assert shards[0].numel() + shards[1].numel() >= full.numel() and not torch.equal(
         shards[0][:8], shards[1][:8]
     )
+
+
+# ---------------------------------------------------------------------- SAMTrainer under Accelerate's FSDP2 plugin
+TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_trainer.py")
+
+
+@pytest.fixture(scope="module")
+def trainer_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_trainer")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29521",
+        TRAINER_SCRIPT,
+        str(out),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {
+        (run, rank): torch.load(out / f"{run}-rank{rank}.pt", weights_only=False)
+        for run in ("straight", "resumed", "variants")
+        for rank in (0, 1)
+    }
+
+
+def _global(batches: list[dict]) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _norm(tensors) -> torch.Tensor:
+    return torch.sqrt(sum((t**2).sum() for t in tensors))
+
+
+def _perturbed(model, eps: dict):
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in perturbed.named_parameters():
+            if name in eps:
+                p += eps[name]
+    return perturbed
+
+
+@pytest.mark.multiprocess
+def test_fsdp_trainer_matches_the_global_epsilon_reference_with_accumulation(trainer_ranks):
+    """Two steps × two micro-batches per rank: for each micro-batch, ε from the gradient of both ranks' examples
+    (the full-model norm), the descent gradient at w + ε averaged over ranks, the micro-batches averaged, SGD with
+    momentum. Written out by hand on one process, compared with the gathered FSDP weights after each step."""
+    rank0, rank1 = trainer_ranks[("straight", 0)], trainer_ranks[("straight", 1)]
+    assert rank0["world"] == 2 and len(rank0["batches"]) == 4
+    assert not torch.equal(rank0["batches"][0]["features"], rank1["batches"][0]["features"])
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    names = [n for n, _ in model.named_parameters()]
+    for step in range(2):
+        step_grad = [torch.zeros_like(p) for p in model.parameters()]
+        for micro in range(2):
+            index = step * 2 + micro
+            batch = _global([rank0["batches"][index], rank1["batches"][index]])
+            _, g = loss_and_grads(model, batch)
+            norm = _norm(g)
+            for record in (rank0, rank1):  # every rank used the full-model norm, not its shard's
+                assert record["grad_norms"][index] == pytest.approx(float(norm), rel=1e-6)
+            eps = {n: RHO * x / norm for n, x in zip(names, g, strict=True)}
+            _, descent = loss_and_grads(_perturbed(model, eps), batch)
+            step_grad = [s + d / 2 for s, d in zip(step_grad, descent, strict=True)]
+        for p, grad in zip(model.parameters(), step_grad, strict=True):
+            p.grad = grad
+        optimizer.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(rank0["full"][step][name], p.detach(), atol=1e-6, rtol=0)
+            assert torch.equal(rank0["full"][step][name], rank1["full"][step][name])  # ranks agree
+
+
+@pytest.mark.multiprocess
+def test_fsdp_trainer_keeps_the_weights_sharded(trainer_ranks):
+    rank0, rank1 = trainer_ranks[("straight", 0)], trainer_ranks[("straight", 1)]
+    for name, full in rank0["full"][-1].items():
+        shards = [rank0["local"][-1][name], rank1["local"][-1][name]]
+        assert shards[0].shape[0] < full.shape[0]  # each rank holds part of the rows
+        torch.testing.assert_close(torch.cat(shards), full, atol=0, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_trainer_resume_from_a_checkpoint_is_exact(trainer_ranks):
+    straight, resumed = trainer_ranks[("straight", 0)], trainer_ranks[("resumed", 0)]
+    assert resumed["grad_norms"] == straight["grad_norms"][2:]  # the second step's micro-batches, same norms
+    for name, want in straight["full"][-1].items():
+        assert torch.equal(resumed["full"][-1][name], want)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_trainer_multi_step_ascent_on_filtered_parameters(trainer_ranks):
+    """sam_ascent_steps=2 and sam_param_filter='^fc2\\.' under FSDP: ε lives on fc2 only, moved twice and projected
+    onto the ρ-ball; fc1 is trained with the descent gradient alone (the ascent's backward leaves no trace in it)."""
+    rank0, rank1 = trainer_ranks[("variants", 0)], trainer_ranks[("variants", 1)]
+    batch = _global([rank0["batches"][0], rank1["batches"][0]])
+    model = make_model()
+    head = [n for n, _ in model.named_parameters() if n.startswith("fc2.")]
+
+    def head_gradient(eps):
+        _, g = loss_and_grads(_perturbed(model, eps), batch)
+        return {n: x for (n, _), x in zip(model.named_parameters(), g, strict=True) if n in head}
+
+    g = head_gradient({})
+    eps = {n: RHO * g[n] / _norm(g.values()) for n in head}
+    g = head_gradient(eps)
+    eps = {n: eps[n] + RHO * g[n] / _norm(g.values()) for n in head}
+    scale = min(1.0, RHO / float(_norm(eps.values())))
+    eps = {n: e * scale for n, e in eps.items()}
+    assert float(_norm(eps.values())) == pytest.approx(RHO, rel=1e-5)
+    _, descent = loss_and_grads(_perturbed(model, eps), batch)
+    for (name, p), d in zip(model.named_parameters(), descent, strict=True):
+        torch.testing.assert_close(rank0["full"][0][name], p.detach() - LR * d, atol=1e-6, rtol=0)
+        assert torch.equal(rank0["full"][0][name], rank1["full"][0][name])
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """`accelerate launch --config_file accelerate_configs/fsdp.yaml`: the FSDP plugin comes from the launcher."""
+    out = tmp_path_factory.mktemp("fsdp_launched")
+    repo = os.path.dirname(os.path.dirname(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--config_file",
+        os.path.join(repo, "accelerate_configs", "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29523",
+        TRAINER_SCRIPT,
+        str(out),
+        "--launched",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.multiprocess
+def test_fsdp_config_launch_takes_the_same_step(launched, trainer_ranks):
+    for rank in (0, 1):
+        record = torch.load(launched / f"launched-rank{rank}.pt", weights_only=False)
+        straight = trainer_ranks[("straight", rank)]
+        assert record["grad_norms"] == straight["grad_norms"][:2]
+        for name, want in straight["full"][0].items():
+            assert torch.equal(record["full"][0][name], want)
+            assert torch.equal(record["local"][0][name], straight["local"][0][name])
+
+
+@pytest.mark.multiprocess
+def test_fsdp_config_launch_refuses_a_per_process_epsilon(launched):
+    message = (launched / "refused.txt").read_text()
+    assert message.startswith("sam_sync_perturbation=False (one ε per process) is impossible under FSDP")
+    assert "train with DDP" in message
+
+
+# ---------------------------------------------------------------------- the recipe under accelerate_configs/fsdp.yaml
+@pytest.mark.multiprocess
+def test_recipe_under_fsdp_config_equals_ddp_with_one_global_epsilon(tmp_path):
+    """`accelerate launch --config_file accelerate_configs/fsdp.yaml recipes/finetune.py` on a tiny timm
+    EfficientNet (frozen BatchNorm): the saved full weights equal those of the same recipe under DDP with
+    sam_sync_perturbation=True (the same global ε, computed from replicated instead of sharded gradients)."""
+    from finetune_helpers import launch_recipe, tiny_timm_checkpoint
+    from safetensors.torch import load_file
+
+    checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"))
+    launch_recipe("fsdp.yaml", tmp_path / "fsdp", checkpoint, port="29525")
+    launch_recipe("cpu.yaml", tmp_path / "ddp", checkpoint, "--sam_sync_perturbation", "true", port="29527")
+    sharded, replicated = (load_file(tmp_path / run / "model.safetensors") for run in ("fsdp", "ddp"))
+    initial = load_file(os.path.join(checkpoint, "model.safetensors"))
+    assert sharded.keys() == replicated.keys()
+    for name, weight in sharded.items():
+        torch.testing.assert_close(weight, replicated[name], atol=1e-6, rtol=0)
+    assert any(not torch.equal(sharded[n], initial[n]) for n in initial if n in sharded)  # it trained
+    logs = json.loads((tmp_path / "fsdp" / "trainer_state.json").read_text())["log_history"]
+    assert all(entry["sam/sharpness"] != 0 for entry in logs if "loss" in entry)
+    card = (tmp_path / "fsdp" / "README.md").read_text()
+    assert "one ε over the 4 examples of each micro-batch of all processes" in card and "; FSDP2" in card

@@ -66,6 +66,8 @@ def test_accelerate_configs():
     folder = os.path.join(REPO, "accelerate_configs")
     assert sorted(os.listdir(folder)) == [
         "cpu.yaml",
+        "deepspeed_zero2.yaml",
+        "fsdp.yaml",
         "multi_gpu.yaml",
         "multi_node.yaml",
         "single_gpu.yaml",
@@ -79,6 +81,10 @@ def test_accelerate_configs():
         assert "mixed_precision" not in "".join(lines)  # precision lives in the recipes
     cpu = ClusterConfig.from_yaml_file(os.path.join(folder, "cpu.yaml"))
     assert (cpu.distributed_type.value, cpu.num_processes, cpu.use_cpu) == ("MULTI_GPU", 2, False)
+    fsdp = ClusterConfig.from_yaml_file(os.path.join(folder, "fsdp.yaml"))
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.fsdp_config["fsdp_version"] == 2
+    zero2 = ClusterConfig.from_yaml_file(os.path.join(folder, "deepspeed_zero2.yaml"))
+    assert zero2.distributed_type.value == "DEEPSPEED" and zero2.deepspeed_config["zero_stage"] == 2
 
 
 def test_results_table_is_filled_only_from_runs(tmp_path):

@@ -413,8 +413,20 @@ def test_non_finite_ascent_gradient_skips_the_perturbation_and_is_counted(tmp_pa
         ({"optim": "adalomo"}, "adalomo"),
         ({"optim": "galore_adamw_layerwise", "optim_target_modules": ["fc1"]}, "galore_adamw_layerwise"),
         ({"optim": "apollo_adamw_layerwise", "optim_target_modules": ["fc1"]}, "apollo_adamw_layerwise"),
-        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed"),
-        ({"fsdp": "full_shard"}, "FSDP"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "does not support DeepSpeed ZeRO-3"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 2}}, "sam_mode": "gsam"},
+            "not supported under DeepSpeed",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 1}}, "sam_group_size": 2},
+            "not supported under DeepSpeed",
+        ),
+        ({"fsdp": True, "fsdp_config": {"version": 1}}, "FSDP2 only"),
+        ({"fsdp": True, "sam_sync_perturbation": False}, "impossible under FSDP"),
+        ({"fsdp": True, "sam_group_size": 2}, "sam_group_size=2"),
+        ({"fsdp": True, "sam_mode": "gsam"}, "not supported under FSDP"),
+        ({"fsdp": True, "sam_mode": "looksam", "sam_interval": 2}, "not supported under FSDP"),
     ],
 )
 def test_invalid_configurations_raise_a_clear_error(tmp_path, overrides, message):

@@ -1,0 +1,87 @@
+"""Run by tests/test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo on CPU): `SAMTrainer` under DeepSpeed
+ZeRO-1 and ZeRO-2 (DeepSpeed's CPU accelerator; `use_cpu=True` lets Accelerate see both processes), two steps of
+two accumulated micro-batches each.
+
+Each rank saves its micro-batches, the ascent norms, and the full weights after every step. Runs: "zero1",
+"zero2", "zero2-sync" (sam_sync_perturbation=True) and "zero2-resumed" (from zero2's checkpoint-1).
+"""
+
+import os
+import sys
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from toy import make_model, make_rows  # noqa: E402
+
+from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+
+
+class RecordingSAMTrainer(SAMTrainer):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not self._sam_backup.perturbed and torch.is_grad_enabled():  # the ascent pass of each micro-batch
+            self.record["batches"].append({k: v.clone() for k, v in inputs.items()})
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _record_ascent(self, grad_norm, ascent_is_finite, rho):
+        self.record["grad_norms"].append(float(grad_norm))
+        super()._record_ascent(grad_norm, ascent_is_finite, rho)
+
+
+class KeepWeights(TrainerCallback):
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.record["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **overrides) -> None:
+    args = SAMTrainingArguments(
+        output_dir=os.path.join(out_dir, name),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        sam_rho=0.05,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        deepspeed={
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "gradient_clipping": "auto",
+            "zero_optimization": {"stage": stage},
+        },
+        **overrides,
+    )
+    record = {"batches": [], "grad_norms": [], "weights": []}
+    trainer = RecordingSAMTrainer(
+        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[KeepWeights(record)]
+    )
+    trainer.record = record
+    trainer.train(resume_from_checkpoint=resume_from)
+    engine = trainer.model_wrapped
+    record["engine"] = (type(engine).__name__, engine.zero_optimization_stage())
+    record["world"] = trainer.args.world_size
+    torch.save(record, os.path.join(out_dir, f"{name}-rank{trainer.args.process_index}.pt"))
+
+
+def main(out_dir: str) -> None:
+    run(out_dir, "zero1", stage=1)
+    run(out_dir, "zero2", stage=2)
+    run(out_dir, "zero2-sync", stage=2, sam_sync_perturbation=True)
+    run(out_dir, "zero2-resumed", stage=2, resume_from=os.path.join(out_dir, "zero2", "checkpoint-1"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

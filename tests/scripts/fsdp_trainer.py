@@ -1,0 +1,121 @@
+r"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node 2` (gloo on CPU): `SAMTrainer` under Accelerate's
+FSDP2 plugin (`fsdp=True`, `fsdp_config={"version": 2}`), two steps of two accumulated micro-batches each.
+(`fsdp_on_cpu.enable_fsdp_on_cpu` lets Accelerate use FSDP without GPUs.)
+
+Each rank saves its micro-batches, the ascent norms SAMTrainer used, its local shards and the gathered
+weights after every step; the parent test compares them with a single-process reference.
+
+Runs: "straight" (2 steps, a checkpoint after each), "resumed" (from the straight run's checkpoint-1) and
+"variants" (one step of one micro-batch: 2-step projected ascent on the parameters matching `^fc2\.` only).
+"""
+
+import os
+import sys
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.fsdp_on_cpu import enable_fsdp_on_cpu  # noqa: E402
+from toy import make_model, make_rows  # noqa: E402
+
+from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+
+
+class RecordingSAMTrainer(SAMTrainer):
+    """Records this rank's micro-batches (in order) and every ascent norm."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not self._sam_backup.perturbed and torch.is_grad_enabled():  # the ascent pass of each micro-batch
+            self.record["batches"].append({k: v.clone() for k, v in inputs.items()})
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _record_ascent(self, grad_norm, ascent_is_finite, rho):
+        self.record["grad_norms"].append(float(grad_norm))
+        super()._record_ascent(grad_norm, ascent_is_finite, rho)
+
+
+class GatherWeights(TrainerCallback):
+    """After every optimizer step: the full weights (a collective: every rank runs it) and this rank's shards."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.record["full"].append({n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
+        self.record["local"].append({n: p.to_local().detach().clone() for n, p in model.named_parameters()})
+
+
+def run(out_dir: str, name: str, resume_from: str | None = None, **overrides) -> None:
+    settings = {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 2,
+        "fsdp": True,
+        "fsdp_config": {"version": 2},
+        **overrides,
+    }
+    args = SAMTrainingArguments(
+        output_dir=os.path.join(out_dir, name),
+        learning_rate=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        sam_rho=0.05,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=1,
+        save_only_model=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        **settings,
+    )
+    record = {"batches": [], "grad_norms": [], "full": [], "local": []}
+    trainer = RecordingSAMTrainer(
+        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[GatherWeights(record)]
+    )
+    trainer.record = record
+    assert trainer.accelerator.distributed_type == DistributedType.FSDP and trainer.accelerator.is_fsdp2
+    trainer.train(resume_from_checkpoint=resume_from)
+    record["world"] = trainer.args.world_size
+    record["log_history"] = trainer.state.log_history
+    torch.save(record, os.path.join(out_dir, f"{name}-rank{trainer.args.process_index}.pt"))
+
+
+def launched(out_dir: str) -> None:
+    """Under `accelerate launch --config_file accelerate_configs/fsdp.yaml`: the FSDP plugin comes from the
+    launcher's environment, not from `args.fsdp`. One step (as "straight"'s first), and the refusal of a
+    per-process ε, which only the Trainer can notice here."""
+    try:
+        run(out_dir, "refused", fsdp=None, fsdp_config=None, sam_sync_perturbation=False)
+    except ValueError as error:
+        message = str(error)
+    else:
+        raise AssertionError("sam_sync_perturbation=False was accepted under FSDP")
+    run(out_dir, "launched", fsdp=None, fsdp_config=None, max_steps=1)
+    if PartialState().is_main_process:
+        with open(os.path.join(out_dir, "refused.txt"), "w") as f:
+            f.write(message)
+
+
+def main(out_dir: str) -> None:
+    run(out_dir, "straight")
+    run(out_dir, "resumed", resume_from=os.path.join(out_dir, "straight", "checkpoint-1"))
+    run(
+        out_dir,
+        "variants",
+        max_steps=1,
+        gradient_accumulation_steps=1,
+        per_device_train_batch_size=4,
+        sam_ascent_steps=2,
+        sam_param_filter=r"^fc2\.",
+    )
+
+
+if __name__ == "__main__":
+    enable_fsdp_on_cpu()
+    launched(sys.argv[1]) if "--launched" in sys.argv else main(sys.argv[1])
