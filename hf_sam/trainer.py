@@ -564,6 +564,17 @@ class _SkippedStepCounter(TrainerCallback):
     def __init__(self, trainer: SAMTrainer):
         self.trainer = trainer
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        """Report a step skipped by the fp32/bf16 guard the way a GradScaler reports an fp16 overflow (through
+        Accelerate's `step_was_skipped`), so that the Trainer does not advance the learning-rate schedule either."""
+        trainer = self.trainer
+        if trainer._deepspeed or trainer.accelerator.scaler is not None:
+            return  # the engine / the GradScaler report their own skips
+        skipped = trainer._sam_optimizer().skipped_steps > trainer._sam_skipped_seen
+        for optimizer in trainer.accelerator._optimizers:
+            if hasattr(optimizer, "_is_overflow"):
+                optimizer._is_overflow = skipped
+
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         guard_skips = 0 if trainer._deepspeed else trainer._sam_optimizer().skipped_steps

@@ -19,7 +19,7 @@ pytest.importorskip("deepspeed")  # installed by `pip install -e '.[dev]'`, so m
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "deepspeed_trainer.py")
 LR, RHO = 0.1, 0.05
-RUNS = ("zero1", "zero2", "zero2-sync", "zero2-resumed")
+RUNS = ("zero1", "zero2", "zero2-sync", "zero2-resumed", "zero2-variants")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,39 @@ def test_deepspeed_resume_from_a_checkpoint_is_exact(runs):
         assert resumed["grad_norms"] == straight["grad_norms"][2:]
         for name, want in straight["weights"][-1].items():
             assert torch.equal(resumed["weights"][-1][name], want)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_rho_schedule_and_parameter_filter(runs):
+    """Cosine LR over 2 steps (LR, then LR/2), ρ_t = ρ_min + (ρ − ρ_min)·lr_t/LR, ε on fc2 only, per process; the
+    rates reach the module through ZeRO's optimizer groups."""
+    ranks = [runs[("zero2-variants", 0)], runs[("zero2-variants", 1)]]
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    head = [n.startswith("fc2.") for n, _ in model.named_parameters()]
+    for step, lr in enumerate((LR, LR / 2)):
+        rho = 0.02 + (RHO - 0.02) * lr / LR
+        step_grad = [torch.zeros_like(p) for p in model.parameters()]
+        for record in ranks:
+            batch = record["batches"][step]
+            g = loss_and_grads(model, batch)[1]
+            norm = torch.sqrt(sum((x**2).sum() for x, h in zip(g, head, strict=True) if h))
+            assert record["grad_norms"][step] == pytest.approx(float(norm), rel=1e-6)
+            perturbed = copy.deepcopy(model)
+            with torch.no_grad():
+                for p, x, h in zip(perturbed.parameters(), g, head, strict=True):
+                    if h:
+                        p += rho * x / norm
+            descent = loss_and_grads(perturbed, batch)[1]
+            step_grad = [s + d / 2 for s, d in zip(step_grad, descent, strict=True)]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for p, grad in zip(model.parameters(), step_grad, strict=True):
+            p.grad = grad
+        optimizer.step()
+        for name, p in model.named_parameters():
+            for record in ranks:
+                torch.testing.assert_close(record["weights"][step][name], p.detach(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.multiprocess

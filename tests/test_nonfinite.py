@@ -58,6 +58,27 @@ def test_a_nan_descent_pass_skips_that_step_and_is_counted(tmp_path):
     assert log["sam/skipped_steps"] == 1
 
 
+def test_a_skipped_step_does_not_advance_the_learning_rate_schedule(tmp_path):
+    """Linear decay over 3 steps, step 1 skipped: step 2 uses the rate step 1 would have used (LR·2/3), as the
+    stock Trainer does for an fp16 overflow; the scheduler has advanced once."""
+    rows = make_rows(12)
+    model = PoisonedNet(bad_calls={3})
+    reference = copy.deepcopy(model)
+    for batch, lr in ((batches(rows)[0], LR), (batches(rows)[2], LR * 2 / 3)):
+        g_sam, _ = reference_sam_gradient(reference, batch, RHO)
+        with torch.no_grad():
+            for p, g in zip(reference.parameters(), g_sam, strict=True):
+                p -= lr * g
+    args = make_args(
+        tmp_path, sam_rho=RHO, per_device_train_batch_size=4, max_steps=3, lr_scheduler_type="linear"
+    )
+    trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=0)
+    assert trainer.lr_scheduler.last_epoch == 2  # advanced after steps 0 and 2 only
+
+
 def test_consecutive_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint(tmp_path):
     rows = make_rows(16)
     model = PoisonedNet(bad_calls={3, 5})  # steps 1 and 2 are non-finite

@@ -1,9 +1,10 @@
-"""Run by tests/test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo on CPU): `SAMTrainer` under DeepSpeed
+r"""Run by tests/test_deepspeed.py under `torchrun --nproc_per_node 2` (gloo on CPU): `SAMTrainer` under DeepSpeed
 ZeRO-1 and ZeRO-2 (DeepSpeed's CPU accelerator; `use_cpu=True` lets Accelerate see both processes), two steps of
 two accumulated micro-batches each.
 
 Each rank saves its micro-batches, the ascent norms, and the full weights after every step. Runs: "zero1",
-"zero2", "zero2-sync" (sam_sync_perturbation=True) and "zero2-resumed" (from zero2's checkpoint-1).
+"zero2", "zero2-sync" (sam_sync_perturbation=True), "zero2-resumed" (from zero2's checkpoint-1) and "zero2-variants" (one
+micro-batch per step, cosine LR, ρ following it, only `^fc2\.` perturbed).
 """
 
 import os
@@ -38,21 +39,24 @@ class KeepWeights(TrainerCallback):
 
 
 def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **overrides) -> None:
+    settings = {
+        "gradient_accumulation_steps": 2,
+        "lr_scheduler_type": "constant",
+        "save_strategy": "steps",
+        "save_steps": 1,
+        **overrides,
+    }
     args = SAMTrainingArguments(
         output_dir=os.path.join(out_dir, name),
         per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
         max_steps=2,
         learning_rate=0.1,
         optim="sgd",
         optim_args="momentum=0.9",
-        lr_scheduler_type="constant",
         max_grad_norm=0.0,
         train_sampling_strategy="sequential",
         sam_rho=0.05,
         report_to=[],
-        save_strategy="steps",
-        save_steps=1,
         use_cpu=True,
         disable_tqdm=True,
         deepspeed={
@@ -62,7 +66,7 @@ def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **o
             "gradient_clipping": "auto",
             "zero_optimization": {"stage": stage},
         },
-        **overrides,
+        **settings,
     )
     record = {"batches": [], "grad_norms": [], "weights": []}
     trainer = RecordingSAMTrainer(
@@ -81,6 +85,17 @@ def main(out_dir: str) -> None:
     run(out_dir, "zero2", stage=2)
     run(out_dir, "zero2-sync", stage=2, sam_sync_perturbation=True)
     run(out_dir, "zero2-resumed", stage=2, resume_from=os.path.join(out_dir, "zero2", "checkpoint-1"))
+    run(
+        out_dir,
+        "zero2-variants",
+        stage=2,
+        gradient_accumulation_steps=1,
+        lr_scheduler_type="cosine",
+        sam_rho_schedule="linear_with_lr",
+        sam_rho_min=0.02,
+        sam_param_filter=r"^fc2\.",
+        save_strategy="no",
+    )
 
 
 if __name__ == "__main__":
