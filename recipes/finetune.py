@@ -626,3 +626,6 @@ def _upload(folder: str, repo_id: str) -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # a multi-process launch: leave together, then tear the group down
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -96,26 +95,3 @@ def fixture_for_spec(spec: DatasetSpec, folder: str, per_split: int = 4) -> str:
         splits[split] = Dataset.from_dict(rows, features=features)
     DatasetDict(splits).save_to_disk(folder)
     return folder
-
-
-# Two processes on CPU, 2 steps of 2 examples each, the digits demo data: enough to compare engines' weights.
-LAUNCH_RECIPE_ARGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-                      "--use_cpu", "true", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-                      "--learning_rate", "0.01", "--optim", "sgd", "--logging_steps", "1", "--dataset", "digits",
-                      "--sam_rho", "0.05", "--max_test_samples", "8"]  # fmt: skip
-
-
-def launch_recipe(config: str, out, checkpoint: str, *extra: str, port: str) -> str:
-    """`accelerate launch --config_file accelerate_configs/<config> --num_processes 2 recipes/finetune.py ...`;
-    returns stdout + stderr. Under fsdp.yaml the recipe runs through tests/scripts/fsdp_on_cpu.py, which lets
-    Accelerate use its FSDP plugin without GPUs."""
-    launcher = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-                os.path.join(REPO, "accelerate_configs", config), "--num_processes", "2", "--main_process_port", port]  # fmt: skip
-    if config == "fsdp.yaml":
-        launcher.append(os.path.join(REPO, "tests", "scripts", "fsdp_on_cpu.py"))
-    command = [*launcher, "recipes/finetune.py", *LAUNCH_RECIPE_ARGS, "--model_name_or_path", checkpoint,
-               "--output_dir", str(out), *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr

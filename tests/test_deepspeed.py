@@ -7,17 +7,14 @@ descent through the engine. Every number is compared with a single-process refer
 """
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from toy import loss_and_grads, make_model
+from two_processes import launch_recipe, torchrun
 
 pytest.importorskip("deepspeed")  # installed by `pip install -e '.[dev]'`, so make test always runs these
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "deepspeed_trainer.py")
 LR, RHO = 0.1, 0.05
 RUNS = ("zero1", "zero2", "zero2-sync", "zero2-resumed", "zero2-variants")
 
@@ -25,20 +22,7 @@ RUNS = ("zero1", "zero2", "zero2-sync", "zero2-resumed", "zero2-variants")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29529",
-        SCRIPT,
-        str(out),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("deepspeed_trainer.py", str(out), port=29529)
     return {
         (run, rank): torch.load(out / f"{run}-rank{rank}.pt", weights_only=False)
         for run in RUNS
@@ -91,8 +75,8 @@ def test_deepspeed_matches_the_hand_reference(runs, run, stage, sync):
         )  # the full-model norm, not a partition's
         for step, expected in enumerate(weights):
             for name, want in expected.items():
-                torch.testing.assert_close(record["weights"][step][name], want, atol=1e-6, rtol=0)
-                assert torch.equal(record["weights"][step][name], ranks[0]["weights"][step][name])
+                torch.testing.assert_close(record["full"][step][name], want, atol=1e-6, rtol=0)
+                assert torch.equal(record["full"][step][name], ranks[0]["full"][step][name])
     if not sync:
         assert ranks[0]["grad_norms"] != ranks[1]["grad_norms"]  # ε per process: each rank its own norm
 
@@ -102,8 +86,8 @@ def test_deepspeed_resume_from_a_checkpoint_is_exact(runs):
     for rank in (0, 1):
         straight, resumed = runs[("zero2", rank)], runs[("zero2-resumed", rank)]
         assert resumed["grad_norms"] == straight["grad_norms"][2:]
-        for name, want in straight["weights"][-1].items():
-            assert torch.equal(resumed["weights"][-1][name], want)
+        for name, want in straight["full"][-1].items():
+            assert torch.equal(resumed["full"][-1][name], want)
 
 
 @pytest.mark.multiprocess
@@ -136,20 +120,20 @@ def test_deepspeed_rho_schedule_and_parameter_filter(runs):
         optimizer.step()
         for name, p in model.named_parameters():
             for record in ranks:
-                torch.testing.assert_close(record["weights"][step][name], p.detach(), atol=1e-6, rtol=0)
+                torch.testing.assert_close(record["full"][step][name], p.detach(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.multiprocess
 def test_recipe_under_deepspeed_config_equals_ddp(tmp_path):
     """`accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/finetune.py` on a tiny
     timm EfficientNet: ZeRO-2 keeps DDP's per-process ε, so the saved weights equal the DDP recipe's."""
-    from finetune_helpers import launch_recipe, tiny_timm_checkpoint
+    from finetune_helpers import tiny_timm_checkpoint
     from safetensors.torch import load_file
 
     checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"))
-    output = launch_recipe("deepspeed_zero2.yaml", tmp_path / "zero2", checkpoint, port="29531")
+    output = launch_recipe("deepspeed_zero2.yaml", tmp_path / "zero2", checkpoint, port=29531)
     assert "You are using ZeRO" in output  # DeepSpeed's engine ran (Accelerate did not fall back to DDP)
-    launch_recipe("cpu.yaml", tmp_path / "ddp", checkpoint, port="29533")
+    launch_recipe("cpu.yaml", tmp_path / "ddp", checkpoint, port=29533)
     zero2, ddp = (load_file(tmp_path / run / "model.safetensors") for run in ("zero2", "ddp"))
     assert zero2.keys() == ddp.keys()
     for name, weight in zero2.items():

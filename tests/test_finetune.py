@@ -21,6 +21,7 @@ from finetune_helpers import (
 )
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
+from two_processes import launch_recipe
 
 import hf_sam.data
 from hf_sam.data import SPECS
@@ -333,13 +334,7 @@ def test_gpu_recipe_validates_on_cpu_but_does_not_run(tmp_path):
 @pytest.mark.multiprocess
 def test_two_process_launch_with_cpu_config(tmp_path, timm_ckpt):
     out = tmp_path / "ddp"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-           "accelerate_configs/cpu.yaml", "recipes/finetune.py", *FAST, "--dataset", "digits",
-           "--model_name_or_path", timm_ckpt, "--output_dir", str(out), "--sam_rho", "0.05",
-           "--max_test_samples", "8"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_recipe("cpu.yaml", out, timm_ckpt, port=29535)
     card = (out / "README.md").read_text()
     assert "2 per device x 2 processes" in card and "accelerate launch --num_processes 2" in card
     state = json.loads((out / "trainer_state.json").read_text())

@@ -4,34 +4,19 @@ single-process global-ε reference, and each rank moved only its own shard."""
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from toy import loss_and_grads, make_model
+from two_processes import SCRIPTS, accelerate_launch, launch_recipe, torchrun
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_sam.py")
 LR, RHO = 0.1, 0.05
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29519",
-        SCRIPT,
-        str(out),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("fsdp_sam.py", str(out), port=29519)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
@@ -77,26 +62,12 @@ def test_each_rank_holds_a_different_shard(ranks):
 
 
 # ---------------------------------------------------------------------- SAMTrainer under Accelerate's FSDP2 plugin
-TRAINER_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp_trainer.py")
 
 
 @pytest.fixture(scope="module")
 def trainer_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_trainer")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29521",
-        TRAINER_SCRIPT,
-        str(out),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("fsdp_trainer.py", str(out), port=29521)
     return {
         (run, rank): torch.load(out / f"{run}-rank{rank}.pt", weights_only=False)
         for run in ("straight", "resumed", "variants")
@@ -200,23 +171,9 @@ def test_fsdp_trainer_multi_step_ascent_on_filtered_parameters(trainer_ranks):
 def launched(tmp_path_factory):
     """`accelerate launch --config_file accelerate_configs/fsdp.yaml`: the FSDP plugin comes from the launcher."""
     out = tmp_path_factory.mktemp("fsdp_launched")
-    repo = os.path.dirname(os.path.dirname(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--config_file",
-        os.path.join(repo, "accelerate_configs", "fsdp.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29523",
-        TRAINER_SCRIPT,
-        str(out),
-        "--launched",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accelerate_launch(
+        "fsdp.yaml", os.path.join(SCRIPTS, "fsdp_trainer.py"), str(out), "--launched", port=29523
+    )
     return out
 
 
@@ -244,12 +201,12 @@ def test_recipe_under_fsdp_config_equals_ddp_with_one_global_epsilon(tmp_path):
     """`accelerate launch --config_file accelerate_configs/fsdp.yaml recipes/finetune.py` on a tiny timm
     EfficientNet (frozen BatchNorm): the saved full weights equal those of the same recipe under DDP with
     sam_sync_perturbation=True (the same global ε, computed from replicated instead of sharded gradients)."""
-    from finetune_helpers import launch_recipe, tiny_timm_checkpoint
+    from finetune_helpers import tiny_timm_checkpoint
     from safetensors.torch import load_file
 
     checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"))
-    launch_recipe("fsdp.yaml", tmp_path / "fsdp", checkpoint, port="29525")
-    launch_recipe("cpu.yaml", tmp_path / "ddp", checkpoint, "--sam_sync_perturbation", "true", port="29527")
+    launch_recipe("fsdp.yaml", tmp_path / "fsdp", checkpoint, port=29525)
+    launch_recipe("cpu.yaml", tmp_path / "ddp", checkpoint, "--sam_sync_perturbation", "true", port=29527)
     sharded, replicated = (load_file(tmp_path / run / "model.safetensors") for run in ("fsdp", "ddp"))
     initial = load_file(os.path.join(checkpoint, "model.safetensors"))
     assert sharded.keys() == replicated.keys()

@@ -1,34 +1,17 @@
 """Two gloo processes on CPU (torchrun): ε per rank, identical parameters, the mean of per-rank SAM gradients."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from toy import loss_and_grads, make_model, reference_sam_gradient, stack
+from two_processes import torchrun
 
 LR, RHO = 0.1, 0.05
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "ddp_sam.py")
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        SCRIPT,
-        str(out),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("ddp_sam.py", str(out), port=29517)
     return {
         (sync, rank): torch.load(out / f"sync{sync}-rank{rank}.pt", weights_only=False)
         for sync in (0, 1)

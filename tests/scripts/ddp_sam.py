@@ -68,3 +68,5 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    torch.distributed.barrier()  # leave together, then tear the group down (a clean exit on every rank)
+    torch.distributed.destroy_process_group()

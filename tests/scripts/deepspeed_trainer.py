@@ -11,31 +11,12 @@ import os
 import sys
 
 import torch
-from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.recording import RecordingSAMTrainer, RecordWeights, new_record  # noqa: E402
 from toy import make_model, make_rows  # noqa: E402
 
-from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
-
-
-class RecordingSAMTrainer(SAMTrainer):
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        if not self._sam_backup.perturbed and torch.is_grad_enabled():  # the ascent pass of each micro-batch
-            self.record["batches"].append({k: v.clone() for k, v in inputs.items()})
-        return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def _record_ascent(self, grad_norm, ascent_is_finite, rho):
-        self.record["grad_norms"].append(float(grad_norm))
-        super()._record_ascent(grad_norm, ascent_is_finite, rho)
-
-
-class KeepWeights(TrainerCallback):
-    def __init__(self, record: dict):
-        self.record = record
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.record["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
+from hf_sam import SAMTrainingArguments  # noqa: E402
 
 
 def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **overrides) -> None:
@@ -68,9 +49,9 @@ def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **o
         },
         **settings,
     )
-    record = {"batches": [], "grad_norms": [], "weights": []}
+    record = new_record()
     trainer = RecordingSAMTrainer(
-        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[KeepWeights(record)]
+        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[RecordWeights(record)]
     )
     trainer.record = record
     trainer.train(resume_from_checkpoint=resume_from)
@@ -100,3 +81,7 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Leave together, then tear the group down: without it an exiting rank now and then aborted in a C++
+    # destructor ("terminate called without an active exception") while the other still talked to it.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -15,37 +15,13 @@ import sys
 import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
-from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.fsdp_on_cpu import enable_fsdp_on_cpu  # noqa: E402
+from scripts.recording import RecordingSAMTrainer, RecordWeights, new_record  # noqa: E402
 from toy import make_model, make_rows  # noqa: E402
 
-from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
-
-
-class RecordingSAMTrainer(SAMTrainer):
-    """Records this rank's micro-batches (in order) and every ascent norm."""
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        if not self._sam_backup.perturbed and torch.is_grad_enabled():  # the ascent pass of each micro-batch
-            self.record["batches"].append({k: v.clone() for k, v in inputs.items()})
-        return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def _record_ascent(self, grad_norm, ascent_is_finite, rho):
-        self.record["grad_norms"].append(float(grad_norm))
-        super()._record_ascent(grad_norm, ascent_is_finite, rho)
-
-
-class GatherWeights(TrainerCallback):
-    """After every optimizer step: the full weights (a collective: every rank runs it) and this rank's shards."""
-
-    def __init__(self, record: dict):
-        self.record = record
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.record["full"].append({n: p.full_tensor().detach().clone() for n, p in model.named_parameters()})
-        self.record["local"].append({n: p.to_local().detach().clone() for n, p in model.named_parameters()})
+from hf_sam import SAMTrainingArguments  # noqa: E402
 
 
 def run(out_dir: str, name: str, resume_from: str | None = None, **overrides) -> None:
@@ -74,9 +50,9 @@ def run(out_dir: str, name: str, resume_from: str | None = None, **overrides) ->
         disable_tqdm=True,
         **settings,
     )
-    record = {"batches": [], "grad_norms": [], "full": [], "local": []}
+    record = new_record()
     trainer = RecordingSAMTrainer(
-        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[GatherWeights(record)]
+        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[RecordWeights(record)]
     )
     trainer.record = record
     assert trainer.accelerator.distributed_type == DistributedType.FSDP and trainer.accelerator.is_fsdp2
@@ -119,3 +95,5 @@ def main(out_dir: str) -> None:
 if __name__ == "__main__":
     enable_fsdp_on_cpu()
     launched(sys.argv[1]) if "--launched" in sys.argv else main(sys.argv[1])
+    torch.distributed.barrier()  # leave together, then tear the group down (a clean exit on every rank)
+    torch.distributed.destroy_process_group()
