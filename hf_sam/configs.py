@@ -35,8 +35,8 @@ class SAMTrainingArguments(TrainingArguments):
     sam_sync_perturbation (`bool`, *optional*):
         `False`: each process computes ε from its own micro-batch gradient (m = per-device batch, the paper's
         multi-accelerator setting). `True`: the ascent gradients are averaged over processes first, one global ε.
-        `None` (default): the engine's natural scope — per process under DDP, global under FSDP, where every
-        process forwards through the same sharded weights (`False` is refused there).
+        `None` (default): the engine's natural scope — per process under DDP and DeepSpeed ZeRO-1/2, global under
+        FSDP, where every process forwards through the same sharded weights (`False` is refused there).
 
     > ASAM (Kwon et al. 2021)
 

@@ -62,6 +62,11 @@ class SAMTrainer(Trainer):
        `num_items_in_batch`, DDP synchronisation and mixed precision stay the Trainer's;
     4. w restored by copy before returning; the Trainer then clips, steps and schedules as usual.
 
+    Under FSDP2 the ascent is a real backward into the sharded gradients (set aside and put back around it), so
+    ε is one for all processes and ‖g‖ the full-model norm; under DeepSpeed ZeRO-1/2 the ascent runs on the
+    unwrapped module (the engine's hooks stay out of it) and w is restored just before the engine's step, which
+    DeepSpeed takes inside `accelerator.backward`. See the README's "Beyond DDP".
+
     The variants of `SAMTrainingArguments` (interval, late-phase window, LookSAM, GSAM, m-sharpness groups,
     multi-step ascent, ρ schedule, parameter filter) change which steps run SAM and how the final gradient is
     formed; the math lives in `hf_sam.sam`.

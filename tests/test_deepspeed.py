@@ -79,6 +79,8 @@ def test_deepspeed_matches_the_hand_reference(runs, run, stage, sync):
                 assert torch.equal(record["full"][step][name], ranks[0]["full"][step][name])
     if not sync:
         assert ranks[0]["grad_norms"] != ranks[1]["grad_norms"]  # ε per process: each rank its own norm
+    for record in ranks:  # SAM's copy of w: the full trainable weights (ZeRO-1/2 keep them on every process)
+        assert record["backup_numel"] == sum(t.numel() for t in record["full"][-1].values())
 
 
 @pytest.mark.multiprocess

@@ -131,6 +131,9 @@ def test_fsdp_trainer_keeps_the_weights_sharded(trainer_ranks):
         shards = [rank0["local"][-1][name], rank1["local"][-1][name]]
         assert shards[0].shape[0] < full.shape[0]  # each rank holds part of the rows
         torch.testing.assert_close(torch.cat(shards), full, atol=0, rtol=0)
+    for record in (rank0, rank1):  # SAM's copy of w is this rank's shard, not the model
+        assert record["backup_numel"] == sum(t.numel() for t in record["local"][-1].values())
+    assert sum(r["backup_numel"] for r in (rank0, rank1)) == sum(t.numel() for t in rank0["full"][-1].values())
 
 
 @pytest.mark.multiprocess

@@ -58,6 +58,7 @@ def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **o
     engine = trainer.model_wrapped
     record["engine"] = (type(engine).__name__, engine.zero_optimization_stage())
     record["world"] = trainer.args.world_size
+    record["backup_numel"] = sum(b.numel() for b in trainer._sam_backup._backup)  # SAM's extra copy of w
     torch.save(record, os.path.join(out_dir, f"{name}-rank{trainer.args.process_index}.pt"))
 
 

@@ -58,6 +58,7 @@ def run(out_dir: str, name: str, resume_from: str | None = None, **overrides) ->
     assert trainer.accelerator.distributed_type == DistributedType.FSDP and trainer.accelerator.is_fsdp2
     trainer.train(resume_from_checkpoint=resume_from)
     record["world"] = trainer.args.world_size
+    record["backup_numel"] = sum(b.numel() for b in trainer._sam_backup._backup)  # SAM's extra copy of w
     record["log_history"] = trainer.state.log_history
     torch.save(record, os.path.join(out_dir, f"{name}-rank{trainer.args.process_index}.pt"))
 
