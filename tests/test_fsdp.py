@@ -70,7 +70,7 @@ def trainer_ranks(tmp_path_factory):
     torchrun("fsdp_trainer.py", str(out), port=29521)
     return {
         (run, rank): torch.load(out / f"{run}-rank{rank}.pt", weights_only=False)
-        for run in ("straight", "resumed", "variants")
+        for run in ("straight", "resumed", "interval", "variants")
         for rank in (0, 1)
     }
 
@@ -125,6 +125,37 @@ def test_fsdp_trainer_matches_the_global_epsilon_reference_with_accumulation(tra
 
 
 @pytest.mark.multiprocess
+def test_fsdp_trainer_interval_alternates_sam_and_plain_steps(trainer_ranks):
+    """sam_interval=2: step 0 is the SAM step of the reference above; step 1 a plain step, whose micro-batches
+    FSDP accumulates unsharded and reduce-scatters once (the stock path), must not disturb anything."""
+    rank0, rank1 = trainer_ranks[("interval", 0)], trainer_ranks[("interval", 1)]
+    straight = trainer_ranks[("straight", 0)]
+    assert len(rank0["grad_norms"]) == 2  # ascents on step 0's two micro-batches only
+    for name, want in straight["full"][0].items():
+        assert torch.equal(rank0["full"][0][name], want)
+    model = make_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(rank0["full"][0][name])
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    # Momentum after step 0: its buffer is step 0's gradient = (w_0 - w_1) / LR.
+    first = {n: (p.detach() - rank0["full"][0][n]) / LR for n, p in make_model().named_parameters()}
+    for p, (name, _) in zip(model.parameters(), model.named_parameters(), strict=True):
+        optimizer.state[p]["momentum_buffer"] = first[name].clone()
+    step_grad = [torch.zeros_like(p) for p in model.parameters()]
+    for micro in (2, 3):  # step 1's micro-batches (the sampler order is the same in every run)
+        batch = _global([straight["batches"][micro], trainer_ranks[("straight", 1)]["batches"][micro]])
+        _, g = loss_and_grads(model, batch)
+        step_grad = [s + x / 2 for s, x in zip(step_grad, g, strict=True)]
+    for p, grad in zip(model.parameters(), step_grad, strict=True):
+        p.grad = grad
+    optimizer.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(rank0["full"][1][name], p.detach(), atol=1e-6, rtol=0)
+        assert torch.equal(rank0["full"][1][name], rank1["full"][1][name])
+
+
+@pytest.mark.multiprocess
 def test_fsdp_trainer_keeps_the_weights_sharded(trainer_ranks):
     rank0, rank1 = trainer_ranks[("straight", 0)], trainer_ranks[("straight", 1)]
     for name, full in rank0["full"][-1].items():
@@ -133,7 +164,9 @@ def test_fsdp_trainer_keeps_the_weights_sharded(trainer_ranks):
         torch.testing.assert_close(torch.cat(shards), full, atol=0, rtol=0)
     for record in (rank0, rank1):  # SAM's copy of w is this rank's shard, not the model
         assert record["backup_numel"] == sum(t.numel() for t in record["local"][-1].values())
-    assert sum(r["backup_numel"] for r in (rank0, rank1)) == sum(t.numel() for t in rank0["full"][-1].values())
+    assert sum(r["backup_numel"] for r in (rank0, rank1)) == sum(
+        t.numel() for t in rank0["full"][-1].values()
+    )
 
 
 @pytest.mark.multiprocess

@@ -6,7 +6,8 @@ Each rank saves its micro-batches, the ascent norms SAMTrainer used, its local s
 weights after every step; the parent test compares them with a single-process reference.
 
 Runs: "straight" (2 steps, a checkpoint after each), "resumed" (from the straight run's checkpoint-1) and
-"variants" (one step of one micro-batch: 2-step projected ascent on the parameters matching `^fc2\.` only).
+"interval" (sam_interval=2: a SAM step, then a plain one with FSDP's deferred reduce-scatter) and "variants" (one
+step of one micro-batch: 2-step projected ascent on the parameters matching `^fc2\.` only).
 """
 
 import os
@@ -82,6 +83,7 @@ def launched(out_dir: str) -> None:
 def main(out_dir: str) -> None:
     run(out_dir, "straight")
     run(out_dir, "resumed", resume_from=os.path.join(out_dir, "straight", "checkpoint-1"))
+    run(out_dir, "interval", sam_interval=2)
     run(
         out_dir,
         "variants",
