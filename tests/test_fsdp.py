@@ -70,7 +70,7 @@ def trainer_ranks(tmp_path_factory):
     torchrun("fsdp_trainer.py", str(out), port=29521)
     return {
         (run, rank): torch.load(out / f"{run}-rank{rank}.pt", weights_only=False)
-        for run in ("straight", "resumed", "interval", "variants")
+        for run in ("straight", "resumed", "interval", "bf16", "variants")
         for rank in (0, 1)
     }
 
@@ -153,6 +153,35 @@ def test_fsdp_trainer_interval_alternates_sam_and_plain_steps(trainer_ranks):
     for name, p in model.named_parameters():
         torch.testing.assert_close(rank0["full"][1][name], p.detach(), atol=1e-6, rtol=0)
         assert torch.equal(rank0["full"][1][name], rank1["full"][1][name])
+
+
+@pytest.mark.multiprocess
+def test_fsdp_trainer_bf16_mixed_precision_stays_within_bf16_error_of_fp32(trainer_ranks):
+    """bf16=True under FSDP2 (Accelerate's MixedPrecisionPolicy: bf16 all-gather, compute and reduce-scatter, fp32
+    shards): same batches as the fp32 run, its ascent norms within bf16 rounding, and its weights much closer to
+    the fp32 SAM run than SAM is to plain SGD, so the perturbation survives the low precision."""
+    bf16, fp32 = trainer_ranks[("bf16", 0)], trainer_ranks[("straight", 0)]
+    assert "bfloat16" in bf16["mixed_precision"]
+    assert bf16["grad_norms"] == pytest.approx(fp32["grad_norms"], rel=2e-2)
+    model = make_model()  # plain SGD with momentum on the same micro-batches, no ε
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    for step in range(2):
+        step_grad = [torch.zeros_like(p) for p in model.parameters()]
+        for micro in range(2):
+            batches = [trainer_ranks[("straight", r)]["batches"][step * 2 + micro] for r in (0, 1)]
+            step_grad = [
+                s + g / 2 for s, g in zip(step_grad, loss_and_grads(model, _global(batches))[1], strict=True)
+            ]
+        for p, grad in zip(model.parameters(), step_grad, strict=True):
+            p.grad = grad
+        optimizer.step()
+    final = dict(model.named_parameters())
+    sam_effect = max(float((fp32["full"][-1][n] - final[n].detach()).abs().max()) for n in final)
+    bf16_error = max(float((bf16["full"][-1][n] - fp32["full"][-1][n]).abs().max()) for n in final)
+    assert all(torch.isfinite(t).all() for t in bf16["full"][-1].values())
+    assert bf16_error < 0.25 * sam_effect, (bf16_error, sam_effect)
+    for name, weight in bf16["full"][-1].items():
+        assert torch.equal(weight, trainer_ranks[("bf16", 1)]["full"][-1][name])
 
 
 @pytest.mark.multiprocess

@@ -6,7 +6,8 @@ Each rank saves its micro-batches, the ascent norms SAMTrainer used, its local s
 weights after every step; the parent test compares them with a single-process reference.
 
 Runs: "straight" (2 steps, a checkpoint after each), "resumed" (from the straight run's checkpoint-1) and
-"interval" (sam_interval=2: a SAM step, then a plain one with FSDP's deferred reduce-scatter) and "variants" (one
+"interval" (sam_interval=2: a SAM step, then a plain one with FSDP's deferred reduce-scatter), "bf16" (FSDP2's
+MixedPrecisionPolicy: bf16 compute and reduction, fp32 sharded weights) and "variants" (one
 step of one micro-batch: 2-step projected ascent on the parameters matching `^fc2\.` only).
 """
 
@@ -59,6 +60,7 @@ def run(out_dir: str, name: str, resume_from: str | None = None, **overrides) ->
     assert trainer.accelerator.distributed_type == DistributedType.FSDP and trainer.accelerator.is_fsdp2
     trainer.train(resume_from_checkpoint=resume_from)
     record["world"] = trainer.args.world_size
+    record["mixed_precision"] = repr(trainer.accelerator.state.fsdp_plugin.mixed_precision_policy)
     record["backup_numel"] = sum(b.numel() for b in trainer._sam_backup._backup)  # SAM's extra copy of w
     record["log_history"] = trainer.state.log_history
     torch.save(record, os.path.join(out_dir, f"{name}-rank{trainer.args.process_index}.pt"))
@@ -84,6 +86,7 @@ def main(out_dir: str) -> None:
     run(out_dir, "straight")
     run(out_dir, "resumed", resume_from=os.path.join(out_dir, "straight", "checkpoint-1"))
     run(out_dir, "interval", sam_interval=2)
+    run(out_dir, "bf16", bf16=True)
     run(
         out_dir,
         "variants",
