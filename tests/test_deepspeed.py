@@ -16,7 +16,7 @@ from two_processes import launch_recipe, torchrun
 pytest.importorskip("deepspeed")  # installed by `pip install -e '.[dev]'`, so make test always runs these
 
 LR, RHO = 0.1, 0.05
-RUNS = ("zero1", "zero2", "zero2-sync", "zero2-resumed", "zero2-variants")
+RUNS = ("zero1", "zero2", "zero2-sync", "zero2-resumed", "zero2-bf16", "zero2-variants")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,19 @@ def test_deepspeed_resume_from_a_checkpoint_is_exact(runs):
         assert resumed["grad_norms"] == straight["grad_norms"][2:]
         for name, want in straight["full"][-1].items():
             assert torch.equal(resumed["full"][-1][name], want)
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_bf16_runs_within_bf16_rounding_of_fp32(runs):
+    """DeepSpeed bf16 (the module in bf16, fp32 master weights in ZeRO): the ascent runs on the bf16 module with the
+    inputs the Trainer cast to bf16; norms and weights agree with the fp32 run to bf16 precision."""
+    for rank in (0, 1):
+        bf16, fp32 = runs[("zero2-bf16", rank)], runs[("zero2", rank)]
+        assert bf16["grad_norms"] == pytest.approx(fp32["grad_norms"], rel=2e-2)
+        for name, weight in bf16["full"][-1].items():
+            assert weight.dtype == torch.bfloat16
+            torch.testing.assert_close(weight.float(), fp32["full"][-1][name], atol=4e-3, rtol=1e-2)
+            assert torch.equal(weight, runs[("zero2-bf16", 0)]["full"][-1][name])
 
 
 @pytest.mark.multiprocess

@@ -3,7 +3,8 @@ ZeRO-1 and ZeRO-2 (DeepSpeed's CPU accelerator; `use_cpu=True` lets Accelerate s
 two accumulated micro-batches each.
 
 Each rank saves its micro-batches, the ascent norms, and the full weights after every step. Runs: "zero1",
-"zero2", "zero2-sync" (sam_sync_perturbation=True), "zero2-resumed" (from zero2's checkpoint-1) and "zero2-variants" (one
+"zero2", "zero2-sync" (sam_sync_perturbation=True), "zero2-resumed" (from zero2's checkpoint-1), "zero2-bf16" (DeepSpeed's
+bf16: bf16 module, fp32 master weights) and "zero2-variants" (one
 micro-batch per step, cosine LR, ρ following it, only `^fc2\.` perturbed).
 """
 
@@ -46,6 +47,7 @@ def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **o
             "train_batch_size": "auto",
             "gradient_clipping": "auto",
             "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": "auto"},
         },
         **settings,
     )
@@ -67,6 +69,7 @@ def main(out_dir: str) -> None:
     run(out_dir, "zero2", stage=2)
     run(out_dir, "zero2-sync", stage=2, sam_sync_perturbation=True)
     run(out_dir, "zero2-resumed", stage=2, resume_from=os.path.join(out_dir, "zero2", "checkpoint-1"))
+    run(out_dir, "zero2-bf16", stage=2, bf16=True, save_strategy="no")
     run(
         out_dir,
         "zero2-variants",
