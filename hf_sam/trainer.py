@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import re
 
 import torch
@@ -86,9 +87,16 @@ class SAMTrainer(Trainer):
             )
         if args.sam_rho > 0 and args.sam_param_filter is not None and model is not None:
             _check_param_filter(model, args.sam_param_filter)  # before Trainer.__init__ creates output_dir
+        output_dir_existed = args.output_dir is None or os.path.exists(args.output_dir)
         super().__init__(model, args, *pargs, **kwargs)
         if self.args.sam_rho > 0:
-            self._check_sam_compatible()
+            try:
+                self._check_sam_compatible()  # needs the Accelerator: the engine may come from `accelerate launch`
+            except ValueError:
+                if not output_dir_existed and self.args.should_save:  # the process whose Trainer.__init__ made it
+                    with contextlib.suppress(OSError):  # only if still empty: leave no trace
+                        os.rmdir(args.output_dir)
+                raise
         if self.model_accepts_loss_kwargs and _loss_ignores_num_items_in_batch(self.model):
             # e.g. EfficientNet, ResNet, ConvNeXt: `forward(**kwargs)` makes the Trainer believe the model
             # normalises by `num_items_in_batch`, but their loss is a per-micro-batch mean, so the stock Trainer's

@@ -255,6 +255,7 @@ def test_fsdp_config_launch_takes_the_same_step(launched, trainer_ranks):
 
 @pytest.mark.multiprocess
 def test_fsdp_config_launch_refuses_a_per_process_epsilon(launched):
+    assert not (launched / "refused").exists()  # the output folder Trainer.__init__ had made is gone again
     message = (launched / "refused.txt").read_text()
     assert message.startswith("sam_sync_perturbation=False (one ε per process) is impossible under FSDP")
     assert "train with DDP" in message
