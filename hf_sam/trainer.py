@@ -93,7 +93,9 @@ class SAMTrainer(Trainer):
             try:
                 self._check_sam_compatible()  # needs the Accelerator: the engine may come from `accelerate launch`
             except ValueError:
-                if not output_dir_existed and self.args.should_save:  # the process whose Trainer.__init__ made it
+                if (
+                    not output_dir_existed and self.args.should_save
+                ):  # the process whose Trainer.__init__ made it
                     with contextlib.suppress(OSError):  # only if still empty: leave no trace
                         os.rmdir(args.output_dir)
                 raise
@@ -183,16 +185,10 @@ class SAMTrainer(Trainer):
         sam = self._sam_optimizer()
         key = tuple(len(group["params"]) for group in sam.param_groups)
         if self._sam_plan is None or self._sam_plan[0] != key:
-            selected = None
-            if self.args.sam_param_filter is not None:
-                pattern = re.compile(self.args.sam_param_filter)
-                unwrapped = self.accelerator.unwrap_model(model)
-                selected = {id(p) for n, p in unwrapped.named_parameters() if pattern.search(n)}
+            perturbed = self._perturbed_parameters(model)
             params, slices = [], []
             for group in sam.param_groups:
-                chosen = [
-                    p for p in group["params"] if p.requires_grad and (selected is None or id(p) in selected)
-                ]
+                chosen = [p for p in group["params"] if id(p) in perturbed]
                 slices.append((slice(len(params), len(params) + len(chosen)), group))
                 params.extend(chosen)
             if not params:
@@ -202,19 +198,21 @@ class SAMTrainer(Trainer):
             self._sam_plan = (key, params, slices, _tracking_batchnorms(model))
         return self._sam_plan[1:]
 
+    def _perturbed_parameters(self, model: torch.nn.Module) -> set[int]:
+        """ids of the parameters SAM perturbs: trainable, and matching `sam_param_filter` when it is set."""
+        pattern = re.compile(self.args.sam_param_filter) if self.args.sam_param_filter is not None else None
+        return {
+            id(p)
+            for n, p in self.accelerator.unwrap_model(model).named_parameters()
+            if p.requires_grad and (pattern is None or pattern.search(n))
+        }
+
     def _deepspeed_plan(self, model: torch.nn.Module) -> tuple[list, list[tuple[slice, dict]], list]:
         """DeepSpeed: the module's own parameters (ZeRO has replaced the optimizer's by flat fp32 partitions,
         which no forward uses), one group with the SAM settings of the arguments and the current learning rate."""
         if self._sam_plan is None:
-            unwrapped = self.accelerator.unwrap_model(model)
-            pattern = (
-                re.compile(self.args.sam_param_filter) if self.args.sam_param_filter is not None else None
-            )
-            params = [
-                p
-                for n, p in unwrapped.named_parameters()
-                if p.requires_grad and (pattern is None or pattern.search(n))
-            ]
+            perturbed = self._perturbed_parameters(model)
+            params = [p for p in self.accelerator.unwrap_model(model).parameters() if id(p) in perturbed]
             self._sam_plan = (None, params, None, _tracking_batchnorms(model))
         args, lr_group = self.args, self.optimizer.param_groups[0]
         group = {
@@ -583,18 +581,14 @@ class _SkippedStepCounter(TrainerCallback):
         trainer = self.trainer
         if trainer._deepspeed or trainer.accelerator.scaler is not None:
             return  # the engine / the GradScaler report their own skips
-        skipped = trainer._sam_optimizer().skipped_steps > trainer._sam_skipped_seen
+        guard_skips = trainer._sam_optimizer().skipped_steps
         for optimizer in trainer.accelerator._optimizers:
-            if hasattr(optimizer, "_is_overflow"):
-                optimizer._is_overflow = skipped
+            optimizer._is_overflow = guard_skips > trainer._sam_skipped_seen
+        trainer._sam_skipped_seen = guard_skips
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        guard_skips = 0 if trainer._deepspeed else trainer._sam_optimizer().skipped_steps
-        skipped = trainer.accelerator.optimizer_step_was_skipped or guard_skips > trainer._sam_skipped_seen
-        trainer._sam_skipped_seen = guard_skips
-        if skipped:
-            trainer._telemetry(args.device)[_SKIPPED_STEPS] += 1
+        if self.trainer.accelerator.optimizer_step_was_skipped:  # GradScaler, DeepSpeed or our guard
+            self.trainer._telemetry(args.device)[_SKIPPED_STEPS] += 1
 
 
 def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:

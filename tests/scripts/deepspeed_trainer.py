@@ -14,54 +14,23 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.recording import RecordingSAMTrainer, RecordWeights, new_record  # noqa: E402
-from toy import make_model, make_rows  # noqa: E402
-
-from hf_sam import SAMTrainingArguments  # noqa: E402
+from scripts.recording import save_record, toy_arguments, toy_trainer  # noqa: E402
 
 
 def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **overrides) -> None:
-    settings = {
-        "gradient_accumulation_steps": 2,
-        "lr_scheduler_type": "constant",
-        "save_strategy": "steps",
-        "save_steps": 1,
-        **overrides,
+    deepspeed = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": "auto"},
     }
-    args = SAMTrainingArguments(
-        output_dir=os.path.join(out_dir, name),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=0.1,
-        optim="sgd",
-        optim_args="momentum=0.9",
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        sam_rho=0.05,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        deepspeed={
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto",
-            "gradient_clipping": "auto",
-            "zero_optimization": {"stage": stage},
-            "bf16": {"enabled": "auto"},
-        },
-        **settings,
-    )
-    record = new_record()
-    trainer = RecordingSAMTrainer(
-        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[RecordWeights(record)]
-    )
-    trainer.record = record
+    trainer = toy_trainer(toy_arguments(os.path.join(out_dir, name), deepspeed=deepspeed, **overrides))
     trainer.train(resume_from_checkpoint=resume_from)
     engine = trainer.model_wrapped
-    record["engine"] = (type(engine).__name__, engine.zero_optimization_stage())
-    record["world"] = trainer.args.world_size
-    record["backup_numel"] = sum(b.numel() for b in trainer._sam_backup._backup)  # SAM's extra copy of w
-    torch.save(record, os.path.join(out_dir, f"{name}-rank{trainer.args.process_index}.pt"))
+    trainer.record["engine"] = (type(engine).__name__, engine.zero_optimization_stage())
+    save_record(trainer)
 
 
 def main(out_dir: str) -> None:

@@ -20,50 +20,16 @@ from accelerate.utils import DistributedType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.fsdp_on_cpu import enable_fsdp_on_cpu  # noqa: E402
-from scripts.recording import RecordingSAMTrainer, RecordWeights, new_record  # noqa: E402
-from toy import make_model, make_rows  # noqa: E402
-
-from hf_sam import SAMTrainingArguments  # noqa: E402
+from scripts.recording import save_record, toy_arguments, toy_trainer  # noqa: E402
 
 
 def run(out_dir: str, name: str, resume_from: str | None = None, **overrides) -> None:
-    settings = {
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "max_steps": 2,
-        "fsdp": True,
-        "fsdp_config": {"version": 2},
-        **overrides,
-    }
-    args = SAMTrainingArguments(
-        output_dir=os.path.join(out_dir, name),
-        learning_rate=0.1,
-        optim="sgd",
-        optim_args="momentum=0.9",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        sam_rho=0.05,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=1,
-        save_only_model=False,
-        use_cpu=True,
-        disable_tqdm=True,
-        **settings,
-    )
-    record = new_record()
-    trainer = RecordingSAMTrainer(
-        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[RecordWeights(record)]
-    )
-    trainer.record = record
+    settings = {"fsdp": True, "fsdp_config": {"version": 2}, "save_only_model": False, **overrides}
+    trainer = toy_trainer(toy_arguments(os.path.join(out_dir, name), **settings))
     assert trainer.accelerator.distributed_type == DistributedType.FSDP and trainer.accelerator.is_fsdp2
     trainer.train(resume_from_checkpoint=resume_from)
-    record["world"] = trainer.args.world_size
-    record["mixed_precision"] = repr(trainer.accelerator.state.fsdp_plugin.mixed_precision_policy)
-    record["backup_numel"] = sum(b.numel() for b in trainer._sam_backup._backup)  # SAM's extra copy of w
-    record["log_history"] = trainer.state.log_history
-    torch.save(record, os.path.join(out_dir, f"{name}-rank{trainer.args.process_index}.pt"))
+    trainer.record["mixed_precision"] = repr(trainer.accelerator.state.fsdp_plugin.mixed_precision_policy)
+    save_record(trainer)
 
 
 def launched(out_dir: str) -> None:

@@ -1,9 +1,12 @@
 """What the multi-process scripts record on each rank, for the parent test to compare with a hand reference."""
 
+import os
+
 import torch
+from toy import make_model, make_rows
 from transformers import TrainerCallback
 
-from hf_sam import SAMTrainer
+from hf_sam import SAMTrainer, SAMTrainingArguments
 
 
 class RecordingSAMTrainer(SAMTrainer):
@@ -44,3 +47,50 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 def new_record() -> dict:
     return {"batches": [], "grad_norms": [], "full": [], "local": []}
+
+
+def toy_arguments(output_dir: str, **overrides) -> SAMTrainingArguments:
+    """2 steps × 2 accumulated micro-batches of 2 rows per process, SGD with momentum 0.9, ρ = 0.05, in the data
+    order the hand references replay; a checkpoint after every step."""
+    settings = {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 2,
+        "lr_scheduler_type": "constant",
+        "save_strategy": "steps",
+        "save_steps": 1,
+        **overrides,
+    }
+    return SAMTrainingArguments(
+        output_dir=output_dir,
+        learning_rate=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        sam_rho=0.05,
+        report_to=[],
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        **settings,
+    )
+
+
+def toy_trainer(args: SAMTrainingArguments) -> RecordingSAMTrainer:
+    """The toy model on 16 rows, recording into `trainer.record`."""
+    record = new_record()
+    trainer = RecordingSAMTrainer(
+        model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[RecordWeights(record)]
+    )
+    trainer.record = record
+    return trainer
+
+
+def save_record(trainer: RecordingSAMTrainer) -> None:
+    """After training: this rank's record, as `<output_dir>-rank<r>.pt` next to the run's output folder."""
+    record = trainer.record
+    record["world"] = trainer.args.world_size
+    record["backup_numel"] = sum(b.numel() for b in trainer._sam_backup._backup)  # SAM's extra copy of w
+    record["log_history"] = trainer.state.log_history
+    torch.save(record, f"{os.path.normpath(trainer.args.output_dir)}-rank{trainer.args.process_index}.pt")
