@@ -12,7 +12,7 @@ while γ/β keep `requires_grad` and are trained like every other weight.
 
 from __future__ import annotations
 
-import types
+import functools
 
 from torch import nn
 
@@ -41,13 +41,16 @@ def freeze_batchnorm(model: nn.Module) -> int:
 
     Covers every `torch.nn` BatchNorm flavour (1d/2d/3d, SyncBatchNorm, lazy) and subclasses such as timm's
     `BatchNormAct2d`. Idempotent. The override is an instance attribute, so it follows the module through
-    `copy.deepcopy` and DDP wrapping, and is not part of `state_dict` (a saved model loads as a normal one).
+    `copy.deepcopy`, pickling (`torch.save(model)`) and DDP wrapping, and is not part of `state_dict` (a saved
+    state dict loads as a normal one).
     """
     count = 0
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if not is_frozen_batchnorm(module):
-                module.train = types.MethodType(_train_frozen, module)
+                # A partial of a module-level function pickles by reference (a bound method of a function that
+                # is not the class's own attribute does not: it would be looked up by name on load and fail).
+                module.train = functools.partial(_train_frozen, module)
                 setattr(module, _FROZEN_FLAG, True)
             module.train(model.training)  # put it in eval mode now, whatever mode the model is in
             count += 1

@@ -73,6 +73,16 @@ class SAMTrainingArguments(TrainingArguments):
     sam_gsam_alpha (`float`, defaults to `0.1`):
         GSAM's α (task-dependent; the paper tunes it per model).
 
+    > Loss normalisation (applies at every ρ, `0` included)
+
+    sam_fix_loss_normalization (`bool`, defaults to `True`):
+        Models whose `forward(**kwargs)` ignores `num_items_in_batch` (transformers' EfficientNet, ResNet,
+        ConvNeXt, MobileNet, RegNet...) compute a per-micro-batch mean loss, which the stock `Trainer` does not
+        divide by the accumulation steps: their gradients come out multiplied by `gradient_accumulation_steps`.
+        `True` averages their micro-batch losses like any other model's (logged once when it applies), so SAM and
+        baseline runs of a recipe take the same, correct step. `False` keeps the stock Trainer's scaling:
+        `sam_rho=0` is then the stock Trainer bit for bit for these models too.
+
     > Safety
 
     sam_max_nonfinite_steps (`int`, defaults to `3`):
@@ -145,6 +155,14 @@ class SAMTrainingArguments(TrainingArguments):
             "this many in a row (0: no check, every step applied as the stock Trainer does). fp16 uses the GradScaler."
         },
     )
+    sam_fix_loss_normalization: bool = field(
+        default=True,
+        metadata={
+            "help": "Average the micro-batch losses of models whose loss ignores num_items_in_batch (EfficientNet, "
+            "ResNet, ConvNeXt...), which the stock Trainer multiplies by the accumulation steps. False: the stock "
+            "Trainer's scaling (sam_rho=0 is then the stock Trainer bit for bit for these models too)."
+        },
+    )
     sam_looksam_alpha: float = field(default=0.7, metadata={"help": "LookSAM's alpha."})
     sam_gsam_alpha: float = field(default=0.1, metadata={"help": "GSAM's alpha."})
 
@@ -152,6 +170,10 @@ class SAMTrainingArguments(TrainingArguments):
         # Check our own fields first: a typo in a SAM field should not wait behind device set-up.
         self.sam_norm = _normalize_norm(self.sam_norm)
         validate_sam_hparams(self.sam_rho, self.sam_adaptive, self.sam_eta, self.sam_norm, prefix="sam_")
+        if not isinstance(self.sam_fix_loss_normalization, bool):
+            raise ValueError(
+                f"sam_fix_loss_normalization must be True or False, got {self.sam_fix_loss_normalization!r}."
+            )
         if self.sam_sync_perturbation is not None and not isinstance(self.sam_sync_perturbation, bool):
             raise ValueError(
                 f"sam_sync_perturbation must be True, False or None, got {self.sam_sync_perturbation!r}."

@@ -15,7 +15,7 @@ Both the `SAM` optimizer wrapper below and `hf_sam.SAMTrainer` use `compute_pert
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,9 +152,10 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     sharded = [t for t in tensors if _is_dtensor(t)]
     if not sharded:
-        norms = torch._foreach_norm(tensors)
+        norms = torch._foreach_norm(tensors)  # grouped by device and dtype internally
+        device = norms[0].device  # a model spread over devices (device_map): gather the norms on one
         return torch.linalg.vector_norm(
-            torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in norms])
+            torch.stack([n.to(device, torch.promote_types(n.dtype, torch.float32)) for n in norms])
         )
     mesh = sharded[0].device_mesh
     if mesh.ndim != 1 or any(
@@ -198,10 +199,19 @@ def looksam_orthogonal_component(
 
 
 @torch.no_grad()
-def looksam_reuse_gradient_(grads: list[torch.Tensor], g_v: list[torch.Tensor], alpha: float) -> None:
-    """LookSAM between two SAM steps (eq. 6): g ← g + α·(‖g‖/‖g_v‖)·g_v, in place, from one clean gradient."""
-    scale = float(alpha * global_norm(grads) / (global_norm(g_v) + NORM_EPS))
-    torch._foreach_add_(grads, g_v, alpha=scale)
+def looksam_reuse_gradient_(
+    grads: list[torch.Tensor | None], g_v: list[torch.Tensor | None], alpha: float
+) -> None:
+    """LookSAM between two SAM steps (eq. 6): g ← g + α·(‖g‖/‖g_v‖)·g_v, in place, from one clean gradient.
+
+    `None` entries are parameters without a gradient in this step (unused by the forward: they stay without one)
+    or without a stored component (unused at the SAM step): they get no reuse term."""
+    pairs = [(g, v) for g, v in zip(grads, g_v, strict=True) if g is not None and v is not None]
+    if not pairs:
+        return
+    present = [g for g in grads if g is not None]
+    scale = float(alpha * global_norm(present) / (global_norm([v for _, v in pairs]) + NORM_EPS))
+    torch._foreach_add_([g for g, _ in pairs], [v for _, v in pairs], alpha=scale)
 
 
 @torch.no_grad()
@@ -276,19 +286,31 @@ class SAM(torch.optim.Optimizer):
         base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
         sam = SAM(base, rho=0.05)
         for batch in loader:
-            loss_fn(model, batch).backward()      # gradient at w
-            sam.ascent_step()                     # w -> w + ε
+            sam.ascent_step(loss_fn(model, batch))  # gradient at w (autograd.grad), w -> w + ε
+            loss_fn(model, batch).backward()        # gradient at w + ε
+            sam.descent_step()                      # w + ε -> w, then the base optimizer steps
             sam.zero_grad()
-            loss_fn(model, batch).backward()      # gradient at w + ε
-            sam.descent_step()                    # w + ε -> w, then the base optimizer steps
-            sam.zero_grad()
+
+    `ascent_step(loss)` leaves `.grad` alone, so the same loop works with gradient accumulation
+    (`accelerator.accumulate`): per micro-batch ascent, backward at w + ε, `sam.restore()`; the prepared
+    optimizer's `step()` then runs at the accumulation boundary only. `ascent_step()` without a loss reads (and
+    consumes) the gradients already in `.grad` instead. With a `torch.amp.GradScaler`, `scaler.step(sam)` leaves
+    w restored whether or not the scaler skips the step (the wrapper follows the scaler's protocol for optimizers
+    that handle scaling themselves: it unscales, or skips on inf/NaN, after restoring w).
 
     The wrapper shares the base optimizer's `param_groups` (LR schedulers built on either keep working) and
     keeps its hyper-parameters in each group (`rho`, `adaptive`, `eta`, `sam_norm`): set `rho=0` in a group
     to leave it unperturbed (e.g. a freshly initialised head); ||g|| runs over the perturbed groups only.
     Weight decay stays the base optimizer's business; it never enters ε. With Accelerate, call `ascent_step`
     under `accelerator.no_sync(model)` for the first pass to keep ε per process (the paper's setting).
+    Schedule-free base optimizers work: `train()` / `eval()` reach the base optimizer.
     """
+
+    # GradScaler.step(sam) calls step() even on inf/NaN and sets `grad_scale` / `found_inf` on the optimizer, so
+    # that step() can restore w first and then skip or unscale (see GradScaler.step's contract for such optimizers).
+    # SAMTrainer turns this off on its instance: it restores w itself, and Accelerate detects a skipped step by
+    # whether the scaler called step().
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -327,6 +349,8 @@ class SAM(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.consecutive_nonfinite_steps = 0
         self._loss_is_finite: torch.Tensor | None = None
+        # Told after every guarded step whether it was skipped (SAMTrainer reports it to Accelerate).
+        self.on_guarded_step: Callable[[bool], None] | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self.skipped_ascents = 0
 
@@ -347,37 +371,50 @@ class SAM(torch.optim.Optimizer):
     def state(self, value) -> None:
         self.base_optimizer.state = value
 
-    @torch.no_grad()
-    def ascent_step(self) -> torch.Tensor:
-        """Move every parameter with a gradient from w to w + ε. Returns ||g|| (0-dim tensor).
+    def ascent_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Move the perturbed parameters from w to w + ε. Returns ||g|| (0-dim tensor).
 
-        The gradients are consumed (turned into ε in place, then set to None), so the next backward
-        gives the gradient at w + ε alone. If the gradient is not finite the weights stay at w (counted in
-        `skipped_ascents`) and the following descent step is a plain base-optimizer step.
+        With `loss` (the loss at w, not yet backpropagated): g = ∇loss by `torch.autograd.grad`; `.grad` is left
+        untouched, so gradients accumulated from earlier micro-batches stay as they are. Without: g is read from
+        `.grad` and consumed (turned into ε in place, then set to None), so the next backward gives the gradient
+        at w + ε alone. Parameters without a gradient (unused by the forward) are not perturbed. If g is not
+        finite the weights stay at w (counted in `skipped_ascents`) and the descent step is a plain step.
         """
-        groups = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if group["rho"] > 0 and params:
-                groups.append(
-                    PerturbationGroup(
-                        params=params,
-                        grads=[p.grad for p in params],
-                        rho=group["rho"],
-                        adaptive=group["adaptive"],
-                        eta=group["eta"],
-                        norm=group["sam_norm"],
+        perturbed = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
+        perturbed = [(group, params) for group, params in perturbed if group["rho"] > 0 and params]
+        if loss is not None:
+            flat = [p for _, params in perturbed for p in params]
+            found = iter(torch.autograd.grad(loss, flat, allow_unused=True) if flat else ())
+            grads_of = [[next(found) for _ in params] for _, params in perturbed]
+        else:
+            grads_of = [[p.grad for p in params] for _, params in perturbed]
+        with torch.no_grad():
+            groups = []
+            for (group, params), grads in zip(perturbed, grads_of, strict=True):
+                used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+                if used:
+                    groups.append(
+                        PerturbationGroup(
+                            params=[p for p, _ in used],
+                            grads=[g for _, g in used],
+                            rho=group["rho"],
+                            adaptive=group["adaptive"],
+                            eta=group["eta"],
+                            norm=group["sam_norm"],
+                        )
                     )
+            grad_norm = compute_perturbation_(groups)
+            self.last_grad_norm = grad_norm
+            if groups and torch.isfinite(grad_norm):
+                self._backup.perturb_(
+                    [p for g in groups for p in g.params], [e for g in groups for e in g.grads]
                 )
-        grad_norm = compute_perturbation_(groups)
-        self.last_grad_norm = grad_norm
-        if groups and torch.isfinite(grad_norm):
-            self._backup.perturb_([p for g in groups for p in g.params], [e for g in groups for e in g.grads])
-        elif groups:
-            self.skipped_ascents += 1
-        # ε lives on in the weights only; dropping the gradients means the next backward is ∇L(w + ε) alone,
-        # whether or not the caller remembers zero_grad().
-        self.zero_grad()
+            elif groups:
+                self.skipped_ascents += 1
+        if loss is None:
+            # ε lives on in the weights only; dropping the gradients means the next backward is ∇L(w + ε) alone,
+            # whether or not the caller remembers zero_grad().
+            self.zero_grad()
         return grad_norm
 
     @torch.no_grad()
@@ -401,14 +438,46 @@ class SAM(torch.optim.Optimizer):
         """
         if closure is None:
             self.restore()
-            if self.max_nonfinite_steps and not self._gradients_are_finite():
-                return None  # skipped: the weights keep their last finite values
+            if not self._unscale_for_grad_scaler():
+                return None  # a GradScaler found inf/NaN: skipped, w restored
+            if self.max_nonfinite_steps:
+                finite = self._gradients_are_finite()
+                if self.on_guarded_step is not None:
+                    self.on_guarded_step(not finite)
+                if not finite:
+                    return None  # skipped: the weights keep their last finite values
             return self.base_optimizer.step()
         closure = torch.enable_grad()(closure)
         self.ascent_step()
         loss = closure()
         self.step()
         return loss
+
+    @torch.no_grad()
+    def _unscale_for_grad_scaler(self) -> bool:
+        """Under `GradScaler.step(sam)`: False if the scaler found inf/NaN, else unscale `.grad` if still scaled."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return True  # not called by a GradScaler
+        if bool(found_inf):
+            return False
+        grad_scale = getattr(
+            self, "grad_scale", None
+        )  # None when the user already called scaler.unscale_(sam)
+        if grad_scale is not None:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, grad_scale.double().reciprocal().float())
+        return True
+
+    def train(self) -> None:
+        """Train mode for schedule-free base optimizers (no-op for the others)."""
+        if callable(getattr(self.base_optimizer, "train", None)):
+            self.base_optimizer.train()
+
+    def eval(self) -> None:
+        """Eval mode for schedule-free base optimizers (no-op for the others)."""
+        if callable(getattr(self.base_optimizer, "eval", None)):
+            self.base_optimizer.eval()
 
     @torch.no_grad()
     def _gradients_are_finite(self) -> bool:
@@ -451,7 +520,8 @@ class SAM(torch.optim.Optimizer):
         state = self.base_optimizer.state_dict()
         if self.sam_state:
             state["sam_state"] = {
-                k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in self.sam_state.items()
+                k: [None if t is None else t.clone() for t in v] if isinstance(v, list) else v
+                for k, v in self.sam_state.items()
             }
         return state
 

@@ -10,7 +10,7 @@ import re
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.utils import logging
 
 from hf_sam.configs import SAMTrainingArguments
@@ -27,27 +27,29 @@ from hf_sam.sam import (
     looksam_reuse_gradient_,
     project_to_ball_,
 )
+from hf_sam.telemetry import SAMTelemetry
 
 logger = logging.get_logger(__name__)
 
-# Columns of the per-process telemetry accumulator (summed over micro-batches between two logs).
-(
-    _GRAD_NORM,
-    _FINITE_ASCENTS,
-    _PERTURBED_LOSS,
-    _SHARPNESS,
-    _SKIPPED,
-    _SAM_STEPS,
-    _FORWARDS,
-    _BACKWARDS,
-    _RHO,
-    _SAM_MICRO_BATCHES,
-    _SKIPPED_STEPS,
-    _N_COLUMNS,
-) = range(12)
-
 # What an optimizer step does, decided once per step from `state.global_step`.
 PLAIN, SAM_STEP, LOOKSAM_REUSE = "plain", "sam", "looksam_reuse"
+
+
+class _Run:
+    """What `SAMTrainer` keeps for one training loop.
+
+    The Trainer builds a new `TrainerState` at the start of every loop (each `train()`, each `model_init` /
+    hyperparameter trial, a resume, an `auto_find_batch_size` retry), so a run is recognised by its state object
+    and nothing carries over from one loop into the next: a cached parameter list of the previous model would be
+    perturbed instead of the new one (ε = 0 on the model being trained), a half-filled window would leak.
+    """
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.plan: tuple | None = None  # see SAMTrainer._perturbation_plan
+        self.clean_grad_sum: list[torch.Tensor] | None = None  # GSAM / LookSAM: g summed over the window
+        self.telemetry = SAMTelemetry()
+        self.outcome_read_at_step = state.global_step  # see SAMTrainer._count_skipped_step
 
 
 class SAMTrainer(Trainer):
@@ -74,7 +76,10 @@ class SAMTrainer(Trainer):
 
     The optimizer the Trainer builds (`optim`, `optim_args`, weight-decay groups) is wrapped in `hf_sam.SAM`,
     whose `state_dict` is the base optimizer's plus any variant state, so checkpoints resume exactly. The logged
-    `loss` is the loss at w (comparable with a plain run); the SAM metrics are logged as `sam/*`.
+    `loss` is the loss at w (comparable with a plain run); the SAM metrics are logged as `sam/*`
+    (`hf_sam.telemetry`), in units that do not depend on accumulation, loss normalisation, fp16 loss scale,
+    process count or resume: `sam/grad_norm` is ‖∇L(w)‖ of each micro-batch's mean loss; `sam/perturbed_loss`
+    and `sam/sharpness` are in the units of the logged `loss`.
     """
 
     def __init__(self, model=None, args: SAMTrainingArguments | None = None, *pargs, **kwargs):
@@ -99,12 +104,18 @@ class SAMTrainer(Trainer):
                     with contextlib.suppress(OSError):  # only if still empty: leave no trace
                         os.rmdir(args.output_dir)
                 raise
-        if self.model_accepts_loss_kwargs and _loss_ignores_num_items_in_batch(self.model):
+        if (
+            self.args.sam_fix_loss_normalization
+            and self.model_accepts_loss_kwargs
+            and _loss_ignores_num_items_in_batch(self.model)
+        ):
             # e.g. EfficientNet, ResNet, ConvNeXt: `forward(**kwargs)` makes the Trainer believe the model
             # normalises by `num_items_in_batch`, but their loss is a per-micro-batch mean, so the stock Trainer's
             # gradient comes out multiplied by the accumulation steps (and processes). Declare the truth.
-            logger.info(
-                f"{type(self.model).__name__}'s loss ignores num_items_in_batch: averaging micro-batch losses instead."
+            logger.warning_once(
+                f"{type(self.model).__name__}'s loss ignores num_items_in_batch: SAMTrainer averages its micro-batch "
+                "losses over the accumulation steps (sam_fix_loss_normalization=True; False keeps the stock "
+                "Trainer's scaling, which multiplies this model's gradients by the accumulation steps)."
             )
             self.model_accepts_loss_kwargs = False
         # FSDP2: parameters and gradients are shards (DTensors); ε comes from the reduced gradient (global).
@@ -112,15 +123,7 @@ class SAMTrainer(Trainer):
         # DeepSpeed ZeRO-1/2: full weights on every process, the engine steps inside `accelerator.backward`.
         self._deepspeed = bool(self.is_deepspeed_enabled)
         self._sam_backup = WeightBackup()
-        self._sam_telemetry: torch.Tensor | None = None
-        self._sam_last_logged_step = 0
-        self._sam_plan: tuple | None = None
-        self._sam_loss_weight: float | None = None  # a chunk's share of its micro-batch (sam_group_size)
-        # GSAM / LookSAM: the clean gradient summed over the micro-batches of the step in progress.
-        self._sam_clean_grad_sum: list[torch.Tensor] | None = None
-        self._sam_skipped_seen = 0
-        if self.args.sam_rho > 0:
-            self.add_callback(_SkippedStepCounter(self))
+        self._sam_run: _Run | None = None
 
     # ------------------------------------------------------------------ set-up checks
     def _check_sam_compatible(self) -> None:
@@ -136,6 +139,15 @@ class SAMTrainer(Trainer):
                 f"SAMTrainer does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): its "
                 "replicas would share one ε. Launch one process per GPU with `accelerate launch --multi_gpu` "
                 "(or torchrun), or expose a single GPU with CUDA_VISIBLE_DEVICES."
+            )
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None and (
+            getattr(parallelism, "cp_enabled", False) or getattr(parallelism, "sp_enabled", False)
+        ):
+            raise ValueError(
+                "SAMTrainer does not support context or sequence parallelism yet: the ascent pass would skip the "
+                "input sharding the Trainer applies to each micro-batch. Train without parallelism_config's cp/sp "
+                "sizes (DDP, FSDP2 or DeepSpeed ZeRO-1/2 work), or set sam_rho=0."
             )
         checkpointing_kwargs = self.args.gradient_checkpointing_kwargs or {}
         if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
@@ -162,7 +174,19 @@ class SAMTrainer(Trainer):
             optimizer.max_nonfinite_steps = (
                 self.args.sam_max_nonfinite_steps if self.accelerator.scaler is None else 0
             )
+            optimizer.on_guarded_step = self._report_skipped_step
+            # w is restored by training_step before the Trainer steps, and Accelerate detects an fp16 overflow by
+            # whether the GradScaler calls step(): let the scaler skip this optimizer as it skips any other.
+            optimizer._step_supports_amp_scaling = False
         return optimizer
+
+    def _report_skipped_step(self, skipped: bool) -> None:
+        """Tell Accelerate whether the fp32/bf16 guard skipped the step, so that the Trainer leaves the LR schedule
+        alone as it does for an fp16 overflow. Accelerate learns of skipped steps only from its GradScaler, through
+        `AcceleratedOptimizer._is_overflow` (private; read by `accelerator.optimizer_step_was_skipped`): the one
+        place SAMTrainer writes Accelerate's internals."""
+        if hasattr(self.optimizer, "_is_overflow"):
+            self.optimizer._is_overflow = skipped
 
     def _sam_optimizer(self) -> SAM:
         optimizer = self.optimizer
@@ -178,13 +202,14 @@ class SAMTrainer(Trainer):
         """The parameters to perturb in optimizer order (trainable, matching `sam_param_filter`), which slice of
         them each param group owns, and the BatchNorm layers the perturbed passes must leave alone.
 
-        Cached: rebuilt only when the optimizer's groups change (e.g. a user's `add_param_group`).
+        Cached per training loop (`_Run`), and rebuilt when the optimizer's groups change (a user's `add_param_group`).
         """
         if self._deepspeed:
             return self._deepspeed_plan(model)
+        run = self._current_run()
         sam = self._sam_optimizer()
         key = tuple(len(group["params"]) for group in sam.param_groups)
-        if self._sam_plan is None or self._sam_plan[0] != key:
+        if run.plan is None or run.plan[0] != key:
             perturbed = self._perturbed_parameters(model)
             params, slices = [], []
             for group in sam.param_groups:
@@ -195,8 +220,8 @@ class SAMTrainer(Trainer):
                 raise ValueError(
                     "SAMTrainer found no parameter to perturb (trainable and matching sam_param_filter)."
                 )
-            self._sam_plan = (key, params, slices, _tracking_batchnorms(model))
-        return self._sam_plan[1:]
+            run.plan = (key, params, slices, _tracking_batchnorms(model))
+        return run.plan[1:]
 
     def _perturbed_parameters(self, model: torch.nn.Module) -> set[int]:
         """ids of the parameters SAM perturbs: trainable, and matching `sam_param_filter` when it is set."""
@@ -210,10 +235,11 @@ class SAMTrainer(Trainer):
     def _deepspeed_plan(self, model: torch.nn.Module) -> tuple[list, list[tuple[slice, dict]], list]:
         """DeepSpeed: the module's own parameters (ZeRO has replaced the optimizer's by flat fp32 partitions,
         which no forward uses), one group with the SAM settings of the arguments and the current learning rate."""
-        if self._sam_plan is None:
+        run = self._current_run()
+        if run.plan is None:
             perturbed = self._perturbed_parameters(model)
             params = [p for p in self.accelerator.unwrap_model(model).parameters() if id(p) in perturbed]
-            self._sam_plan = (None, params, None, _tracking_batchnorms(model))
+            run.plan = (None, params, None, _tracking_batchnorms(model))
         args, lr_group = self.args, self.optimizer.param_groups[0]
         group = {
             "rho": args.sam_rho,
@@ -223,8 +249,8 @@ class SAMTrainer(Trainer):
             "lr": lr_group["lr"],
             "initial_lr": lr_group.get("initial_lr", args.learning_rate),
         }
-        params = self._sam_plan[1]
-        return params, [(slice(0, len(params)), group)], self._sam_plan[3]
+        params = run.plan[1]
+        return params, [(slice(0, len(params)), group)], run.plan[3]
 
     def _note_loss(self, loss: torch.Tensor) -> None:
         if not self._deepspeed:  # DeepSpeed's engine handles overflow itself (fp16); our wrapper is not there
@@ -258,22 +284,20 @@ class SAMTrainer(Trainer):
         return self.args.sam_rho_min + (group["rho"] - self.args.sam_rho_min) * ratio
 
     # ------------------------------------------------------------------ the step
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        if self._sam_loss_weight is None:
-            return result
-        # m-sharpness chunk: its share of the micro-batch, so the chunks' gradients average (not sum).
-        if return_outputs:
-            return result[0] * self._sam_loss_weight, result[1]
-        return result * self._sam_loss_weight
+    def _current_run(self) -> _Run:
+        if self._sam_run is None or self._sam_run.state is not self.state:
+            self._sam_run = _Run(self.state)
+        return self._sam_run
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.args.sam_rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
+        run = self._current_run()
+        self._count_skipped_step(run)
         kind = self._step_kind()
         last_micro_batch = self.accelerator.sync_gradients
+        if last_micro_batch:
+            run.telemetry.add(self.args.device, steps=1, sam_steps=float(kind == SAM_STEP))
         if kind != SAM_STEP:
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._note_loss(loss)
@@ -281,11 +305,17 @@ class SAMTrainer(Trainer):
                 # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
                 params = self._perturbation_plan(model)[0]
                 g_v = self._sam_optimizer().sam_state["looksam_gv"]
-                looksam_reuse_gradient_(_grads_of(params), _on(g_v, params), self.args.sam_looksam_alpha)
+                looksam_reuse_gradient_(
+                    [p.grad for p in params], _on(g_v, params), self.args.sam_looksam_alpha
+                )
             self._count_passes(forwards=1, backwards=1)
             return loss
 
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):
+            # As the stock step does, before the ascent: a schedule-free optimizer moves the weights to the point
+            # its gradients are taken at, which must not happen while they are perturbed.
+            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         params, slices, batchnorms = self._perturbation_plan(model)
         if self._sharded:
@@ -294,35 +324,46 @@ class SAMTrainer(Trainer):
             # reduce-scatters every pass: the accumulated gradient then lives in the sharded `.grad` alone
             # (less memory than the deferred path, one reduce-scatter per pass instead of per step).
             model.set_requires_gradient_sync(True)
-        chunks = self._split_into_groups(inputs, num_items_in_batch)
+        chunks = self._split_into_groups(inputs)
+        # A per-batch mean loss needs each chunk weighted by its share of the micro-batch; a loss normalised by
+        # num_items_in_batch already sums over chunks.
+        weighted = not self._loss_is_normalised_by_num_items(num_items_in_batch)
+        statistics = _ChunkStatistics(batchnorms) if len(chunks) > 1 else None
         clean_total, perturbed_total = 0.0, 0.0
-        for index, (chunk, weight) in enumerate(chunks):
-            self._sam_loss_weight = weight
-            try:
-                clean, perturbed = self._sam_micro_step(
-                    model,
-                    chunk,
-                    num_items_in_batch,
-                    params,
-                    slices,
-                    batchnorms,
-                    is_last=index == len(chunks) - 1,
-                )
-            finally:
-                self._sam_loss_weight = None
-            clean_total, perturbed_total = clean_total + clean, perturbed_total + perturbed
+        for index, (chunk, share) in enumerate(chunks):
+            weight = share if weighted else 1.0
+            clean, perturbed = self._sam_micro_step(
+                model,
+                chunk,
+                num_items_in_batch,
+                params,
+                slices,
+                batchnorms,
+                is_last=index == len(chunks) - 1,
+                loss_weight=weight,
+            )
+            clean_total, perturbed_total = clean_total + weight * clean, perturbed_total + perturbed
+            if statistics is not None:
+                statistics.add_chunk(share)
+        if statistics is not None:
+            statistics.finish()
 
         if self.args.sam_mode in ("gsam", "looksam") and last_micro_batch:
             self._finish_window_(params)
         clean_loss = self._loss_as_reported(clean_total, num_items_in_batch)
         self._note_loss(perturbed_total)  # the loss whose gradient the step applies
-        self._record_sam_micro_batch(clean_loss, perturbed_total, last_micro_batch)
+        run.telemetry.add(
+            clean_loss.device, perturbed_loss=perturbed_total, sharpness=perturbed_total - clean_loss
+        )
         return clean_loss
 
-    def _sam_micro_step(self, model, inputs, num_items_in_batch, params, slices, batchnorms, is_last):
+    def _sam_micro_step(
+        self, model, inputs, num_items_in_batch, params, slices, batchnorms, is_last, loss_weight=1.0
+    ):
         """Ascent(s) at w, descent at w + ε, exact restore, for one micro-batch (or one chunk of m examples).
 
-        Returns the clean loss (as `compute_loss` gives it) and the perturbed loss (as `training_step` reports it).
+        Returns the clean loss (as `compute_loss` gives it) and the perturbed loss (as `training_step` reports it,
+        times `loss_weight`, the chunk's share of its micro-batch).
         """
         args = self.args
         rng_state = _rng_snapshot(args.device)
@@ -366,13 +407,33 @@ class SAMTrainer(Trainer):
             _rng_restore(rng_state, args.device)
             sync = contextlib.nullcontext() if is_last or self._sharded else self.accelerator.no_sync(model)
             with sync, _running_stats_frozen(batchnorms), self._restore_before_engine_step(model):
-                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+                with self._loss_weighted(loss_weight):
+                    perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             # 4. Back to w (exact copy) before the Trainer clips, steps, saves or evaluates.
             self._sam_backup.restore_()
 
-        self._record_ascent(grad_norm, ascent_is_finite, rhos[0] if rhos else 0.0)
+        self._record_ascent(
+            grad_norm * self._mean_loss_factor(inputs, num_items_in_batch),
+            ascent_is_finite,
+            rhos[0] if rhos else 0.0,
+        )
         return clean_loss, perturbed_loss
+
+    @contextlib.contextmanager
+    def _loss_weighted(self, weight: float):
+        """The stock step divides a per-batch mean loss by `current_gradient_accumulation_steps` (the number of
+        micro-batches in the window); a chunk that is `weight` of a micro-batch counts as 1/weight times more of
+        them. Works whatever `compute_loss` the user's subclass defines."""
+        if weight == 1.0:
+            yield
+            return
+        steps = self.current_gradient_accumulation_steps
+        self.current_gradient_accumulation_steps = steps / weight
+        try:
+            yield
+        finally:
+            self.current_gradient_accumulation_steps = steps
 
     def _ascent_gradient(self, model, inputs, num_items_in_batch, params):
         """Forward + backward at the current weights without touching `.grad` or DDP's reducer."""
@@ -447,25 +508,28 @@ class SAMTrainer(Trainer):
             for (s, group), rho in zip(slices, rhos, strict=True)
         ]
 
-    def _split_into_groups(self, inputs: dict, num_items_in_batch) -> list[tuple[dict, float | None]]:
-        """`sam_group_size` = m: the micro-batch cut into chunks of m examples, each with its weight."""
+    def _split_into_groups(self, inputs: dict) -> list[tuple[dict, float]]:
+        """`sam_group_size` = m: the micro-batch cut into chunks of m examples, each with its share of the batch.
+
+        Tensors and lists with one entry per example are cut (detection `labels` come as a list of dicts); other
+        values are passed to every chunk as they are."""
         m = self.args.sam_group_size
         batch_size = _batch_size(inputs)
         if m is None or batch_size is None or m >= batch_size:
-            return [(inputs, None)]
-        # A loss normalised by num_items_in_batch already sums over chunks; a per-batch mean needs the weights.
-        weighted = not self._loss_is_normalised_by_num_items(num_items_in_batch)
-        chunks = []
-        for start in range(0, batch_size, m):
-            chunk = {
-                k: v[start : start + m]
-                if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch_size
-                else v
-                for k, v in inputs.items()
-            }
-            size = min(m, batch_size - start)
-            chunks.append((chunk, size / batch_size if weighted else None))
-        return chunks
+            return [(inputs, 1.0)]
+
+        def per_example(v) -> bool:
+            if isinstance(v, torch.Tensor):
+                return v.ndim > 0 and v.shape[0] == batch_size
+            return isinstance(v, (list, tuple)) and len(v) == batch_size
+
+        return [
+            (
+                {k: v[start : start + m] if per_example(v) else v for k, v in inputs.items()},
+                min(m, batch_size - start) / batch_size,
+            )
+            for start in range(0, batch_size, m)
+        ]
 
     # ------------------------------------------------------------------ GSAM and LookSAM, per optimizer step
     def _accumulate_clean_gradient(self, grads: list[torch.Tensor], num_items_in_batch) -> None:
@@ -475,20 +539,32 @@ class SAMTrainer(Trainer):
             if self._loss_is_normalised_by_num_items(num_items_in_batch)
             else 1.0 / self.current_gradient_accumulation_steps
         )
-        if self._sam_clean_grad_sum is None:
-            self._sam_clean_grad_sum = [torch.zeros_like(g) for g in grads]
-        torch._foreach_add_(self._sam_clean_grad_sum, grads, alpha=factor)
+        run = self._current_run()
+        if run.clean_grad_sum is None:
+            run.clean_grad_sum = [torch.zeros_like(g) for g in grads]
+        torch._foreach_add_(run.clean_grad_sum, grads, alpha=factor)
 
     def _finish_window_(self, params: list[torch.Tensor]) -> None:
-        """At the last micro-batch of a SAM step `.grad` holds the (synced) SAM gradient g_s of the whole step."""
-        clean = self._sam_clean_grad_sum
+        """At the last micro-batch of a SAM step `.grad` holds the (synced) SAM gradient g_s of the whole step.
+
+        Parameters the forward did not use have no `.grad` and get none (as in the stock Trainer): an optimizer
+        must not decay them or keep state for them."""
+        clean = self._current_run().clean_grad_sum
         if self.accelerator.num_processes > 1:
             _all_reduce_mean_(clean)  # DDP averaged g_s over processes: average g the same way
-        sam_grads = _grads_of(params)
-        if self.args.sam_mode == "gsam":
-            gsam_gradient_(sam_grads, clean, self.args.sam_gsam_alpha)
-        else:
-            self._sam_optimizer().sam_state["looksam_gv"] = looksam_orthogonal_component(sam_grads, clean)
+        used = [i for i, p in enumerate(params) if p.grad is not None]
+        sam_grads, clean_used = [params[i].grad for i in used], [clean[i] for i in used]
+        if used and self.args.sam_mode == "gsam":
+            gsam_gradient_(sam_grads, clean_used, self.args.sam_gsam_alpha)
+        elif used:
+            g_v = looksam_orthogonal_component(sam_grads, clean_used)
+            # A non-finite SAM step (skipped by the guard or the GradScaler) must not become the direction every
+            # reuse step adds: keep the last finite g_v (or none, and the next step is a full SAM step).
+            if bool(torch.isfinite(global_norm(g_v))):
+                stored: list[torch.Tensor | None] = [None] * len(params)
+                for i, t in zip(used, g_v, strict=True):
+                    stored[i] = t
+                self._sam_optimizer().sam_state["looksam_gv"] = stored
         torch._foreach_zero_(clean)
 
     # ------------------------------------------------------------------ loss bookkeeping
@@ -507,55 +583,60 @@ class SAMTrainer(Trainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
-    # ------------------------------------------------------------------ telemetry
-    def _telemetry(self, device) -> torch.Tensor:
-        if self._sam_telemetry is None:
-            self._sam_telemetry = torch.zeros(_N_COLUMNS, device=device, dtype=torch.float64)
-        return self._sam_telemetry
+    def _mean_loss_factor(self, inputs: dict, num_items_in_batch):
+        """What turns ‖∇ of the ascent loss‖ into ‖∇ of the micro-batch's mean loss‖ (for `sam/grad_norm`).
 
+        The ascent loss is `compute_loss`'s: a per-micro-batch mean, or (models and `compute_loss_func` that take
+        `num_items_in_batch`) a sum over this micro-batch divided by the items of the whole accumulated batch,
+        times the process count with `average_tokens_across_devices`; under fp16 the gradient also carries the
+        GradScaler's scale.
+        """
+        factor = 1.0
+        if self.accelerator.scaler is not None:
+            factor = 1.0 / self.accelerator.scaler.get_scale()
+        if num_items_in_batch is None or not self._loss_is_normalised_by_num_items(num_items_in_batch):
+            return factor
+        items = _items_in(inputs, getattr(self, "_loss_shifts_labels", False))
+        if items is None:
+            return factor
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            items = items * (self.accelerator.num_processes // self.get_tp_size())
+        return factor * num_items_in_batch / items.clamp(min=1).to(torch.float64)
+
+    # ------------------------------------------------------------------ telemetry
     def _count_passes(self, forwards: int, backwards: int) -> None:
-        t = self._telemetry(self.args.device)
-        t[_FORWARDS] += forwards
-        t[_BACKWARDS] += backwards
+        self._current_run().telemetry.add(
+            self.args.device, forward_passes=forwards, backward_passes=backwards
+        )
 
     def _record_ascent(self, grad_norm, ascent_is_finite, rho) -> None:
-        t = self._telemetry(grad_norm.device)
+        telemetry = self._current_run().telemetry
         if ascent_is_finite:
-            t[_GRAD_NORM] += grad_norm.to(t.device, t.dtype)
-            t[_FINITE_ASCENTS] += 1
+            telemetry.add(grad_norm.device, grad_norm=grad_norm, finite_ascents=1)
         else:
-            t[_SKIPPED] += 1
-        t[_RHO] += rho
-        t[_SAM_MICRO_BATCHES] += 1
-        self._count_passes(forwards=1, backwards=1)  # the descent pass
+            telemetry.add(grad_norm.device, skipped_ascents=1)
+        telemetry.add(grad_norm.device, rho=rho, sam_micro_batches=1, forward_passes=1, backward_passes=1)
 
-    def _record_sam_micro_batch(self, clean_loss, perturbed_loss, last_micro_batch) -> None:
-        t = self._telemetry(clean_loss.device)
-        t[_PERTURBED_LOSS] += perturbed_loss.to(t.device, t.dtype)
-        t[_SHARPNESS] += (perturbed_loss - clean_loss).to(t.device, t.dtype)
-        t[_SAM_STEPS] += float(last_micro_batch)
+    def _count_skipped_step(self, run: _Run) -> None:
+        """Count the last optimizer step if it was not applied (GradScaler overflow, our guard, DeepSpeed).
+
+        Accelerate's flag describes the most recent optimizer step, so it is read once per step: at the next
+        micro-batch, or in the log that follows the step, whichever comes first."""
+        if self.state.global_step > run.outcome_read_at_step:
+            run.outcome_read_at_step = self.state.global_step
+            if self.accelerator.optimizer_step_was_skipped:
+                run.telemetry.add(self.args.device, skipped_steps=1)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the `sam/*` metrics to each training log, averaged over the logging window like `loss`."""
-        if "loss" in logs and self._sam_telemetry is not None:
-            steps = max(self.state.global_step - self._sam_last_logged_step, 1)
-            processes = self.accelerator.num_processes
-            # One collective on every rank (log() runs on all of them): sums over processes.
-            totals = self.accelerator.reduce(self._sam_telemetry.clone(), reduction="sum").tolist()
-            if totals[_FINITE_ASCENTS] > 0:
-                logs["sam/grad_norm"] = totals[_GRAD_NORM] / totals[_FINITE_ASCENTS]
-            if totals[_SAM_STEPS] > 0:
-                logs["sam/perturbed_loss"] = totals[_PERTURBED_LOSS] / totals[_SAM_STEPS]
-                logs["sam/sharpness"] = totals[_SHARPNESS] / totals[_SAM_STEPS]
-            if self.args.sam_rho_schedule != "constant" and totals[_SAM_MICRO_BATCHES] > 0:
-                logs["sam/rho"] = totals[_RHO] / totals[_SAM_MICRO_BATCHES]
-            logs["sam/skipped_ascents"] = int(totals[_SKIPPED])
-            logs["sam/skipped_steps"] = int(totals[_SKIPPED_STEPS] / processes)
-            logs["sam/fraction_sam_steps"] = totals[_SAM_STEPS] / (steps * processes)
-            logs["sam/forward_passes"] = int(totals[_FORWARDS] / processes)
-            logs["sam/backward_passes"] = int(totals[_BACKWARDS] / processes)
-            self._sam_telemetry.zero_()
-            self._sam_last_logged_step = self.state.global_step
+        """Add the `sam/*` metrics to each training log, averaged over the logging window like `loss`.
+
+        Only the Trainer's own training log (`control.should_log`, on every process at once) reduces the
+        telemetry over processes; a `trainer.log({...})` of the user's on one process starts no collective."""
+        run = self._sam_run
+        if "loss" in logs and self.control.should_log and run is not None and run.state is self.state:
+            self._count_skipped_step(run)
+            if not run.telemetry.empty:
+                logs.update(run.telemetry.metrics(self.accelerator, self.args.sam_rho_schedule != "constant"))
         super().log(logs, *args, **kwargs)
 
 
@@ -567,28 +648,6 @@ def _check_param_filter(model: torch.nn.Module, regex: str) -> None:
         raise ValueError(
             f"sam_param_filter={regex!r} matches no trainable parameter. Some parameter names: {', '.join(names[:8])}."
         )
-
-
-class _SkippedStepCounter(TrainerCallback):
-    """Counts optimizer steps that were not applied: fp16 overflow (GradScaler) or the fp32/bf16 guard of `SAM`."""
-
-    def __init__(self, trainer: SAMTrainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        """Report a step skipped by the fp32/bf16 guard the way a GradScaler reports an fp16 overflow (through
-        Accelerate's `step_was_skipped`), so that the Trainer does not advance the learning-rate schedule either."""
-        trainer = self.trainer
-        if trainer._deepspeed or trainer.accelerator.scaler is not None:
-            return  # the engine / the GradScaler report their own skips
-        guard_skips = trainer._sam_optimizer().skipped_steps
-        for optimizer in trainer.accelerator._optimizers:
-            optimizer._is_overflow = guard_skips > trainer._sam_skipped_seen
-        trainer._sam_skipped_seen = guard_skips
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.accelerator.optimizer_step_was_skipped:  # GradScaler, DeepSpeed or our guard
-            self.trainer._telemetry(args.device)[_SKIPPED_STEPS] += 1
 
 
 def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
@@ -618,16 +677,22 @@ def _batch_size(inputs: dict) -> int | None:
     return max(sizes) if sizes else None
 
 
-def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    for p in params:
-        if p.grad is None:  # a parameter unused in this step: its gradient is zero
-            p.grad = torch.zeros_like(p)
-    return [p.grad for p in params]
+def _items_in(inputs: dict, labels_are_shifted: bool) -> torch.Tensor | None:
+    """The items of one micro-batch, counted as `Trainer._get_num_items_in_batch` counts a window's."""
+    if "shift_labels" in inputs:
+        labels = inputs["shift_labels"]
+    elif "labels" in inputs:
+        labels = inputs["labels"][..., 1:] if labels_are_shifted else inputs["labels"]
+    else:
+        return None
+    return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
 
 
-def _on(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+def _on(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Stored state (e.g. loaded from a checkpoint on CPU) on the parameters' devices."""
-    return [t if t.device == p.device else t.to(p.device) for t, p in zip(tensors, like, strict=True)]
+    return [
+        t if t is None or t.device == p.device else t.to(p.device) for t, p in zip(tensors, like, strict=True)
+    ]
 
 
 def _tracking_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -636,6 +701,34 @@ def _tracking_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
         for m in model.modules()
         if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
     ]
+
+
+class _ChunkStatistics:
+    """m-sharpness chunks and BatchNorm: the running statistics move once per micro-batch, by the mean of the
+    chunks' updates (weighted by their shares), as the released code averages the per-device statistics of its
+    m-sized device batches. Each chunk's clean pass updates from the same starting statistics; frozen (eval-mode)
+    BatchNorm layers are left alone."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.modules = [m for m in modules if m.training and m.track_running_stats]
+        self.start = [(m.running_mean.clone(), m.running_var.clone()) for m in self.modules]
+        self.sums = [(torch.zeros_like(mean), torch.zeros_like(var)) for mean, var in self.start]
+
+    @torch.no_grad()
+    def add_chunk(self, share: float) -> None:
+        for m, (mean, var), (sum_mean, sum_var) in zip(self.modules, self.start, self.sums, strict=True):
+            sum_mean.add_(m.running_mean, alpha=share)
+            sum_var.add_(m.running_var, alpha=share)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.sub_(1)  # the chunk's pass counted one batch: the micro-batch counts once
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for m, (sum_mean, sum_var) in zip(self.modules, self.sums, strict=True):
+            m.running_mean.copy_(sum_mean)
+            m.running_var.copy_(sum_var)
+            m.num_batches_tracked.add_(1)
 
 
 @contextlib.contextmanager

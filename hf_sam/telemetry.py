@@ -1,0 +1,68 @@
+"""What `SAMTrainer` logs as `sam/*`: per-process sums over a logging window, one collective per log.
+
+Every value means the same thing whatever the gradient accumulation, loss normalisation, loss scale (fp16),
+process count or resume: the trainer adds quantities already in those units (see `SAMTrainer`'s docstring).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The sums kept between two logs, on this process.
+FIELDS = (
+    "grad_norm",  # ‖∇L(w)‖ of each micro-batch's mean loss, summed over the finite ascents
+    "finite_ascents",
+    "skipped_ascents",  # micro-batches whose ascent gradient was not finite (no perturbation applied)
+    "perturbed_loss",  # loss at w + ε as the Trainer reports `loss`, summed over SAM micro-batches
+    "sharpness",  # perturbed minus clean loss, same units
+    "sam_steps",  # optimizer steps that ran SAM
+    "steps",  # optimizer steps taken (SAM or not)
+    "skipped_steps",  # optimizer steps not applied (GradScaler overflow, non-finite guard, DeepSpeed overflow)
+    "forward_passes",
+    "backward_passes",
+    "rho",  # ρ of each SAM micro-batch, summed (for the mean when ρ is scheduled)
+    "sam_micro_batches",
+)
+_INDEX = {name: i for i, name in enumerate(FIELDS)}
+
+
+class SAMTelemetry:
+    """Sums of `FIELDS` over the micro-batches of one logging window, kept on the device (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self._sums: torch.Tensor | None = None
+
+    def add(self, device: torch.device | str, **values: float | torch.Tensor) -> None:
+        if self._sums is None:
+            self._sums = torch.zeros(len(FIELDS), device=device, dtype=torch.float64)
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(self._sums.device, self._sums.dtype)
+            self._sums[_INDEX[name]] += value
+
+    @property
+    def empty(self) -> bool:
+        return self._sums is None
+
+    def metrics(self, accelerator, rho_is_scheduled: bool) -> dict[str, float]:
+        """The `sam/*` values of the window, summed over processes (one all-reduce), then reset for the next."""
+        processes = accelerator.num_processes
+        totals = dict(
+            zip(FIELDS, accelerator.reduce(self._sums.clone(), reduction="sum").tolist(), strict=True)
+        )
+        self._sums.zero_()
+        logs: dict[str, float] = {}
+        if totals["finite_ascents"] > 0:
+            logs["sam/grad_norm"] = totals["grad_norm"] / totals["finite_ascents"]
+        if totals["sam_steps"] > 0:
+            logs["sam/perturbed_loss"] = totals["perturbed_loss"] / totals["sam_steps"]
+            logs["sam/sharpness"] = totals["sharpness"] / totals["sam_steps"]
+        if rho_is_scheduled and totals["sam_micro_batches"] > 0:
+            logs["sam/rho"] = totals["rho"] / totals["sam_micro_batches"]
+        logs["sam/skipped_ascents"] = int(totals["skipped_ascents"])
+        logs["sam/skipped_steps"] = int(totals["skipped_steps"] / processes)
+        if totals["steps"] > 0:
+            logs["sam/fraction_sam_steps"] = totals["sam_steps"] / totals["steps"]
+        logs["sam/forward_passes"] = int(totals["forward_passes"] / processes)
+        logs["sam/backward_passes"] = int(totals["backward_passes"] / processes)
+        return logs

@@ -1,0 +1,72 @@
+"""Run by tests/test_elastic_resume.py under `torchrun --nproc_per_node 2 --max-restarts 1` (gloo on CPU).
+
+Four SAM steps on two processes, a checkpoint every two. With `kill`, rank 1 kills itself (SIGKILL) after step 3 of
+the first attempt; torchrun restarts both processes, which resume from the newest checkpoint (step 2) as a user's
+script does with `resume_from_checkpoint=True`. Rank 0 saves what the parent test compares.
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from toy import make_model, make_rows  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+
+
+class KillRankOneAfterStep3(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first_attempt and args.process_index == 1 and state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # checkpoint-2 is complete: step 3 needed both ranks past it
+
+
+def main(out_dir: str, kill: bool) -> None:
+    args = SAMTrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=0.1,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="cosine",
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        sam_rho=0.05,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    model = make_model(dropout=0.2)
+    trainer = SAMTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_rows(16),
+        callbacks=[KillRankOneAfterStep3()] if kill else [],
+    )
+    resume = get_last_checkpoint(out_dir) if os.path.isdir(out_dir) else None  # rank 0 creates the folder
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.args.process_index == 0:
+        torch.save(
+            {
+                "weights": model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "logs": [e for e in trainer.state.log_history if "loss" in e],
+                "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                "resumed_from": resume,
+            },
+            os.path.join(out_dir, "result.pt"),
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], kill=sys.argv[2] == "kill")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
