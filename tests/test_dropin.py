@@ -11,7 +11,7 @@ from test_nonfinite import PoisonedNet
 from test_trainer import LR, assert_params_close, make_args, params_of
 from test_variants import assert_same_weights, batches, flat_dot, flat_norm, sgd_
 from torch import nn
-from toy import TinyNet, loss_and_grads, make_model, make_rows, reference_sam_gradient, stack
+from toy import CountingNet, TinyNet, loss_and_grads, make_model, make_rows, reference_sam_gradient, stack
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import SAM, SAMTrainer, SAMTrainingArguments
@@ -258,21 +258,6 @@ def test_wrapper_ascent_step_from_the_loss_works_under_accelerator_accumulate():
 
 
 # ---------------------------------------------------------------- 8. sam/grad_norm in one unit
-class CountingNet(TinyNet):
-    """A model that normalises its loss by `num_items_in_batch`, as transformers' language models do."""
-
-    def forward(self, features, labels=None, **kwargs):
-        logits = super().forward(features)["logits"]
-        out = {"logits": logits}
-        if labels is not None:
-            num_items = kwargs.get("num_items_in_batch")
-            reduction = "mean" if num_items is None else "sum"
-            out["loss"] = nn.functional.cross_entropy(logits, labels, reduction=reduction)
-            if num_items is not None:
-                out["loss"] = out["loss"] / num_items
-        return out
-
-
 def _mean_loss_grad_norm(model, batch):
     return float(flat_norm(loss_and_grads(model, batch)[1]))
 
@@ -445,10 +430,23 @@ class OutOfMemoryOnce(TinyNet):
 
 def test_auto_find_batch_size_retry_starts_the_window_afresh(tmp_path):
     """GSAM keeps the clean gradient of the window; an out-of-memory error in the first micro-batch's descent pass
-    (weights perturbed, clean gradient already added) is retried at half the batch from a clean slate."""
+    (weights perturbed, clean gradient already added) is retried at a smaller batch from a clean slate."""
     rows, alpha = make_rows(8), 0.3
     model = OutOfMemoryOnce(at_call=2)
-    halves = batches(rows[:4], 2)  # the retry: batch 4 -> 2, two micro-batches of the first 4 rows
+    args = make_args(
+        tmp_path,
+        sam_rho=RHO,
+        sam_mode="gsam",
+        sam_gsam_alpha=alpha,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        auto_find_batch_size=True,
+    )
+    trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    size = trainer.state.train_batch_size  # the retry's batch (accelerate shrinks it by its own rule)
+    assert size < 4
+    halves = batches(rows[: 2 * size], size)  # the step: two micro-batches of the retry's size
     reference = make_model()
     g = [(a + b) / 2 for a, b in zip(*(loss_and_grads(reference, h)[1] for h in halves), strict=True)]
     g_s = [
@@ -461,18 +459,6 @@ def test_auto_find_batch_size_retry_starts_the_window_afresh(tmp_path):
         p.detach() - LR * (s - alpha * r)
         for p, s, r in zip(reference.parameters(), g_s, residual, strict=True)
     ]
-    args = make_args(
-        tmp_path,
-        sam_rho=RHO,
-        sam_mode="gsam",
-        sam_gsam_alpha=alpha,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        auto_find_batch_size=True,
-    )
-    trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
-    assert trainer._train_batch_size == 2
     assert_params_close(model, expected)
     assert sam_logs(trainer)[0]["sam/forward_passes"] == 4  # the failed attempt's passes are not counted
 
@@ -519,12 +505,15 @@ def test_a_users_log_call_starts_no_collective(tmp_path, monkeypatch):
     assert not any(k.startswith("sam/") for k in trainer.state.log_history[-1])
 
 
-def test_context_parallelism_is_refused(tmp_path):
+def test_context_parallelism_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     trainer = SAMTrainer(
         model=make_model(), args=make_args(tmp_path, sam_rho=RHO), train_dataset=make_rows(8)
     )
-    trainer.accelerator.parallelism_config = SimpleNamespace(cp_enabled=True, sp_enabled=False)
+    context_parallel = SimpleNamespace(cp_enabled=True, sp_enabled=False)
+    monkeypatch.setattr(
+        type(trainer.accelerator), "parallelism_config", property(lambda self: context_parallel)
+    )
     with pytest.raises(ValueError, match="context or sequence parallelism"):
         trainer._check_sam_compatible()

@@ -12,11 +12,13 @@ LR, RHO = 0.1, 0.05
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     torchrun("ddp_sam.py", str(out), port=29517)
-    return {
+    results = {
         (sync, rank): torch.load(out / f"sync{sync}-rank{rank}.pt", weights_only=False)
         for sync in (0, 1)
         for rank in (0, 1)
     }
+    results["items"] = [torch.load(out / f"items-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return results
 
 
 @pytest.mark.multiprocess
@@ -64,6 +66,25 @@ def test_sync_perturbation_uses_one_global_epsilon(ddp_results):
     for p0, p1, want in zip(rank0["params"], rank1["params"], expected, strict=True):
         assert torch.equal(p0, p1)
         torch.testing.assert_close(p0, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_logged_grad_norm_is_the_mean_loss_norm_under_token_averaging_across_processes(ddp_results):
+    """A loss normalised by the items of both processes and multiplied by the process count
+    (average_tokens_across_devices): the log still shows ‖∇L‖ of each micro-batch's own mean loss."""
+    ranks = ddp_results["items"]
+    assert all(r["average"] for r in ranks)
+    counted = [int((r["batch"]["labels"] != -100).sum()) for r in ranks]
+    assert counted[0] != counted[1]  # otherwise the normalisation would cancel by itself
+    norms = []
+    for r in ranks:
+        batch = {"features": r["batch"]["features"], "target": r["batch"]["labels"]}
+        _, g = loss_and_grads(
+            make_model(), batch
+        )  # mean over the counted labels (cross_entropy ignores -100)
+        norms.append(float(torch.sqrt(sum((x**2).sum() for x in g))))
+    for r in ranks:
+        assert r["grad_norm"][0] == pytest.approx(sum(norms) / 2, rel=1e-5)
 
 
 def test_reference_batches_cover_the_dataset(ddp_results):

@@ -33,6 +33,22 @@ class TinyNet(nn.Module):
         return out
 
 
+class CountingNet(TinyNet):
+    """A model that normalises its loss by `num_items_in_batch`, as transformers' language models do (labels of
+    -100 are not counted)."""
+
+    def forward(self, features, labels=None, **kwargs):
+        logits = super().forward(features)["logits"]
+        out = {"logits": logits}
+        if labels is not None:
+            num_items = kwargs.get("num_items_in_batch")
+            reduction = "mean" if num_items is None else "sum"
+            out["loss"] = nn.functional.cross_entropy(logits, labels, reduction=reduction)
+            if num_items is not None:
+                out["loss"] = out["loss"] / num_items
+        return out
+
+
 def make_rows(n: int = 8, in_features: int = 6, classes: int = 3, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_features, generator=g)

@@ -10,7 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from toy import make_model, make_rows  # noqa: E402
+from toy import CountingNet, make_model, make_rows  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 
@@ -64,6 +64,39 @@ def main(out_dir: str) -> None:
             },
             os.path.join(out_dir, f"sync{int(sync)}-rank{rank}.pt"),
         )
+
+    # sam/grad_norm in mean-loss units under DDP: a loss normalised by the items of both processes (times the process
+    # count, average_tokens_across_devices), with an unequal number of counted labels on the two ranks.
+    rows = [
+        {"features": r["features"], "labels": r["target"] if i >= 3 else torch.tensor(-100)}
+        for i, r in enumerate(rows)
+    ]
+    torch.manual_seed(0)
+    args = SAMTrainingArguments(
+        output_dir=os.path.join(out_dir, "run-items"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        optim="sgd",
+        train_sampling_strategy="sequential",
+        average_tokens_across_devices=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = RecordingSAMTrainer(model=CountingNet(), args=args, train_dataset=rows)
+    trainer.record = {}
+    trainer.train()
+    logged = [e["sam/grad_norm"] for e in trainer.state.log_history if "sam/grad_norm" in e]
+    torch.save(
+        {
+            "batch": trainer.record["batch"],
+            "grad_norm": logged,
+            "average": args.average_tokens_across_devices,
+        },
+        os.path.join(out_dir, f"items-rank{trainer.args.process_index}.pt"),
+    )
 
 
 if __name__ == "__main__":
