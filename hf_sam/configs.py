@@ -61,6 +61,12 @@ class SAMTrainingArguments(TrainingArguments):
     sam_ascent_steps (`int`, defaults to `1`):
         Steps of projected gradient ascent inside the ρ-ball (paper, appendix C.6); each moves ε by ρ·ĝ and
         projects back onto the ball.
+    sam_ascent_fraction (`float`, defaults to `1.0`):
+        The ascent pass of each micro-batch uses its first ⌈f·B⌉ examples only (the batch is already shuffled);
+        ε comes from their mean-loss gradient and the descent pass still runs on all B at w + ε, so a SAM step
+        costs (1 + f) forward+backward passes instead of 2. `1.0` is plain SAM, bit for bit. BatchNorm running
+        statistics then come from the subset's clean pass. With f < 1 the logged `loss` is measured on the subset
+        and `sam/sharpness` is not logged (its two losses would be over different examples).
     sam_rho_schedule (`str`, defaults to `"constant"`):
         `"linear_with_lr"`: ρ_t = ρ_min + (ρ − ρ_min)·lr_t/lr_peak, as GSAM does.
     sam_rho_min (`float`, defaults to `0.0`):
@@ -134,6 +140,13 @@ class SAMTrainingArguments(TrainingArguments):
     )
     sam_ascent_steps: int = field(
         default=1, metadata={"help": "Projected gradient ascent steps inside the rho-ball (appendix C.6)."}
+    )
+    sam_ascent_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of each micro-batch the ascent pass uses (its first ceil(f*B) examples); the descent "
+            "runs on all of it. 1.0: plain SAM; 0.25: about 1.25x the stock step instead of 2x."
+        },
     )
     sam_rho_schedule: str = field(
         default="constant",
@@ -213,6 +226,11 @@ class SAMTrainingArguments(TrainingArguments):
             )
         if not _is_int(self.sam_ascent_steps) or self.sam_ascent_steps < 1:
             raise ValueError(f"sam_ascent_steps must be an integer >= 1, got {self.sam_ascent_steps!r}.")
+        if not _is_number(self.sam_ascent_fraction) or not 0.0 < self.sam_ascent_fraction <= 1.0:
+            raise ValueError(
+                f"sam_ascent_fraction must be a fraction of the micro-batch in (0, 1] (1.0: plain SAM), got "
+                f"{self.sam_ascent_fraction!r}."
+            )
         if self.sam_rho_schedule not in SAM_RHO_SCHEDULES:
             raise ValueError(
                 f"sam_rho_schedule must be one of {', '.join(map(repr, SAM_RHO_SCHEDULES))}, got {self.sam_rho_schedule!r}."
@@ -247,6 +265,17 @@ class SAMTrainingArguments(TrainingArguments):
                     raise ValueError(
                         f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it needs the full clean "
                         f"and SAM gradients of one ε per micro-batch. Use sam_mode='sam' or leave {name} at {default!r}."
+                    )
+        if self.sam_ascent_fraction < 1.0:
+            for name, value, default in (
+                ("sam_mode", self.sam_mode, "sam"),
+                ("sam_group_size", self.sam_group_size, None),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"sam_ascent_fraction={self.sam_ascent_fraction} cannot be combined with {name}={value!r}: "
+                        f"{'LookSAM and GSAM combine the clean gradient of the whole micro-batch with the SAM one' if name == 'sam_mode' else 'm-sharpness groups split the micro-batch into chunks of their own'}. "
+                        f"Use sam_ascent_fraction=1.0, or leave {name} at {default!r}."
                     )
         if self.sam_mode == "looksam" and self.sam_interval < 2:
             raise ValueError("sam_mode='looksam' needs sam_interval >= 2 (its k: a SAM step every k steps).")
@@ -290,6 +319,11 @@ class SAMTrainingArguments(TrainingArguments):
                 f"sam_group_size={self.sam_group_size} (one ε per chunk of examples) is impossible under FSDP, where ε "
                 "is one for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size."
             )
+        if self.sam_ascent_fraction < 1.0:
+            raise ValueError(
+                f"sam_ascent_fraction={self.sam_ascent_fraction} is not supported under FSDP yet (untested there). "
+                "Train with DDP for it, or use sam_interval for a cheaper SAM under FSDP."
+            )
         if self.sam_mode != "sam":
             raise ValueError(
                 f"sam_mode={self.sam_mode!r} is not supported under FSDP yet (its stored and combined gradients are "
@@ -309,6 +343,11 @@ class SAMTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"sam_group_size={self.sam_group_size} is not supported under DeepSpeed (each chunk's backward would "
                 "count as a micro-batch of the engine's accumulation). Train with DDP for m-sharpness."
+            )
+        if self.sam_ascent_fraction < 1.0:
+            raise ValueError(
+                f"sam_ascent_fraction={self.sam_ascent_fraction} is not supported under DeepSpeed yet (untested "
+                "there). Train with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed."
             )
         if self.sam_mode != "sam":
             raise ValueError(

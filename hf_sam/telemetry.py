@@ -44,8 +44,11 @@ class SAMTelemetry:
     def empty(self) -> bool:
         return self._sums is None
 
-    def metrics(self, accelerator, rho_is_scheduled: bool) -> dict[str, float]:
-        """The `sam/*` values of the window, summed over processes (one all-reduce), then reset for the next."""
+    def metrics(self, accelerator, rho_is_scheduled: bool, same_examples: bool = True) -> dict[str, float]:
+        """The `sam/*` values of the window, summed over processes (one all-reduce), then reset for the next.
+
+        `same_examples`: the clean and perturbed losses are over the same examples (not with an ascent subset),
+        so their difference is the sharpness."""
         processes = accelerator.num_processes
         totals = dict(
             zip(FIELDS, accelerator.reduce(self._sums.clone(), reduction="sum").tolist(), strict=True)
@@ -56,13 +59,19 @@ class SAMTelemetry:
             logs["sam/grad_norm"] = totals["grad_norm"] / totals["finite_ascents"]
         if totals["sam_steps"] > 0:
             logs["sam/perturbed_loss"] = totals["perturbed_loss"] / totals["sam_steps"]
-            logs["sam/sharpness"] = totals["sharpness"] / totals["sam_steps"]
+            if same_examples:
+                logs["sam/sharpness"] = totals["sharpness"] / totals["sam_steps"]
         if rho_is_scheduled and totals["sam_micro_batches"] > 0:
             logs["sam/rho"] = totals["rho"] / totals["sam_micro_batches"]
         logs["sam/skipped_ascents"] = int(totals["skipped_ascents"])
         logs["sam/skipped_steps"] = int(totals["skipped_steps"] / processes)
         if totals["steps"] > 0:
             logs["sam/fraction_sam_steps"] = totals["sam_steps"] / totals["steps"]
-        logs["sam/forward_passes"] = int(totals["forward_passes"] / processes)
-        logs["sam/backward_passes"] = int(totals["backward_passes"] / processes)
+        # Example-weighted: an ascent pass over a fraction f of the micro-batch counts f.
+        logs["sam/forward_passes"] = _whole_if_integral(totals["forward_passes"] / processes)
+        logs["sam/backward_passes"] = _whole_if_integral(totals["backward_passes"] / processes)
         return logs
+
+
+def _whole_if_integral(value: float) -> int | float:
+    return int(round(value)) if abs(value - round(value)) < 1e-9 else round(value, 6)

@@ -369,7 +369,9 @@ class SAMTrainer(Trainer):
         rng_state = _rng_snapshot(args.device)
 
         # 1. Ascent pass at w. Forward *and* backward under no_sync: a forward outside it would arm DDP's reducer.
-        clean_loss, grads = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+        # With sam_ascent_fraction < 1 it sees the first ⌈f·B⌉ examples only (their mean-loss gradient gives ε).
+        subset, share = self._ascent_subset(inputs)
+        clean_loss, grads = self._ascent_gradient(model, subset, num_items_in_batch, params, share)
         if args.sam_mode in ("gsam", "looksam"):
             self._accumulate_clean_gradient(grads, num_items_in_batch)
 
@@ -390,7 +392,7 @@ class SAMTrainer(Trainer):
                 for _ in range(args.sam_ascent_steps - 1):  # projected gradient ascent (appendix C.6)
                     _rng_restore(rng_state, args.device)
                     with _running_stats_frozen(batchnorms):
-                        _, step = self._ascent_gradient(model, inputs, num_items_in_batch, params)
+                        _, step = self._ascent_gradient(model, subset, num_items_in_batch, params, share)
                     if not bool(
                         torch.isfinite(compute_perturbation_(self._groups(params, step, slices, rhos)))
                     ):
@@ -414,11 +416,28 @@ class SAMTrainer(Trainer):
             self._sam_backup.restore_()
 
         self._record_ascent(
-            grad_norm * self._mean_loss_factor(inputs, num_items_in_batch),
+            grad_norm * self._mean_loss_factor(subset, num_items_in_batch),
             ascent_is_finite,
             rhos[0] if rhos else 0.0,
         )
+        if (
+            share < 1.0
+            and num_items_in_batch is not None
+            and self._loss_is_normalised_by_num_items(num_items_in_batch)
+        ):
+            # The subset's loss is normalised by the items of the whole window: in the units of the full micro-batch.
+            subset_items, items = _items_in(subset, self._shifts()), _items_in(inputs, self._shifts())
+            if subset_items is not None and items is not None:
+                clean_loss = clean_loss * items / subset_items.clamp(min=1)
         return clean_loss, perturbed_loss
+
+    def _ascent_subset(self, inputs: dict) -> tuple[dict, float]:
+        """The examples the ascent pass uses (`sam_ascent_fraction`): the first ⌈f·B⌉, and their share of B."""
+        fraction, batch_size = self.args.sam_ascent_fraction, _batch_size(inputs)
+        if fraction >= 1.0 or batch_size is None:
+            return inputs, 1.0
+        size = min(batch_size, math.ceil(fraction * batch_size))
+        return _examples(inputs, 0, size, batch_size), size / batch_size
 
     @contextlib.contextmanager
     def _loss_weighted(self, weight: float):
@@ -435,8 +454,9 @@ class SAMTrainer(Trainer):
         finally:
             self.current_gradient_accumulation_steps = steps
 
-    def _ascent_gradient(self, model, inputs, num_items_in_batch, params):
-        """Forward + backward at the current weights without touching `.grad` or DDP's reducer."""
+    def _ascent_gradient(self, model, inputs, num_items_in_batch, params, share: float = 1.0):
+        """Forward + backward at the current weights without touching `.grad` or DDP's reducer. `share`: the
+        fraction of the micro-batch `inputs` holds (the passes are counted example-weighted)."""
         if self._sharded:
             return self._sharded_ascent_gradient(model, inputs, num_items_in_batch, params)
         if self._deepspeed:
@@ -454,7 +474,7 @@ class SAMTrainer(Trainer):
                 # fp16: scale like the descent pass so small gradients do not underflow; the scale cancels in ε.
                 scaled = self.accelerator.scaler.scale(loss)
             grads = list(torch.autograd.grad(scaled, params, allow_unused=True, materialize_grads=True))
-        self._count_passes(forwards=1, backwards=1)
+        self._count_passes(forwards=share, backwards=share)
         if self.args.sam_sync_perturbation and self.accelerator.num_processes > 1:
             _all_reduce_mean_(grads)
         return loss.detach(), grads
@@ -518,16 +538,8 @@ class SAMTrainer(Trainer):
         if m is None or batch_size is None or m >= batch_size:
             return [(inputs, 1.0)]
 
-        def per_example(v) -> bool:
-            if isinstance(v, torch.Tensor):
-                return v.ndim > 0 and v.shape[0] == batch_size
-            return isinstance(v, (list, tuple)) and len(v) == batch_size
-
         return [
-            (
-                {k: v[start : start + m] if per_example(v) else v for k, v in inputs.items()},
-                min(m, batch_size - start) / batch_size,
-            )
+            (_examples(inputs, start, start + m, batch_size), min(m, batch_size - start) / batch_size)
             for start in range(0, batch_size, m)
         ]
 
@@ -596,12 +608,16 @@ class SAMTrainer(Trainer):
             factor = 1.0 / self.accelerator.scaler.get_scale()
         if num_items_in_batch is None or not self._loss_is_normalised_by_num_items(num_items_in_batch):
             return factor
-        items = _items_in(inputs, getattr(self, "_loss_shifts_labels", False))
+        items = _items_in(inputs, self._shifts())
         if items is None:
             return factor
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             items = items * (self.accelerator.num_processes // self.get_tp_size())
         return factor * num_items_in_batch / items.clamp(min=1).to(torch.float64)
+
+    def _shifts(self) -> bool:
+        """Whether the Trainer counts items as shifted causal-LM labels (`labels[..., 1:]`)."""
+        return getattr(self, "_loss_shifts_labels", False)
 
     # ------------------------------------------------------------------ telemetry
     def _count_passes(self, forwards: int, backwards: int) -> None:
@@ -636,7 +652,14 @@ class SAMTrainer(Trainer):
         if "loss" in logs and self.control.should_log and run is not None and run.state is self.state:
             self._count_skipped_step(run)
             if not run.telemetry.empty:
-                logs.update(run.telemetry.metrics(self.accelerator, self.args.sam_rho_schedule != "constant"))
+                logs.update(
+                    run.telemetry.metrics(
+                        self.accelerator,
+                        rho_is_scheduled=self.args.sam_rho_schedule != "constant",
+                        # With an ascent subset the clean loss is over other examples than the perturbed one.
+                        same_examples=self.args.sam_ascent_fraction == 1.0,
+                    )
+                )
         super().log(logs, *args, **kwargs)
 
 
@@ -675,6 +698,18 @@ def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
 def _batch_size(inputs: dict) -> int | None:
     sizes = [v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.ndim]
     return max(sizes) if sizes else None
+
+
+def _examples(inputs: dict, start: int, stop: int, batch_size: int) -> dict:
+    """Examples start..stop of a batch: tensors and lists with one entry per example are cut (detection `labels`
+    come as a list of dicts); other values are passed on as they are."""
+
+    def per_example(v) -> bool:
+        if isinstance(v, torch.Tensor):
+            return v.ndim > 0 and v.shape[0] == batch_size
+        return isinstance(v, (list, tuple)) and len(v) == batch_size
+
+    return {k: v[start:stop] if per_example(v) else v for k, v in inputs.items()}
 
 
 def _items_in(inputs: dict, labels_are_shifted: bool) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ def ddp_results(tmp_path_factory):
         for sync in (0, 1)
         for rank in (0, 1)
     }
+    results["fraction"] = [torch.load(out / f"fraction-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     results["items"] = [torch.load(out / f"items-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     return results
 
@@ -64,6 +65,30 @@ def test_sync_perturbation_uses_one_global_epsilon(ddp_results):
     descent = [loss_and_grads(perturbed, b)[1] for b in batches]
     expected = [p.detach() - LR * (a + b) / 2 for p, a, b in zip(model.parameters(), *descent, strict=True)]
     for p0, p1, want in zip(rank0["params"], rank1["params"], expected, strict=True):
+        assert torch.equal(p0, p1)
+        torch.testing.assert_close(p0, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_ascent_fraction_takes_each_ranks_subset_of_its_own_micro_batch(ddp_results):
+    ranks = ddp_results["fraction"]
+    model = make_model()
+    descent = []
+    for r in ranks:
+        subset, full = r["calls"][0], r["calls"][1]  # the ascent pass, then the descent pass
+        assert len(subset["target"]) == 2 and torch.equal(subset["features"], full["features"][:2])
+        _, g = loss_and_grads(model, subset)
+        norm = torch.sqrt(sum((x**2).sum() for x in g))
+        eps = [RHO * x / norm for x in g]
+        for got, want in zip(r["eps"], eps, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # this rank's subset alone
+        perturbed = make_model()
+        with torch.no_grad():
+            for p, e in zip(perturbed.parameters(), eps, strict=True):
+                p += e
+        descent.append(loss_and_grads(perturbed, full)[1])
+    expected = [p.detach() - LR * (a + b) / 2 for p, a, b in zip(model.parameters(), *descent, strict=True)]
+    for p0, p1, want in zip(ranks[0]["params"], ranks[1]["params"], expected, strict=True):
         assert torch.equal(p0, p1)
         torch.testing.assert_close(p0, want, atol=1e-6, rtol=0)
 

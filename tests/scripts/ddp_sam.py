@@ -22,6 +22,7 @@ class RecordingSAMTrainer(SAMTrainer):
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         self.record.setdefault("batch", {k: v.clone() for k, v in inputs.items()})
+        self.record.setdefault("calls", []).append({k: v.clone() for k, v in inputs.items()})
         if self._sam_backup.perturbed:
             names = {id(p): n for n, p in self.model.named_parameters()}
             eps = {
@@ -64,6 +65,32 @@ def main(out_dir: str) -> None:
             },
             os.path.join(out_dir, f"sync{int(sync)}-rank{rank}.pt"),
         )
+
+    # sam_ascent_fraction=0.5: each rank's ε from the first half of its own micro-batch, the descent over all of it.
+    args = SAMTrainingArguments(
+        output_dir=os.path.join(out_dir, "run-fraction"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        sam_rho=0.05,
+        sam_ascent_fraction=0.5,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    model = make_model()
+    trainer = RecordingSAMTrainer(model=model, args=args, train_dataset=rows)
+    trainer.record = {}
+    trainer.train()
+    torch.save(
+        {**trainer.record, "params": [p.detach() for p in model.parameters()]},
+        os.path.join(out_dir, f"fraction-rank{trainer.args.process_index}.pt"),
+    )
 
     # sam/grad_norm in mean-loss units under DDP: a loss normalised by the items of both processes (times the process
     # count, average_tokens_across_devices), with an unequal number of counted labels on the two ranks.
