@@ -40,6 +40,9 @@ VARIANTS = {
     "m-sharpness, sam_group_size=8": {"sam_group_size": 8},
     "SAM-ON, sam_param_filter='normalization'": {"sam_param_filter": "normalization"},
     "2 ascent steps": {"sam_ascent_steps": 2},
+    "ascent on 1/2 of the batch, sam_ascent_fraction=0.5": {"sam_ascent_fraction": 0.5},
+    "ascent on 1/4 of the batch, sam_ascent_fraction=0.25": {"sam_ascent_fraction": 0.25},
+    "sam_ascent_fraction=0.25, sam_interval=2": {"sam_ascent_fraction": 0.25, "sam_interval": 2},
 }
 
 

@@ -1,6 +1,6 @@
 """Cost against benefit of each SAM variant, with the toolkit's own SAMTrainer, on real images.
 
-    python experiments/variants.py [--seeds 3] [--epochs 40] [--noise 0.4] [--readme]
+    python experiments/variants.py [--seeds 5] [--epochs 40] [--noise 0.4] [--readme]
 
 Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, the only real images on this machine), with
 the split, standardisation and symmetric label noise of the other experiments (`experiments/common.py`: each
@@ -45,6 +45,9 @@ VARIANTS = {
     "m-sharpness, m=16": {"sam_group_size": 16},
     "2 ascent steps": {"sam_ascent_steps": 2},
     "ASAM": {"sam_adaptive": True, "_rho": 1.0},
+    "ascent on 1/2 of the batch (f=0.5)": {"sam_ascent_fraction": 0.5},
+    "ascent on 1/4 of the batch (f=0.25)": {"sam_ascent_fraction": 0.25},
+    "f=0.25, sam_interval=2": {"sam_ascent_fraction": 0.25, "sam_interval": 2},
 }
 
 
@@ -114,7 +117,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--noise", type=float, default=0.4)
     parser.add_argument("--rho", type=float, default=0.1)

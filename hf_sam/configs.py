@@ -1,4 +1,5 @@
-"""`SAMTrainingArguments`: `transformers.TrainingArguments` plus the `sam_*` fields."""
+"""The `sam_*` fields: `SAMArguments`, a dataclass mixin for any `TrainingArguments` subclass, and
+`SAMTrainingArguments` = `SAMArguments` + `transformers.TrainingArguments`."""
 
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ _INCOMPATIBLE_OPTIM_MARKERS = ("lomo", "layerwise")
 
 
 @dataclass
-class SAMTrainingArguments(TrainingArguments):
-    r"""`TrainingArguments` for `SAMTrainer`.
+class SAMArguments:
+    r"""The SAM fields, to mix into any `TrainingArguments` subclass (put it first, so its checks run first):
 
-    Every inherited field keeps its `transformers` default (momentum, frozen BatchNorm, label smoothing are
-    recipe settings, not ours). The SAM fields:
+        @dataclass
+        class SAMSFTConfig(SAMArguments, trl.SFTConfig):
+            pass
+
+    Every inherited field keeps its default (momentum, frozen BatchNorm, label smoothing are recipe settings, not
+    ours). The SAM fields:
 
     > SAM (Foret et al. 2021)
 
@@ -180,6 +185,11 @@ class SAMTrainingArguments(TrainingArguments):
     sam_gsam_alpha: float = field(default=0.1, metadata={"help": "GSAM's alpha."})
 
     def __post_init__(self):
+        if not isinstance(self, TrainingArguments):
+            raise TypeError(
+                f"{type(self).__name__}: SAMArguments is a mixin for a TrainingArguments subclass, e.g. "
+                "`class SAMSFTConfig(SAMArguments, SFTConfig)`."
+            )
         # Check our own fields first: a typo in a SAM field should not wait behind device set-up.
         self.sam_norm = _normalize_norm(self.sam_norm)
         validate_sam_hparams(self.sam_rho, self.sam_adaptive, self.sam_eta, self.sam_norm, prefix="sam_")
@@ -355,6 +365,11 @@ class SAMTrainingArguments(TrainingArguments):
                 "partitioned buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval "
                 "for a cheaper SAM), or train with DDP."
             )
+
+
+@dataclass
+class SAMTrainingArguments(SAMArguments, TrainingArguments):
+    """`TrainingArguments` plus the `sam_*` fields of `SAMArguments`, for `SAMTrainer`."""
 
 
 def _is_int(value) -> bool:

@@ -1,8 +1,10 @@
-"""`SAMTrainer`: `transformers.Trainer` with the two-pass SAM step. Overrides a few public hooks, never the loop."""
+"""The two-pass SAM step as a mixin for any `transformers.Trainer` subclass (`SAMMixin`), and `SAMTrainer` =
+`SAMMixin` + `transformers.Trainer`. Overrides a few public hooks, never the loop."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import os
@@ -13,7 +15,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer
 from transformers.utils import logging
 
-from hf_sam.configs import SAMTrainingArguments
+from hf_sam.configs import SAMArguments, SAMTrainingArguments
 from hf_sam.sam import (
     NORM_EPS,
     SAM,
@@ -52,8 +54,28 @@ class _Run:
         self.outcome_read_at_step = state.global_step  # see SAMTrainer._count_skipped_step
 
 
-class SAMTrainer(Trainer):
-    """A drop-in `Trainer` that takes its optimizer steps with the Sharpness-Aware Minimization gradient.
+# Trainers whose training_step generates, or trains several models: the two-pass step cannot wrap them.
+_REFUSED_PARENTS = {
+    "GRPOTrainer": "generates completions inside its training step",
+    "RLOOTrainer": "generates completions inside its training step",
+    "PPOTrainer": "runs its own rollout loop with a policy and a value model",
+    "OnlineDPOTrainer": "generates completions inside its training step",
+    "NashMDTrainer": "generates completions inside its training step",
+    "XPOTrainer": "generates completions inside its training step",
+    "GKDTrainer": "generates with the student and trains against a teacher model",
+}
+
+
+class SAMMixin:
+    """The Sharpness-Aware Minimization step for any `transformers.Trainer` subclass: put it first.
+
+        class SAMTrainer(SAMMixin, Trainer): ...            # hf_sam.SAMTrainer
+        class SAMSFTTrainer(SAMMixin, trl.SFTTrainer): ...   # with SAMSFTConfig(SAMArguments, trl.SFTConfig)
+
+    The arguments must carry the `sam_*` fields (`hf_sam.SAMArguments` mixed into the parent's arguments class).
+    What the parent's `compute_loss` records on the side (trl's `_metrics`, `_total_train_tokens`,
+    `_stored_metrics`; extend `sam_clean_pass_state` for your own) is kept from the clean pass at w only: the
+    perturbed pass's records are undone, so such metrics are logged once per micro-batch, like `loss`.
 
     Per micro-batch (`training_step`):
 
@@ -82,15 +104,29 @@ class SAMTrainer(Trainer):
     and `sam/sharpness` are in the units of the logged `loss`.
     """
 
-    def __init__(self, model=None, args: SAMTrainingArguments | None = None, *pargs, **kwargs):
+    # Attributes a parent's compute_loss updates as a side effect (trl's convention): restored after the perturbed
+    # pass, so they hold the clean pass's records only.
+    sam_clean_pass_state: tuple[str, ...] = ("_metrics", "_total_train_tokens", "_stored_metrics")
+
+    def __init__(self, model=None, args: SAMArguments | None = None, *pargs, **kwargs):
+        name = type(self).__name__
         if args is None:
             args = SAMTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, SAMTrainingArguments):
+        if not isinstance(args, SAMArguments):
             raise TypeError(
-                f"SAMTrainer needs SAMTrainingArguments, got {type(args).__name__}. Replace "
-                "`TrainingArguments(...)` by `hf_sam.SAMTrainingArguments(...)`: it takes the same fields plus sam_*."
+                f"{name} needs SAMTrainingArguments or another arguments class with the sam_* fields, got "
+                f"{type(args).__name__}. Replace "
+                "`TrainingArguments(...)` by `hf_sam.SAMTrainingArguments(...)` (same fields plus sam_*), or mix "
+                "`hf_sam.SAMArguments` into your arguments class: `class MyConfig(SAMArguments, SFTConfig)`."
             )
-        if args.sam_rho > 0 and args.sam_param_filter is not None and model is not None:
+        refused = next((c.__name__ for c in type(self).__mro__ if c.__name__ in _REFUSED_PARENTS), None)
+        if refused is not None and args.sam_rho > 0:
+            raise ValueError(
+                f"{name}: SAM cannot wrap {refused}, which {_REFUSED_PARENTS[refused]}. Supported: Trainer, "
+                "Seq2SeqTrainer, trl's SFTTrainer and subclasses whose training_step is one forward+backward; or set "
+                "sam_rho=0."
+            )
+        if args.sam_rho > 0 and args.sam_param_filter is not None and isinstance(model, torch.nn.Module):
             _check_param_filter(model, args.sam_param_filter)  # before Trainer.__init__ creates output_dir
         output_dir_existed = args.output_dir is None or os.path.exists(args.output_dir)
         super().__init__(model, args, *pargs, **kwargs)
@@ -409,7 +445,7 @@ class SAMTrainer(Trainer):
             _rng_restore(rng_state, args.device)
             sync = contextlib.nullcontext() if is_last or self._sharded else self.accelerator.no_sync(model)
             with sync, _running_stats_frozen(batchnorms), self._restore_before_engine_step(model):
-                with self._loss_weighted(loss_weight):
+                with self._loss_weighted(loss_weight), self._records_of_the_clean_pass():
                     perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             # 4. Back to w (exact copy) before the Trainer clips, steps, saves or evaluates.
@@ -438,6 +474,20 @@ class SAMTrainer(Trainer):
             return inputs, 1.0
         size = min(batch_size, math.ceil(fraction * batch_size))
         return _examples(inputs, 0, size, batch_size), size / batch_size
+
+    @contextlib.contextmanager
+    def _records_of_the_clean_pass(self):
+        """Undo what the parent's compute_loss records during the perturbed pass (`sam_clean_pass_state`)."""
+        saved = {
+            name: copy.deepcopy(getattr(self, name))
+            for name in self.sam_clean_pass_state
+            if hasattr(self, name)
+        }
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     @contextlib.contextmanager
     def _loss_weighted(self, weight: float):
@@ -661,6 +711,10 @@ class SAMTrainer(Trainer):
                     )
                 )
         super().log(logs, *args, **kwargs)
+
+
+class SAMTrainer(SAMMixin, Trainer):
+    """A drop-in `transformers.Trainer` that takes its optimizer steps with the SAM gradient (see `SAMMixin`)."""
 
 
 # ---------------------------------------------------------------------- helpers

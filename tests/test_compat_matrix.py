@@ -91,8 +91,8 @@ class Rows(torch.utils.data.IterableDataset):
 
 
 # ---------------------------------------------------------------- the independent reference
-class NaiveSAMTrainer(Trainer):
-    """SAM written out plainly on top of the stock step (the reference for rho > 0)."""
+class NaiveSAMMixin:
+    """SAM written out plainly on top of the parent's stock step (the reference for rho > 0)."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -119,6 +119,10 @@ class NaiveSAMTrainer(Trainer):
             self.model_accepts_loss_kwargs and num_items_in_batch is not None
         ) or self.compute_loss_func is not None
         return clean.detach() if normalised else clean.detach() / self.current_gradient_accumulation_steps
+
+
+class NaiveSAMTrainer(NaiveSAMMixin, Trainer):
+    pass
 
 
 # ---------------------------------------------------------------- the features
