@@ -11,6 +11,7 @@ import datasets
 import pytest
 import timm
 import torch
+import yaml
 from finetune_helpers import (
     REPO,
     fake_image,
@@ -351,3 +352,128 @@ def test_make_demo(tmp_path):
         line.startswith("| SAM ") for line in lines
     )
     assert os.path.getsize(os.path.join(REPO, "outputs/digits/test_efficientnet/demo.png")) > 10_000
+
+
+# ---------------------------------------------------------------------- the released code's settings
+def test_steps_per_epoch_is_what_the_trainer_takes(timm_ckpt, tmp_path):
+    """10 images, 2 per device, global batch 4 (accumulation 2): 5 micro-batches -> ceil(5 / 2) = 3 steps in
+    one epoch (not 10 / 4 = 2.5), as the recipe headers count them."""
+    assert finetune.steps_per_epoch(10, 2, 1, 2) == 3
+    fast = FAST[2:]  # without --max_steps 2: train by epochs instead
+    assert FAST[:2] == ["--max_steps", "2"]
+    finetune.main(["--output_dir", str(tmp_path / "out"), *fast, "--num_train_epochs", "1", "--dataset", "digits",
+                   "--model_name_or_path", timm_ckpt, "--max_train_samples", "10", "--max_test_samples", "4",
+                   "--global_batch_size", "4"])  # fmt: skip
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    config = yaml.safe_load((tmp_path / "out" / "resolved_config.yaml").read_text())
+    assert config["global_batch_size"] == 4 and "gradient_accumulation_steps" not in config
+
+
+def test_dropout_rates_reach_the_timm_model(timm_ckpt):
+    from hf_sam.models import load_model_and_processor
+
+    model, _ = load_model_and_processor(
+        timm_ckpt, [str(i) for i in range(5)], drop_rate=0.5, drop_path_rate=0.2
+    )
+    net = model.timm_model
+    assert net.drop_rate == 0.5
+    drop_probs = [m.drop_prob for m in net.modules() if type(m).__name__ == "DropPath"]
+    # timm scales stochastic depth linearly over the blocks, up to the rate (as the TF original's drop-connect).
+    assert drop_probs and max(drop_probs) <= 0.2 and max(drop_probs) > 0.1
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    torch.manual_seed(0)
+    a = model(pixel_values=x).logits
+    b = model(pixel_values=x).logits
+    assert not torch.equal(a, b)  # active in training mode
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, model(pixel_values=x).logits)
+    plain, _ = load_model_and_processor(timm_ckpt, [str(i) for i in range(5)])
+    assert plain.timm_model.drop_rate == 0.0  # unset: the checkpoint's own (0 for this one)
+
+
+def test_dropout_rates_reach_transformers_models(tmp_path, vit_ckpt):
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification, ViTImageProcessor
+
+    from hf_sam.models import ModelError, load_model_and_processor
+
+    config = EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1, num_labels=3,
+                                hidden_dim=64)  # fmt: skip
+    folder = str(tmp_path / "effnet")
+    EfficientNetForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    model, _ = load_model_and_processor(folder, ["a", "b"], drop_rate=0.5, drop_path_rate=0.2)
+    assert (model.config.dropout_rate, model.config.drop_connect_rate) == (0.5, 0.2)
+    assert model.dropout.p == 0.5
+    vit, _ = load_model_and_processor(vit_ckpt, ["a", "b"], drop_rate=0.1)
+    assert vit.config.hidden_dropout_prob == 0.1
+    with pytest.raises(ModelError, match="drop_path_rate cannot be set"):
+        load_model_and_processor(vit_ckpt, ["a", "b"], drop_path_rate=0.1)
+
+
+def test_optimizer_follows_the_released_code(timm_ckpt, tmp_path):
+    """Nesterov from optim_args; weight decay on every parameter with weight_decay_all_parameters (the released
+    code), on all but biases and norms without it (the Trainer's default)."""
+    groups = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        finetune.main(["--output_dir", str(out), *FAST, "--dataset", "digits", "--model_name_or_path", timm_ckpt,
+                       "--max_train_samples", "8", "--max_test_samples", "4", "--save_strategy", "steps",
+                       "--save_steps", "2", "--optim_args", "momentum=0.9,nesterov=True", "--weight_decay", "1e-5",
+                       "--weight_decay_all_parameters", flag])  # fmt: skip
+        groups[flag] = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
+    model = AutoModelForImageClassification.from_pretrained(str(tmp_path / "true"))
+    num_params = len(list(model.parameters()))
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in groups["true"] + groups["false"])
+    decayed = {
+        flag: sum(len(g["params"]) for g in gs if g["weight_decay"] == 1e-5) for flag, gs in groups.items()
+    }
+    assert decayed["true"] == num_params
+    assert 0 < decayed["false"] < num_params
+
+
+def test_configuration_errors_come_before_the_bf16_check(tmp_path):
+    """A GPU (bf16) recipe on this CPU machine, as a user would launch it (no --use_cpu): the typo and the
+    checkpoint conflict are reported, not the environment; the environment error names the fix."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a bf16 GPU")
+    recipe = os.path.join(REPO, "recipes/oxford_pets/efficientnet_b7/sam.yaml")
+    out = tmp_path / "o"
+
+    def error(*argv) -> str:
+        with pytest.raises(SystemExit) as err:
+            finetune.main(["--config", recipe, *argv])
+        text = str(err.value.code)
+        assert text.startswith("finetune.py: error: ") and "\n" not in text, text
+        return text
+
+    text = error("--output_dir", str(out), "--sam_rhoo", "0.1")
+    assert "unknown flag(s) 'sam_rhoo' (did you mean 'sam_rho'?)" in text and "bf16" not in text
+    assert "drop_rate must be in [0, 1)" in error("--output_dir", str(out), "--drop_rate", "1.5")
+    (out / "checkpoint-100").mkdir(parents=True)
+    text = error("--output_dir", str(out))
+    assert "already holds checkpoint-100" in text and "bf16" not in text
+    text = error("--output_dir", str(tmp_path / "new"))
+    assert "--bf16 false" in text and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-100"]
+
+
+def test_hub_private_repo_is_respected_and_documented(timm_ckpt, tmp_path, monkeypatch, capsys):
+    created = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok, private):
+            created.append(private)
+
+        def upload_folder(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(finetune, "HfApi", FakeApi)
+    run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--max_train_samples", "4",
+        "--max_test_samples", "4", "--push_to_hub", "true", "--hub_model_id", "me/x", "--hub_private_repo", "true")  # fmt: skip
+    assert created == [True]
+    with pytest.raises(SystemExit):
+        finetune.parse_config(["--help"])
+    assert "--hub_private_repo" in capsys.readouterr().out
