@@ -66,6 +66,10 @@ class DatasetSpec:
     config_name: str | None = None
     data_files: dict[str, str] | None = None
     first_label: str | None = None
+    title: str | None = None  # the dataset's usual name, for model card titles
+    terms: str | None = (
+        None  # the dataset's licence / terms of use, as its card states them (model cards repeat it)
+    )
     local_path: str | None = None  # a local folder given as `dataset` (then hub_id is None)
     builder: Callable[[], DatasetDict] | None = field(default=None, compare=False)
 
@@ -104,29 +108,33 @@ def digits_dataset() -> DatasetDict:
 # fmt: off
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     DatasetSpec("cifar10", "uoft-cs/cifar10", image_column="img", label_column="label", num_classes=10,
-                first_label="airplane"),
+                first_label="airplane", title="CIFAR-10"),
     DatasetSpec("cifar100", "uoft-cs/cifar100", image_column="img", label_column="fine_label",
-                num_classes=100, first_label="apple"),
+                num_classes=100, first_label="apple", title="CIFAR-100"),
     # The official Food-101 test set is the split named `validation`.
     DatasetSpec("food101", "ethz/food101", image_column="image", label_column="label", num_classes=101,
-                test_split="validation", first_label="apple_pie"),
+                test_split="validation", first_label="apple_pie", title="Food-101"),
     # Pets' `train` is the official trainval list (3,680); the standard label order (0 = abyssinian).
     DatasetSpec("oxford_pets", "timm/oxford-iiit-pet", image_column="image", label_column="label",
-                num_classes=37, first_label="abyssinian"),
+                num_classes=37, first_label="abyssinian", title="Oxford-IIIT Pets",
+                terms="CC BY-SA 4.0 (the dataset card's licence)"),
     # Standard transfer protocol: train on train+validation (2 x 1,020), test on test (6,149). Official
     # category order (0 = pink primrose); avoid `nelorth/oxford-flowers`, whose names are string-sorted.
     DatasetSpec("flowers102", "dpdl-benchmark/oxford_flowers102", image_column="image", label_column="label",
-                num_classes=102, train_split="train+validation", first_label="pink primrose"),
+                num_classes=102, train_split="train+validation", first_label="pink primrose",
+                title="Oxford Flowers-102"),
     # Only train/test are downloaded (the repo also holds 7 corruption splits of 8,041 images each).
     DatasetSpec("stanford_cars", "tanganke/stanford_cars", image_column="image", label_column="label",
                 num_classes=196, revision="9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40",
                 data_files={"train": "data/train-*.parquet", "test": "data/test-*.parquet"},
-                first_label="AM General Hummer SUV 2000"),
+                first_label="AM General Hummer SUV 2000", title="Stanford Cars",
+                terms="for non-commercial research purposes only (the Stanford Cars terms of use); a model trained "
+                      "on it is subject to them"),
     # Labels are the 100 variants (there is no `label` column); trainval / test as in the paper.
     DatasetSpec("fgvc_aircraft", "dpdl-benchmark/fgvc_aircraft", image_column="image", label_column="variant",
-                num_classes=100, train_split="train+validation", first_label="707-320"),
+                num_classes=100, train_split="train+validation", first_label="707-320", title="FGVC-Aircraft"),
     DatasetSpec("digits", None, image_column="image", label_column="label", num_classes=10, first_label="0",
-                builder=digits_dataset),
+                title="scikit-learn digits", builder=digits_dataset),
 ]}
 # fmt: on
 

@@ -11,7 +11,9 @@ CPU): `python recipes/finetune.py --config <recipe> --check_config true`.
 Writes into `output_dir`: the model (safetensors + config with label names + preprocessing config; a timm
 model in a layout both `transformers` and `timm.create_model` read), `test_results.json` (top-1 / top-5 on
 the test split), `train_results.json`, `resolved_config.yaml` and a model card (`README.md`). With
-`push_to_hub: true` and `hub_model_id`, that folder (without checkpoints) is uploaded at the end.
+`push_to_hub: true` and `hub_model_id`, the files a user loads (`PUSHED_FILES`: weights, configs, card, test
+results, resolved recipe; no checkpoints, no `training_args.bin`) are uploaded at the end, to a private repository
+with `hub_private_repo: true`.
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ from hf_sam.data import (
     resolve_spec,
     set_transforms,
 )
+from hf_sam.model_card import finetuning_card
 from hf_sam.models import TIMM_PREFIX, ModelError, is_timm, load_model_and_processor, make_timm_loadable
 
-CARD_TAGS = ("sam", "image-classification", "hf-sam")
+# What a user loads (weights, configs, card) and the run's record; never training_args.bin, checkpoints or logs.
+# Top-level files only: upload_folder matches these against paths relative to output_dir.
+PUSHED_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "config.json",
+                "preprocessor_config.json", "README.md", "test_results.json", "resolved_config.yaml")  # fmt: skip
 logger = logging.getLogger("finetune")
 
 
@@ -640,7 +646,8 @@ def run(args: Args) -> dict[str, float]:
         make_timm_loadable(training.output_dir)
         with open(os.path.join(training.output_dir, "resolved_config.yaml"), "w") as f:
             yaml.safe_dump(resolved_config(args), f, sort_keys=False)
-        write_model_card(args, data.source, len(data.train), data.label_names, metrics, is_timm(model))
+        write_model_card(args, spec, data.source, len(data.train), len(data.test), data.label_names, metrics,
+                         is_timm(model))  # fmt: skip
 
     # ------------------------------------------------------------------ push
     if push_to_hub and trainer.is_world_process_zero():
@@ -714,7 +721,15 @@ def distributed_engine(training) -> str:
     return "DDP" if training.world_size > 1 else "single process"
 
 
-def write_model_card(args, source, num_train, label_names, metrics, timm_model) -> str:
+def run_title(args: Args, spec) -> str:
+    """'<dataset> x <base model>, SAM (rho = ...)' or '..., baseline (plain optimizer)'."""
+    base = os.path.basename(os.path.normpath(args.model.model_name_or_path))
+    t = args.training
+    run = f"SAM (ρ = {t.sam_rho})" if t.sam_rho > 0 else "baseline (plain optimizer, ρ = 0)"
+    return f"{spec.title or spec.name} x {base}, {run}"
+
+
+def write_model_card(args, spec, source, num_train, num_test, label_names, metrics, timm_model) -> str:
     t, m = args.training, args.model
     global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
     engine = distributed_engine(t)
@@ -729,69 +744,42 @@ def write_model_card(args, source, num_train, label_names, metrics, timm_model) 
         if t.sam_rho > 0
         else "none (ρ = 0: the paired baseline, plain optimizer)"
     )
-    front = {
-        "library_name": "timm" if timm_model else "transformers",
-        "tags": list(CARD_TAGS),
-        "base_model": m.model_name_or_path,
-        "datasets": [source.split("@")[0]] if "/" in source and not os.path.exists(source) else [],
-        "metrics": ["accuracy"],
-        "pipeline_tag": "image-classification",
-    }
-    results = "\n".join(
-        f"| {k} | {v:.4f} |"
-        for k, v in sorted(metrics.items())
-        if k in ("test_top1", "test_top5", "test_loss")
+    optim = t.optim.value if hasattr(t.optim, "value") else t.optim
+    schedule = t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type
+    decay_scope = "every parameter" if args.script.weight_decay_all_parameters else "all but biases and norms"
+    training_lines = [
+        f"Base checkpoint: `{m.model_name_or_path}`{f' @ {m.model_revision}' if m.model_revision else ''}; new "
+        f"classifier head; BatchNorm statistics frozen: {m.freeze_batchnorm}",
+        f"Dropout {m.drop_rate if m.drop_rate is not None else 'as the checkpoint'}, stochastic depth "
+        f"{m.drop_path_rate if m.drop_path_rate is not None else 'as the checkpoint'}",
+        f"Dataset: `{source}`; train augmentation: {args.data.train_augmentation}; test resize: {args.data.eval_resize}",
+        f"SAM: {sam}",
+        f"Optimizer: {optim} ({t.optim_args or 'defaults'}), lr {t.learning_rate}, {schedule} schedule, "
+        f"{t.warmup_steps} warm-up steps, weight decay {t.weight_decay} on {decay_scope}, gradient clipping "
+        f"{t.max_grad_norm or 'none'}, label smoothing {t.label_smoothing_factor}",
+        f"Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x "
+        f"{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}; "
+        f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}; seed {t.seed}",
+    ]
+    card = finetuning_card(
+        title=run_title(args, spec),
+        repo_id=t.hub_model_id,
+        base_model=m.model_name_or_path,
+        dataset_id=source.split("@")[0] if spec.hub_id and not os.path.exists(source) else None,
+        dataset_title=spec.title or spec.name,
+        test_split=spec.test_split,
+        num_train=num_train,
+        num_test=num_test,
+        num_classes=len(label_names),
+        metrics=metrics,
+        license=args.script.license,
+        dataset_terms=spec.terms,
+        timm_model=timm_model,
+        training_lines=training_lines,
+        command=command_line(args),
     )
-    load_timm = (
-        f'\nWith timm: `timm.create_model("hf-hub:{t.hub_model_id or "<repo>"}", pretrained=True)`.\n'
-        if timm_model
-        else ""
-    )
-    card = f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {os.path.basename(os.path.normpath(t.output_dir))}
-
-`{m.model_name_or_path}` finetuned on `{source}` ({len(label_names)} classes, {num_train} training images) with
-hf-sam (Sharpness-Aware Minimization in the Hugging Face Trainer).
-
-## Test metrics (test split)
-
-| metric | value |
-|---|---|
-{results}
-
-## Training
-
-- Base checkpoint: `{m.model_name_or_path}`{f" @ {m.model_revision}" if m.model_revision else ""}; new classifier head
-- Dataset: `{source}`, train augmentation: {args.data.train_augmentation}
-- SAM: {sam}
-- Optimizer: {t.optim.value if hasattr(t.optim, "value") else t.optim} ({t.optim_args or "defaults"}), lr {t.learning_rate}, \
-{t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type} schedule, weight decay {t.weight_decay}, \
-label smoothing {t.label_smoothing_factor}
-- Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x \
-{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}
-- BatchNorm statistics frozen: {m.freeze_batchnorm}
-
-Command:
-
-```bash
-{command_line(args)}
-```
-
-Full configuration: `resolved_config.yaml`.
-
-## Use
-
-```python
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained("{t.hub_model_id or "<repo>"}")
-```
-{load_timm}"""
-    with open(os.path.join(t.output_dir, "README.md"), "w") as f:
-        f.write(card)
-    return card
+    card.save(os.path.join(t.output_dir, "README.md"))
+    return str(card)
 
 
 def _hub_error(action: str, err: Exception) -> ConfigError:
@@ -814,7 +802,7 @@ def _upload(folder: str, repo_id: str) -> None:
     try:
         HfApi().upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message="hf-sam finetuning run",
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth"],
+            allow_patterns=list(PUSHED_FILES),
         )  # fmt: skip
     except Exception as err:
         raise _hub_error(f"upload to {repo_id!r}", err) from None

@@ -103,6 +103,15 @@ def test_every_dataset_spec_runs_two_steps(name, hub, timm_ckpt, tmp_path):
     assert config["num_classes"] == spec.num_classes and config["label_names"][0] == (
         spec.first_label or "class_0"
     )
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(str(out / "README.md"))
+    assert {r.dataset_split for r in card.data.eval_results} == {spec.test_split}  # Food-101: `validation`
+    assert f"Split `{spec.test_split}`" in card.text and card.data.model_name.startswith(spec.title)
+    if spec.hub_id:
+        assert card.data.datasets == [spec.hub_id]
+    if spec.terms:
+        assert spec.terms in card.text
 
 
 @pytest.mark.parametrize("augmentation", ["autoaugment", "random-resized-crop"])
@@ -122,29 +131,47 @@ def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
         def create_repo(self, repo_id, exist_ok, private):
             uploads.append(("create", repo_id))
 
-        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
-            uploads.append(("upload", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns):
+            import fnmatch
+
+            everything = [os.path.relpath(os.path.join(root, f), folder_path)
+                          for root, _, files in os.walk(folder_path) for f in files]  # fmt: skip
+            pushed = [f for f in everything if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
+            uploads.append(("upload", repo_id, sorted(pushed), sorted(everything)))
 
     monkeypatch.setattr(finetune, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETtokenSHOULDNOTLEAK")
     metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--sam_rho", "0.2",
-                  "--push_to_hub", "true", "--hub_model_id", "me/digits-sam", "--label_subset", "3", "1", "4")  # fmt: skip
+                  "--push_to_hub", "true", "--hub_model_id", "me/digits-sam", "--label_subset", "3", "1", "4",
+                  "--license", "mit", "--save_strategy", "steps", "--save_steps", "1")  # fmt: skip
     out = tmp_path / "out"
     assert uploads[0] == ("create", "me/digits-sam")
-    kind, repo, files, ignored = uploads[1]
-    assert (kind, repo) == ("upload", "me/digits-sam") and "checkpoint-*" in ignored
-    assert {
-        "model.safetensors",
-        "config.json",
-        "README.md",
-        "test_results.json",
-        "resolved_config.yaml",
-    } <= set(files)
+    kind, repo, files, everything = uploads[1]
+    assert (kind, repo) == ("upload", "me/digits-sam")
+    # Only what a user loads: no training_args.bin, trainer state or checkpoints (the run saved all of those).
+    # (A timm model's preprocessing lives in config.json's pretrained_cfg: no preprocessor_config.json.)
+    assert set(files) == {"model.safetensors", "config.json", "README.md", "test_results.json",
+                          "resolved_config.yaml"}  # fmt: skip
+    assert "training_args.bin" in everything and "trainer_state.json" in everything
 
     card = (out / "README.md").read_text()
-    for needle in ("- sam", "- image-classification", "- hf-sam", f"base_model: {timm_ckpt}", "`digits`",
-                   "ρ = 0.2", "recipes/finetune.py --output_dir", f"| test_top1 | {metrics['test_top1']:.4f} |"):  # fmt: skip
+    for needle in ("# scikit-learn digits x " + os.path.basename(timm_ckpt) + ", SAM (ρ = 0.2)", "ρ = 0.2",
+                   "recipes/finetune.py --output_dir", f"| top-1 accuracy | {100 * metrics['test_top1']:.2f}% |",
+                   "Split `test`", 'AutoModelForImageClassification.from_pretrained("me/digits-sam")',
+                   'timm.create_model("hf-hub:me/digits-sam", pretrained=True)', "Licence of these weights: `mit`"):  # fmt: skip
         assert needle in card, needle
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(str(out / "README.md")).data
+    assert set(data.tags) >= {"sam", "image-classification", "hf-sam"} and data.base_model == timm_ckpt
+    assert (data.license, data.library_name, data.model_name) == ("mit", "timm", "scikit-learn digits x "
+                                                                  + os.path.basename(timm_ckpt) + ", SAM (ρ = 0.2)")  # fmt: skip
+    top1 = next(r for r in data.eval_results if r.metric_name == "top-1 accuracy")
+    assert (top1.metric_type, top1.dataset_split, top1.metric_value) == (
+        "accuracy",
+        "test",
+        metrics["test_top1"],
+    )
     for path in out.iterdir():
         if path.is_file() and path.suffix in (".md", ".json", ".yaml"):
             assert "SECRET" not in path.read_text(), path.name
@@ -335,9 +362,12 @@ def test_gpu_recipe_validates_on_cpu_but_does_not_run(tmp_path):
 @pytest.mark.multiprocess
 def test_two_process_launch_with_cpu_config(tmp_path, timm_ckpt):
     out = tmp_path / "ddp"
-    launch_recipe("cpu.yaml", out, timm_ckpt, port=29535)
+    launch_recipe("cpu.yaml", out, timm_ckpt, "--global_batch_size", "8", port=29535)  # WORLD_SIZE=2: 2 steps
     card = (out / "README.md").read_text()
-    assert "2 per device x 2 processes" in card and "accelerate launch --num_processes 2" in card
+    assert (
+        "2 per device x 2 processes x 2 accumulation" in card
+        and "accelerate launch --num_processes 2" in card
+    )
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and any("sam/sharpness" in h for h in state["log_history"])
 
