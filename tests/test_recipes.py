@@ -181,6 +181,7 @@ def test_accelerate_configs():
 
 def test_results_table_is_filled_only_from_runs(tmp_path):
     import importlib.util
+    import statistics
 
     spec = importlib.util.spec_from_file_location(
         "results_table", os.path.join(REPO, "recipes", "results_table.py")
@@ -190,20 +191,44 @@ def test_results_table_is_filled_only_from_runs(tmp_path):
     readme = tmp_path / "README.md"
     with open(os.path.join(REPO, "recipes", "README.md")) as f:
         readme.write_text(f.read())
-    run = tmp_path / "outputs" / "cifar10" / "efficientnet_b7" / "sam"
-    run.mkdir(parents=True)
-    (run / "test_results.json").write_text(json.dumps({"test_top1": 0.9912}))
-    results.update_readme(str(readme), os.path.join(REPO, "recipes"), str(tmp_path / "outputs"))
-    rows = {
-        line.split("|")[1].strip() + "/" + line.split("|")[2].strip(): line
-        for line in readme.read_text().splitlines()
-        if line.startswith("| [")
-    }
-    assert rows["[cifar10](cifar10/efficientnet_b7/README.md)/efficientnet_b7"].endswith(
-        "| 0.88 | 0.95 | 0.88 |  |"
+    outputs = tmp_path / "outputs"
+
+    def finished(run: str, top1: float):
+        (outputs / run).mkdir(parents=True)
+        (outputs / run / "test_results.json").write_text(json.dumps({"test_top1": top1}))
+
+    # CIFAR-10 B7: SAM with 3 seeds (one folder per seed, as output_dir_per_seed writes them), baseline with 1
+    top1 = {0: 0.9912, 1: 0.9905, 2: 0.9920}
+    for seed, value in top1.items():
+        finished(f"cifar10/efficientnet_b7/sam/seed-{seed}", value)
+    (outputs / "cifar10/efficientnet_b7/sam/seed-3").mkdir()  # started, not finished: not counted
+    finished("cifar10/efficientnet_b7/baseline/seed-0", 0.9901)
+    finished("oxford_pets/vit_b16/sam", 0.95)  # a run without seed folders counts as one seed
+    results.update_readme(str(readme), os.path.join(REPO, "recipes"), str(outputs))
+
+    def rows():
+        return {
+            line.split("|")[1].strip() + "/" + line.split("|")[2].strip(): line
+            for line in readme.read_text().splitlines()
+            if line.startswith("| [")
+        }
+
+    errors = [100 * (1 - v) for v in top1.values()]  # by hand: 0.88, 0.95, 0.80
+    mean, std = statistics.mean(errors), statistics.stdev(errors)
+    assert f"{mean:.2f} ± {std:.2f} (n=3)" == "0.88 ± 0.08 (n=3)"
+    assert rows()["[cifar10](cifar10/efficientnet_b7/README.md)/efficientnet_b7"].endswith(
+        "| 0.88 ± 0.02 | 0.95 ± 0.03 | 0.88 ± 0.08 (n=3) | 0.99 (n=1) |"
     )
-    assert rows["[food101](food101/efficientnet_b7/README.md)/efficientnet_b7"].endswith(
-        "| 7.02 | 7.17 |  |  |"
+    assert rows()["[food101](food101/efficientnet_b7/README.md)/efficientnet_b7"].endswith(
+        "| 7.02 ± 0.02 | 7.17 ± 0.03 |  |  |"
+    )
+    assert rows()["[oxford_pets](oxford_pets/vit_b16/README.md)/vit_b16"].endswith(
+        "| – | – | 5.00 (n=1) |  |"
+    )
+    results.update_readme(str(readme), os.path.join(REPO, "recipes"), str(outputs), seeds={0, 1})
+    assert rows()["[cifar10](cifar10/efficientnet_b7/README.md)/efficientnet_b7"].endswith(
+        f"| 0.88 ± 0.02 | 0.95 ± 0.03 | {statistics.mean(errors[:2]):.2f} ± {statistics.stdev(errors[:2]):.2f} (n=2) "
+        "| 0.99 (n=1) |"
     )
     # the committed README holds no number of ours
     committed = open(os.path.join(REPO, "recipes", "README.md")).read()
