@@ -233,3 +233,31 @@ def test_results_table_is_filled_only_from_runs(tmp_path):
     # the committed README holds no number of ours
     committed = open(os.path.join(REPO, "recipes", "README.md")).read()
     assert all(line.endswith("|  |  |") for line in committed.splitlines() if line.startswith("| ["))
+
+
+@pytest.mark.parametrize(
+    "sam", [p for p in PAPER_RECIPES if p.endswith("sam.yaml")], ids=lambda p: os.path.relpath(p, REPO)
+)
+def test_recipe_readme_matches_the_recipe(sam):
+    """The README states the recipe's batch arithmetic, settings and the estimates of benchmarks/recipe_estimates.py."""
+    folder = os.path.dirname(sam)
+    model = folder.split(os.sep)[-1]
+    readme = open(os.path.join(folder, "README.md")).read()
+    args = finetune.parse_config(["--config", sam, "--check_config", "true", "--num_processes", "8"])
+    t, dataset = args.training, folder.split(os.sep)[-2]
+    spe = finetune.steps_per_epoch(
+        TRAIN_IMAGES[dataset], t.per_device_train_batch_size, 8, t.gradient_accumulation_steps
+    )
+    for needle in (f"`global_batch_size: {args.script.global_batch_size}`", f"so an epoch is {spe} optimizer steps",
+                   f"ρ = {t.sam_rho}", f"`{args.data.train_augmentation}`", "## Departures from the paper and the released code",
+                   "**Estimates, not measurements"):  # fmt: skip
+        assert needle in readme, needle
+    with open(os.path.join(REPO, "benchmarks", "results", "recipe_estimates.json")) as f:
+        estimate = json.load(f)[model]
+    assert (
+        f"| memory (estimate) | ~{estimate['memory_gb_sam']:.0f} GB | ~{estimate['memory_gb_baseline']:.0f} GB |"
+        in readme
+    )
+    low, high = estimate["hours_8xA100_sam"]
+    assert f"| {low:.1f}-{high:.1f} h |" in readme
+    assert "Departures from the paper: none" not in readme
