@@ -6,7 +6,12 @@
 The YAML's flat keys are defaults, command-line flags override them, and a key or flag that is not a field of
 `ScriptArguments`, `ModelArguments`, `DataArguments` or `hf_sam.SAMTrainingArguments` is an error. Check a
 recipe on any machine (no data, model or Hub access; a GPU-only setting such as `bf16` is checked as if on
-CPU): `python recipes/finetune.py --config <recipe> --check_config true`.
+CPU): `python recipes/finetune.py --config <recipe> --check_config true [--num_processes 8]`.
+
+A recipe's `global_batch_size` fixes the examples per optimizer step: `gradient_accumulation_steps` is derived
+from the launch's process count (`WORLD_SIZE`), with `per_device_train_batch_size` (SAM's m) kept; a count that
+does not divide is refused. Configuration errors (unknown keys, bad values, output_dir conflicts) are reported
+before environment errors (bf16 without a bf16 GPU).
 
 Writes into `output_dir`: the model (safetensors + config with label names + preprocessing config; a timm
 model in a layout both `transformers` and `timm.create_model` read), `test_results.json` (top-1 / top-5 on

@@ -114,10 +114,11 @@ def test_every_dataset_spec_runs_two_steps(name, hub, timm_ckpt, tmp_path):
         assert spec.terms in card.text
 
 
-@pytest.mark.parametrize("augmentation", ["autoaugment", "random-resized-crop"])
+@pytest.mark.parametrize("augmentation", ["autoaugment", "random-resized-crop", "cifar-autoaugment"])
 def test_transformers_checkpoint_with_augmentation(augmentation, vit_ckpt, tmp_path):
+    eval_resize = "full" if augmentation == "cifar-autoaugment" else "checkpoint"
     metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", vit_ckpt,
-                  "--train_augmentation", augmentation, "--max_test_samples", "8")  # fmt: skip
+                  "--train_augmentation", augmentation, "--eval_resize", eval_resize, "--max_test_samples", "8")  # fmt: skip
     assert "test_top1" in metrics
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"]["3"] == "3" and (tmp_path / "out" / "preprocessor_config.json").exists()
