@@ -246,3 +246,22 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     other, _ = loaded(seed=6)
     assert not torch.equal(other.train[0]["pixel_values"], one_by_one[0])
     assert set(data.test[0]) == {"pixel_values", "labels"} and INDEX_COLUMN not in data.test.column_names
+
+
+def test_dataloader_workers_see_the_epoch_set_before_the_iterator(tmp_path):
+    """With dataloader workers (the recipes use 8), an example decoded in a worker gets the same augmentation as in
+    the main process, for the epoch set before the epoch's iterator is created (what AugmentationEpochCallback
+    does: the Trainer calls on_epoch_begin before iter(dataloader))."""
+    from torch.utils.data import DataLoader
+
+    spec = SPECS["cifar10"]
+    data = load_image_classification(
+        spec, local_path=fixture_for_spec(spec, str(tmp_path / "c"), per_split=4)
+    )
+    transform = set_transforms(data, _timm_preprocessing(tmp_path), "random-resized-crop", seed=3)
+    for epoch in (0, 2):
+        transform.epoch = epoch
+        expected = [data.train[i]["pixel_values"] for i in range(4)]
+        loader = DataLoader(data.train, batch_size=2, num_workers=2, collate_fn=collate)
+        got = torch.cat([batch["pixel_values"] for batch in loader])
+        assert torch.equal(got, torch.stack(expected)), epoch
