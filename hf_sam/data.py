@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +27,18 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, load_from_disk
 from PIL import Image
+from transformers import TrainerCallback
 
-TRAIN_AUGMENTATIONS = ("none", "autoaugment", "randaugment", "trivialaugment", "random-resized-crop")
+TRAIN_AUGMENTATIONS = (
+    "none",
+    "random-resized-crop",
+    "cifar-autoaugment",
+    "autoaugment",
+    "randaugment",
+    "trivialaugment",
+)
+EVAL_RESIZES = ("checkpoint", "full")
+INDEX_COLUMN = "__example_index__"  # added to the train split when its augmentation is random
 
 
 class DataError(ValueError):
@@ -55,6 +66,10 @@ class DatasetSpec:
     config_name: str | None = None
     data_files: dict[str, str] | None = None
     first_label: str | None = None
+    title: str | None = None  # the dataset's usual name, for model card titles
+    terms: str | None = (
+        None  # the dataset's licence / terms of use, as its card states them (model cards repeat it)
+    )
     local_path: str | None = None  # a local folder given as `dataset` (then hub_id is None)
     builder: Callable[[], DatasetDict] | None = field(default=None, compare=False)
 
@@ -93,29 +108,33 @@ def digits_dataset() -> DatasetDict:
 # fmt: off
 SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     DatasetSpec("cifar10", "uoft-cs/cifar10", image_column="img", label_column="label", num_classes=10,
-                first_label="airplane"),
+                first_label="airplane", title="CIFAR-10"),
     DatasetSpec("cifar100", "uoft-cs/cifar100", image_column="img", label_column="fine_label",
-                num_classes=100, first_label="apple"),
+                num_classes=100, first_label="apple", title="CIFAR-100"),
     # The official Food-101 test set is the split named `validation`.
     DatasetSpec("food101", "ethz/food101", image_column="image", label_column="label", num_classes=101,
-                test_split="validation", first_label="apple_pie"),
+                test_split="validation", first_label="apple_pie", title="Food-101"),
     # Pets' `train` is the official trainval list (3,680); the standard label order (0 = abyssinian).
     DatasetSpec("oxford_pets", "timm/oxford-iiit-pet", image_column="image", label_column="label",
-                num_classes=37, first_label="abyssinian"),
+                num_classes=37, first_label="abyssinian", title="Oxford-IIIT Pets",
+                terms="CC BY-SA 4.0 (the dataset card's licence)"),
     # Standard transfer protocol: train on train+validation (2 x 1,020), test on test (6,149). Official
     # category order (0 = pink primrose); avoid `nelorth/oxford-flowers`, whose names are string-sorted.
     DatasetSpec("flowers102", "dpdl-benchmark/oxford_flowers102", image_column="image", label_column="label",
-                num_classes=102, train_split="train+validation", first_label="pink primrose"),
+                num_classes=102, train_split="train+validation", first_label="pink primrose",
+                title="Oxford Flowers-102"),
     # Only train/test are downloaded (the repo also holds 7 corruption splits of 8,041 images each).
     DatasetSpec("stanford_cars", "tanganke/stanford_cars", image_column="image", label_column="label",
                 num_classes=196, revision="9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40",
                 data_files={"train": "data/train-*.parquet", "test": "data/test-*.parquet"},
-                first_label="AM General Hummer SUV 2000"),
+                first_label="AM General Hummer SUV 2000", title="Stanford Cars",
+                terms="for non-commercial research purposes only (the Stanford Cars terms of use); a model trained "
+                      "on it is subject to them"),
     # Labels are the 100 variants (there is no `label` column); trainval / test as in the paper.
     DatasetSpec("fgvc_aircraft", "dpdl-benchmark/fgvc_aircraft", image_column="image", label_column="variant",
-                num_classes=100, train_split="train+validation", first_label="707-320"),
+                num_classes=100, train_split="train+validation", first_label="707-320", title="FGVC-Aircraft"),
     DatasetSpec("digits", None, image_column="image", label_column="label", num_classes=10, first_label="0",
-                builder=digits_dataset),
+                title="scikit-learn digits", builder=digits_dataset),
 ]}
 # fmt: on
 
@@ -482,13 +501,54 @@ def preprocessing_from_processor(processor) -> Preprocessing:
     return Preprocessing(evaluate, size, mean, std, interpolation)
 
 
+def full_resize(preprocessing: Preprocessing) -> Callable[[list[Image.Image]], torch.Tensor]:
+    """The whole image resized to the model's resolution (no centre crop), then normalised: the released code's
+    CIFAR evaluation (and the last step of its CIFAR training pipeline)."""
+    from torchvision import transforms as T
+
+    pipeline = T.Compose([
+        T.Resize(preprocessing.size, interpolation=T.InterpolationMode(preprocessing.interpolation)),
+        T.ToTensor(),
+        T.Normalize(preprocessing.mean, preprocessing.std),
+    ])  # fmt: skip
+    return lambda images: torch.stack([pipeline(im) for im in images])
+
+
+class PadAndRandomCrop:
+    """Section 3.1's basic augmentation: pad by `padding` pixels on each side (reflected, as the released
+    code's `tf.pad(..., mode="REFLECT")`), then a random crop back to the image's own size."""
+
+    def __init__(self, padding: int = 4):
+        self.padding = padding
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        from torchvision.transforms import functional as F
+
+        width, height = image.size
+        padded = F.pad(image, [self.padding] * 4, padding_mode="reflect")
+        top = int(torch.randint(0, 2 * self.padding + 1, ()).item())
+        left = int(torch.randint(0, 2 * self.padding + 1, ()).item())
+        return F.crop(padded, top, left, height, width)
+
+
 def train_augmentation(
     name: str, preprocessing: Preprocessing
 ) -> Callable[[list[Image.Image]], torch.Tensor]:
-    """The train transform: the eval pipeline (paper: no augmentation) or one of `TRAIN_AUGMENTATIONS`.
+    """The train transform: the eval pipeline (`none`) or one of `TRAIN_AUGMENTATIONS`.
 
-    The policy augmentations act on the image at its own resolution (as in CIFAR training) before the
-    checkpoint's resize + crop. `random-resized-crop` replaces resize + crop by Inception-style crops (+ flip).
+    Resolution, mean/std and interpolation always come from the checkpoint's own preprocessing.
+
+    - `random-resized-crop`: the released code's ImageNet training preprocessing, which the paper's appendix C.2
+      applies to the non-CIFAR finetuning datasets: an Inception-style crop (area 8-100% of the image, aspect
+      ratio 3/4-4/3; torchvision's `RandomResizedCrop` for TF's `sample_distorted_bounding_box`) resized to the
+      model's resolution, and a horizontal flip.
+    - `cifar-autoaugment`: the released code's CIFAR pipeline, on the 32x32 image: AutoAugment (CIFAR policy),
+      then the basic augmentation of section 3.1 (horizontal flip, reflect-pad 4 + random crop), then the whole
+      image resized to the model's resolution (no centre crop; pair it with `eval_resize: full`).
+    - `autoaugment`, `randaugment`, `trivialaugment`: flip + the torchvision policy at the image's own
+      resolution, before the checkpoint's resize + centre crop (not the released code's pipelines).
+
+    Every random draw comes from torch's RNG; `ImageTransform` seeds it per example.
     """
     from torchvision import transforms as T
 
@@ -501,14 +561,19 @@ def train_augmentation(
     interpolation = T.InterpolationMode(preprocessing.interpolation)
     if name == "random-resized-crop":
         pipeline = T.Compose([
-            T.RandomResizedCrop(preprocessing.size, interpolation=interpolation),
+            T.RandomResizedCrop(preprocessing.size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                interpolation=interpolation),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(preprocessing.mean, preprocessing.std),
         ])  # fmt: skip
         return lambda images: torch.stack([pipeline(im) for im in images])
+    if name == "cifar-autoaugment":
+        augment = T.Compose([T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.RandomHorizontalFlip(),
+                             PadAndRandomCrop(4)])  # fmt: skip
+        resize = full_resize(preprocessing)
+        return lambda images: resize([augment(im) for im in images])
     policy = {
-        # The paper's CIFAR finetuning reuses its CIFAR AutoAugment policy (appendix C.2).
         "autoaugment": T.AutoAugment(T.AutoAugmentPolicy.CIFAR10),
         "randaugment": T.RandAugment(),
         "trivialaugment": T.TrivialAugmentWide(),
@@ -517,28 +582,95 @@ def train_augmentation(
     return lambda images: preprocessing.eval([augment(im) for im in images])
 
 
-def make_transform(
-    image_transform: Callable[[list[Image.Image]], torch.Tensor], image_column: str, label_column: str
-) -> Callable[[dict], dict]:
-    """The `with_transform` function: undecoded batch -> `pixel_values` + `labels`."""
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a function of (run seed, epoch, example index) only."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(epoch), int(index)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
 
-    def transform(batch: dict) -> dict:
+
+class ImageTransform:
+    """The `with_transform` function: undecoded batch -> `pixel_values` + `labels`.
+
+    With a `seed`, each example's random augmentation is a function of (seed, epoch, example index): it runs
+    inside `torch.random.fork_rng` with torch's RNG seeded from those three, so it neither reads nor advances
+    the global RNG, does not depend on which process or dataloader worker decodes it, or on the batches
+    before it, and a resumed run (even from the middle of an epoch) draws exactly what the uninterrupted run
+    drew. The index comes from the `INDEX_COLUMN` of the split; `epoch` is set by `AugmentationEpochCallback`
+    at the start of each epoch, before the dataloader's workers are started.
+    """
+
+    def __init__(self, image_transform, image_column: str, label_column: str, seed: int | None = None):
+        self.image_transform, self.image_column, self.label_column = (
+            image_transform,
+            image_column,
+            label_column,
+        )
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, batch: dict) -> dict:
         images = []
-        for item in batch[image_column]:
+        for item in batch[self.image_column]:
             with _open(item) as image:
                 image.load()
                 images.append(to_rgb(image))
-        return {"pixel_values": list(image_transform(images)), "labels": list(batch[label_column])}
+        if self.seed is None:
+            pixels = list(self.image_transform(images))
+        else:
+            pixels = []
+            for image, index in zip(images, batch[INDEX_COLUMN], strict=True):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(example_seed(self.seed, self.epoch, index))
+                    pixels.append(self.image_transform([image])[0])
+        return {"pixel_values": pixels, "labels": list(batch[self.label_column])}
 
-    return transform
+
+def make_transform(
+    image_transform: Callable[[list[Image.Image]], torch.Tensor], image_column: str, label_column: str
+) -> ImageTransform:
+    """The `with_transform` function of a split without random augmentation."""
+    return ImageTransform(image_transform, image_column, label_column)
 
 
-def set_transforms(data: ImageClassificationData, preprocessing: Preprocessing, augmentation: str) -> None:
-    """Attach the lazy transforms (train: augmentation; test: resize + centre crop) to both splits."""
+def set_transforms(
+    data: ImageClassificationData,
+    preprocessing: Preprocessing,
+    augmentation: str,
+    seed: int = 0,
+    eval_resize: str = "checkpoint",
+) -> ImageTransform:
+    """Attach the lazy transforms to both splits and return the train one (its `epoch` is what
+    `AugmentationEpochCallback` sets). Train: `augmentation`, seeded per example when random. Test: the
+    checkpoint's resize + centre crop (`eval_resize="checkpoint"`) or the whole image resized (`"full"`)."""
+    if eval_resize not in EVAL_RESIZES:
+        raise DataError(f"unknown eval_resize {eval_resize!r}; choose one of {', '.join(EVAL_RESIZES)}.")
     columns = [data.image_column, data.label_column]
-    train_fn = make_transform(train_augmentation(augmentation, preprocessing), *columns)
-    data.train = data.train.with_transform(train_fn, columns=columns)
-    data.test = data.test.with_transform(make_transform(preprocessing.eval, *columns), columns=columns)
+    random = augmentation != "none"
+    train_fn = ImageTransform(
+        train_augmentation(augmentation, preprocessing), *columns, seed if random else None
+    )
+    if random:
+        if INDEX_COLUMN not in data.train.column_names:
+            data.train = data.train.add_column(INDEX_COLUMN, list(range(len(data.train))))
+        columns_train = [*columns, INDEX_COLUMN]
+    else:
+        columns_train = columns
+    data.train = data.train.with_transform(train_fn, columns=columns_train)
+    evaluate = preprocessing.eval if eval_resize == "checkpoint" else full_resize(preprocessing)
+    data.test = data.test.with_transform(make_transform(evaluate, *columns), columns=columns)
+    return train_fn
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Tells the train transform which epoch starts (the Trainer calls `on_epoch_begin` before it creates the
+    epoch's dataloader iterator, so workers forked for the epoch see it). After a resume, `state.epoch` is the
+    restored fractional epoch, whose integer part is the epoch being resumed."""
+
+    def __init__(self, transform: ImageTransform):
+        self.transform = transform
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.transform.epoch = int(math.floor(state.epoch + 1e-9)) if state.epoch else 0
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -39,6 +39,8 @@ def load_model_and_processor(
     label_names: list[str],
     revision: str | None = None,
     trust_remote_code: bool = False,
+    drop_rate: float | None = None,
+    drop_path_rate: float | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """The checkpoint's weights with a new, randomly initialised head of `len(label_names)` classes.
 
@@ -48,6 +50,8 @@ def load_model_and_processor(
 
     Code shipped with a checkpoint (`auto_map` in its config.json) runs only with `trust_remote_code=True`;
     the flag is passed explicitly to every loader, so transformers never prompts and never falls back to a default.
+    `drop_rate` / `drop_path_rate` (None: the checkpoint's own) set the dropout before the classifier and the
+    stochastic depth (drop-connect) of the model that is built, active in training mode: see `set_dropout`.
     The checkpoint's weights must fit the architecture of its config: apart from the classifier head, every
     tensor must be in the checkpoint with its shape (otherwise transformers would silently initialise the rest
     at random, and the run would "finetune" an untrained network).
@@ -74,6 +78,7 @@ def load_model_and_processor(
     if is_timm(config):
         # The wrapper passes num_classes itself; timm needs a dict here, not the wrapper's default None.
         config.model_args = {k: v for k, v in (config.model_args or {}).items() if k != "num_classes"}
+    set_dropout(config, drop_rate, drop_path_rate, model_name_or_path)
     try:
         model, info = AutoModelForImageClassification.from_pretrained(
             model_name_or_path,
@@ -104,6 +109,46 @@ def load_model_and_processor(
             "save one next to the weights (`image_processor.save_pretrained(folder)`)."
         ) from None
     return model, processor
+
+
+# transformers config attributes that hold (drop_rate, drop_path_rate), per model_type; None: no such layer.
+_DROPOUT_ATTRIBUTES = {
+    "efficientnet": ("dropout_rate", "drop_connect_rate"),
+    "vit": ("hidden_dropout_prob", None),
+}
+
+
+def set_dropout(
+    config, drop_rate: float | None, drop_path_rate: float | None, model_name_or_path: str
+) -> None:
+    """Write the dropout rates into the config the model is built from (before building it).
+
+    timm: `drop_rate` (dropout before the classifier) and `drop_path_rate` (stochastic depth, which timm's
+    EfficientNet scales linearly from 0 at the first block to the rate at the last, as the TF original's
+    drop-connect) go to `timm.create_model` through the wrapper's `model_args`. transformers: EfficientNet's
+    `dropout_rate` / `drop_connect_rate`, ViT's `hidden_dropout_prob` (it has no stochastic depth).
+    """
+    for name, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ModelError(f"{name} must be in [0, 1), got {value!r}.")
+    if drop_rate is None and drop_path_rate is None:
+        return
+    if is_timm(config):
+        rates = {"drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
+        config.model_args = {**config.model_args, **{k: v for k, v in rates.items() if v is not None}}
+        return
+    model_type = getattr(config, "model_type", None)
+    attributes = _DROPOUT_ATTRIBUTES.get(model_type)
+    for index, (name, value) in enumerate((("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate))):
+        if value is None:
+            continue
+        attribute = attributes[index] if attributes else None
+        if attribute is None:
+            raise ModelError(
+                f"{name} cannot be set for {model_name_or_path!r} (transformers model_type {model_type!r} has no "
+                f"such setting known to hf-sam); leave {name} unset, or use the timm checkpoint of the architecture."
+            )
+        setattr(config, attribute, value)
 
 
 def _remote_code_refused(model_name_or_path: str) -> str:

@@ -6,12 +6,19 @@
 The YAML's flat keys are defaults, command-line flags override them, and a key or flag that is not a field of
 `ScriptArguments`, `ModelArguments`, `DataArguments` or `hf_sam.SAMTrainingArguments` is an error. Check a
 recipe on any machine (no data, model or Hub access; a GPU-only setting such as `bf16` is checked as if on
-CPU): `python recipes/finetune.py --config <recipe> --check_config true`.
+CPU): `python recipes/finetune.py --config <recipe> --check_config true [--num_processes 8]`.
+
+A recipe's `global_batch_size` fixes the examples per optimizer step: `gradient_accumulation_steps` is derived
+from the launch's process count (`WORLD_SIZE`), with `per_device_train_batch_size` (SAM's m) kept; a count that
+does not divide is refused. Configuration errors (unknown keys, bad values, output_dir conflicts) are reported
+before environment errors (bf16 without a bf16 GPU).
 
 Writes into `output_dir`: the model (safetensors + config with label names + preprocessing config; a timm
 model in a layout both `transformers` and `timm.create_model` read), `test_results.json` (top-1 / top-5 on
 the test split), `train_results.json`, `resolved_config.yaml` and a model card (`README.md`). With
-`push_to_hub: true` and `hub_model_id`, that folder (without checkpoints) is uploaded at the end.
+`push_to_hub: true` and `hub_model_id`, the files a user loads (`PUSHED_FILES`: weights, configs, card, test
+results, resolved recipe; no checkpoints, no `training_args.bin`) are uploaded at the end, to a private repository
+with `hub_private_repo: true`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import difflib
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -38,7 +46,9 @@ from transformers import HfArgumentParser, set_seed
 from hf_sam import SAMTrainer, SAMTrainingArguments
 from hf_sam.batchnorm import freeze_batchnorm
 from hf_sam.data import (
+    EVAL_RESIZES,
     TRAIN_AUGMENTATIONS,
+    AugmentationEpochCallback,
     DataError,
     collate,
     load_image_classification,
@@ -46,9 +56,13 @@ from hf_sam.data import (
     resolve_spec,
     set_transforms,
 )
+from hf_sam.model_card import finetuning_card
 from hf_sam.models import TIMM_PREFIX, ModelError, is_timm, load_model_and_processor, make_timm_loadable
 
-CARD_TAGS = ("sam", "image-classification", "hf-sam")
+# What a user loads (weights, configs, card) and the run's record; never training_args.bin, checkpoints or logs.
+# Top-level files only: upload_folder matches these against paths relative to output_dir.
+PUSHED_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "config.json",
+                "preprocessor_config.json", "README.md", "test_results.json", "resolved_config.yaml")  # fmt: skip
 logger = logging.getLogger("finetune")
 
 
@@ -67,6 +81,40 @@ class ScriptArguments:
     check_config: bool = field(
         default=False, metadata={"help": "Validate the recipe and print it; load nothing, train nothing."}
     )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per optimizer step over all processes. gradient_accumulation_steps is derived at "
+            "launch: global_batch_size / (per_device_train_batch_size x processes), so per_device_train_batch_size "
+            "(SAM's m) stays fixed for any GPU count; a count that does not divide is refused."
+        },
+    )
+    num_processes: int | None = field(
+        default=None,
+        metadata={
+            "help": "With check_config: check global_batch_size for this many processes (default: this launch's)."
+        },
+    )
+    weight_decay_all_parameters: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight decay on every parameter, biases and norm layers included (the SAM authors' released "
+            "code). Off: the Trainer's default, which exempts biases and LayerNorm weights."
+        },
+    )
+    output_dir_per_seed: bool = field(
+        default=False,
+        metadata={
+            "help": "Default output_dir outputs/<dataset>/<model>/<run>/seed-<seed>, one folder per seed (what "
+            "recipes/results_table.py averages). Off: outputs/<dataset>/<model>/<run>."
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence of the finetuned weights for the model card (e.g. the base checkpoint's)."
+        },
+    )
 
 
 @dataclass
@@ -81,6 +129,20 @@ class ModelArguments:
         default=True,
         metadata={
             "help": "BatchNorm as at test time for the whole run (paper, C.2); gamma/beta still train."
+        },
+    )
+    drop_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dropout before the classifier (timm drop_rate; transformers: EfficientNet dropout_rate, ViT "
+            "hidden_dropout_prob), active while finetuning. Default: the checkpoint's own."
+        },
+    )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth / drop-connect (timm drop_path_rate; transformers: EfficientNet "
+            "drop_connect_rate), active while finetuning. Default: the checkpoint's own."
         },
     )
     trust_remote_code: bool = field(
@@ -116,7 +178,21 @@ class DataArguments:
         default=None, metadata={"help": "Keep only these classes (by name), relabelled in this order."}
     )
     train_augmentation: str = field(
-        default="none", metadata={"help": "Train-time augmentation.", "choices": list(TRAIN_AUGMENTATIONS)}
+        default="none",
+        metadata={
+            "help": "Train-time augmentation (hf_sam.data.train_augmentation): 'random-resized-crop' is the released "
+            "code's ImageNet training crop + flip, 'cifar-autoaugment' its CIFAR pipeline. Random ones are a "
+            "function of (seed, epoch, example index).",
+            "choices": list(TRAIN_AUGMENTATIONS),
+        },
+    )
+    eval_resize: str = field(
+        default="checkpoint",
+        metadata={
+            "help": "Test-time resize: 'checkpoint' (its resize + centre crop) or 'full' (the whole image resized "
+            "to the model's resolution, the released code's CIFAR evaluation).",
+            "choices": list(EVAL_RESIZES),
+        },
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the train split (debugging)."}
@@ -140,14 +216,20 @@ class Args:
 
 
 def parse_config(argv: list[str] | None = None) -> Args:
-    """YAML defaults + flags -> validated arguments. Touches nothing but the recipe file and `output_dir`."""
+    """YAML defaults + flags -> validated arguments. Touches nothing but the recipe file and `output_dir`.
+
+    Configuration errors come before environment errors: unknown keys and flags, bad values, the global batch
+    and `output_dir` conflicts are checked with the precision flags (`bf16`, `fp16`, `tf32`) switched off, and
+    only then are the arguments built as given, which is where transformers checks the machine.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.error = _raise_config_error  # argparse would print the usage of ~150 flags and exit 2
     pre.add_argument("--config")
     pre.add_argument("--check_config", nargs="?", const="true", default="false")
     known, _ = pre.parse_known_args(argv)
-    parser = HfArgumentParser((ScriptArguments, ModelArguments, DataArguments, SAMTrainingArguments))
+    groups = (ScriptArguments, ModelArguments, DataArguments, SAMTrainingArguments)
+    parser = HfArgumentParser(groups)
     parser.error = _raise_config_error  # e.g. "argument --sam_interval: invalid int value: '2.5'"
     dests = {action.dest for action in parser._actions} - {"help"}
     recipe = _read_recipe(known.config) if known.config else {}
@@ -159,33 +241,119 @@ def parse_config(argv: list[str] | None = None) -> Args:
             "hub_token is not accepted (it would be pickled into training_args.bin and checkpoints): log in with "
             "`hf auth login` or set HF_TOKEN instead."
         )
-    if str(known.check_config).lower() in ("true", "1", "yes") and not torch.cuda.is_available():
+    check_only = str(known.check_config).lower() in ("true", "1", "yes")
+    if check_only and not torch.cuda.is_available():
         # TrainingArguments refuses bf16 without a GPU unless use_cpu: check a GPU recipe as if on CPU.
         recipe = {**recipe, "use_cpu": True}
-    if known.config and "output_dir" not in recipe:
-        recipe["output_dir"] = default_output_dir(known.config)
     parser.set_defaults(**recipe)
-    script, model, data, training, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True, look_for_args_file=False
-    )
+    namespace, rest = parser.parse_known_args(args=argv)  # builds no dataclass yet: no machine check
     if rest:
         flags = [r for r in rest if r.startswith("-")] or rest
         raise ConfigError(f"unknown flag(s) {_with_suggestions([f.lstrip('-') for f in flags], dests)}.")
-    _check(script, model, data, training)
+    values = vars(namespace)
+    script, model, data = (_build(group, values) for group in groups[:3])
+    explicit_output_dir = "output_dir" in recipe or any(a.split("=")[0] == "--output_dir" for a in argv)
+    if known.config and not explicit_output_dir:
+        values["output_dir"] = default_output_dir(
+            known.config, values["seed"] if script.output_dir_per_seed else None
+        )
+    explicit_accumulation = "gradient_accumulation_steps" in recipe or any(
+        a.split("=")[0] == "--gradient_accumulation_steps" for a in argv
+    )
+    if script.global_batch_size is not None:
+        values["gradient_accumulation_steps"] = accumulation_steps(
+            script.global_batch_size,
+            values["per_device_train_batch_size"],
+            script.num_processes if check_only and script.num_processes else launch_world_size(),
+            values["gradient_accumulation_steps"] if explicit_accumulation else None,
+        )
+    if script.num_processes is not None and not check_only and script.num_processes != launch_world_size():
+        raise ConfigError(
+            f"num_processes={script.num_processes} is for --check_config true only; this launch has "
+            f"{launch_world_size()} process(es)."
+        )
+    # Configuration first: the precision flags off, so that a typo or a conflict is not hidden behind
+    # transformers' "Your setup doesn't support bf16/gpu".
+    precision = {"bf16": False, "fp16": False, "tf32": None, "bf16_full_eval": False, "fp16_full_eval": False}
+    _check(script, model, data, _build(SAMTrainingArguments, {**values, **precision}))
+    try:
+        training = _build(SAMTrainingArguments, values)  # now transformers checks the machine
+    except ValueError as err:
+        raise ConfigError(_environment_message(err)) from None
     return Args(script, model, data, training, argv)
+
+
+def _build(group, values: dict):
+    return group(**{f.name: values[f.name] for f in fields(group) if f.init and f.name in values})
+
+
+def _environment_message(err: ValueError) -> str:
+    text = str(err)
+    if "bf16/gpu" in text:
+        return (
+            "bf16: true needs a GPU with bfloat16 support, and this machine has none: add --bf16 false to run in "
+            "fp32 here (or --check_config true to validate the recipe without running it)."
+        )
+    return text
+
+
+def launch_world_size() -> int:
+    """Processes of this launch, from the launcher's environment (accelerate launch and torchrun set it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation_steps(
+    global_batch: int, per_device: int, processes: int, explicit: int | None = None
+) -> int:
+    """gradient_accumulation_steps that make `global_batch` from `per_device` x `processes`; refuse the rest."""
+    if global_batch < 1 or per_device < 1:
+        raise ConfigError(
+            f"global_batch_size ({global_batch}) and per_device_train_batch_size ({per_device}) must be >= 1."
+        )
+    per_step = per_device * processes
+    if global_batch % per_step:
+        counts = [
+            n for n in range(1, global_batch // per_device + 1) if (global_batch // per_device) % n == 0
+        ]
+        hint = (
+            f"launch with a process count that divides {global_batch // per_device} ({', '.join(map(str, counts))})"
+            if global_batch % per_device == 0
+            else "choose a per_device_train_batch_size that divides it"
+        )
+        raise ConfigError(
+            f"global_batch_size {global_batch} is not a multiple of per_device_train_batch_size {per_device} x "
+            f"{processes} process(es) = {per_step}: {hint}; per_device_train_batch_size is SAM's m, keep it."
+        )
+    steps = global_batch // per_step
+    if explicit is not None and explicit != steps:
+        raise ConfigError(
+            f"gradient_accumulation_steps={explicit} contradicts global_batch_size {global_batch} = "
+            f"{per_device} per device x {processes} process(es) x {steps}: drop gradient_accumulation_steps "
+            "(it is derived), or drop global_batch_size."
+        )
+    return steps
+
+
+def steps_per_epoch(num_train: int, per_device: int, processes: int, accumulation: int) -> int:
+    """Optimizer steps per epoch as transformers counts them: each process gets ceil(N / processes) examples
+    (the distributed sampler pads), in ceil(. / per_device) micro-batches; an epoch is
+    ceil(micro-batches / accumulation) steps, the last one shorter when it does not divide."""
+    micro_batches = math.ceil(math.ceil(num_train / processes) / per_device)
+    return math.ceil(micro_batches / accumulation)
 
 
 def _raise_config_error(message: str):
     raise ConfigError(message)
 
 
-def default_output_dir(config_path: str) -> str:
-    """recipes/<dataset>/<model>/sam.yaml -> outputs/<dataset>/<model>/sam, so a sam/baseline pair needs no
-    output_dir key of its own (the pair then differs only in sam_* keys)."""
+def default_output_dir(config_path: str, seed: int | None = None) -> str:
+    """recipes/<dataset>/<model>/sam.yaml -> outputs/<dataset>/<model>/sam (+ /seed-<seed> with
+    output_dir_per_seed), so a sam/baseline pair needs no output_dir key of its own (the pair then differs only
+    in sam_* keys) and runs of several seeds do not overwrite each other."""
     path = os.path.splitext(os.path.normpath(config_path))[0]
     parts = path.split(os.sep)
     tail = parts[len(parts) - parts[::-1].index("recipes") :] if "recipes" in parts else parts[-1:]
-    return os.path.join("outputs", *tail)
+    return os.path.join("outputs", *tail, *([f"seed-{seed}"] if seed is not None else []))
 
 
 def _read_recipe(path: str) -> dict:
@@ -220,6 +388,15 @@ def _check(
         raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
     if data.num_labels is not None and data.num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {data.num_labels}.")
+    for name in ("drop_rate", "drop_path_rate"):
+        value = getattr(model, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1) (a probability), got {value}.")
+    if data.train_augmentation != "none" and training.dataloader_persistent_workers:
+        raise ConfigError(
+            "dataloader_persistent_workers keeps the first epoch's workers, and with them its epoch number: a "
+            f"random train_augmentation ({data.train_augmentation}) would repeat that epoch's draws. Set it to false."
+        )
     if not training.output_dir:
         raise ConfigError("output_dir is required.")
     _check_output_dir(training.output_dir)
@@ -425,6 +602,8 @@ def run(args: Args) -> dict[str, float]:
         data.label_names,
         args.model.model_revision,
         args.model.trust_remote_code,
+        drop_rate=args.model.drop_rate,
+        drop_path_rate=args.model.drop_path_rate,
     )
     if resume:
         _check_checkpoint_fits(model, resume)
@@ -433,17 +612,24 @@ def run(args: Args) -> dict[str, float]:
         print(
             f"freeze_batchnorm: {frozen} BatchNorm layers use their pretrained statistics for the whole run"
         )
-    set_transforms(data, preprocessing_from_processor(processor), args.data.train_augmentation)
+    train_transform = set_transforms(
+        data, preprocessing_from_processor(processor), args.data.train_augmentation, training.seed,
+        args.data.eval_resize,
+    )  # fmt: skip
 
     # ------------------------------------------------------------------ trainer
     training.remove_unused_columns = False  # the lazy transform needs the raw image and label columns
     try:
-        trainer = SAMTrainer(
+        trainer = RecipeTrainer(
             model=model, args=training, train_dataset=data.train, eval_dataset=data.test,
             data_collator=collate, processing_class=processor, compute_metrics=top_k_accuracy,
+            weight_decay_all_parameters=args.script.weight_decay_all_parameters,
         )  # fmt: skip
     except ValueError as err:  # set-up checks that need the model (e.g. a sam_param_filter matching nothing)
         raise ConfigError(str(err)) from None
+
+    if train_transform.seed is not None:
+        trainer.add_callback(AugmentationEpochCallback(train_transform))
 
     # ------------------------------------------------------------------ train
     if not resume and args.script.overwrite_output_dir and trainer.is_world_process_zero():
@@ -465,7 +651,8 @@ def run(args: Args) -> dict[str, float]:
         make_timm_loadable(training.output_dir)
         with open(os.path.join(training.output_dir, "resolved_config.yaml"), "w") as f:
             yaml.safe_dump(resolved_config(args), f, sort_keys=False)
-        write_model_card(args, data.source, len(data.train), data.label_names, metrics, is_timm(model))
+        write_model_card(args, spec, data.source, len(data.train), len(data.test), data.label_names, metrics,
+                         is_timm(model))  # fmt: skip
 
     # ------------------------------------------------------------------ push
     if push_to_hub and trainer.is_world_process_zero():
@@ -474,6 +661,20 @@ def run(args: Args) -> dict[str, float]:
 
 
 # ====================================================================== helpers
+class RecipeTrainer(SAMTrainer):
+    """`SAMTrainer` with the released code's weight-decay scope as an option (`weight_decay_all_parameters`)."""
+
+    def __init__(self, *args, weight_decay_all_parameters: bool = False, **kwargs):
+        self.weight_decay_all_parameters = weight_decay_all_parameters
+        super().__init__(*args, **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        if self.weight_decay_all_parameters:
+            # The released code adds 0.5 * wd * ||w||^2 over *all* parameters (biases and BatchNorm included).
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
+
+
 def top_k_accuracy(eval_pred) -> dict[str, float]:
     """Top-1 and top-5 accuracy computed locally (`evaluate.load` needs the Hub)."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids
@@ -491,10 +692,17 @@ def resolved_config(args: Args) -> dict:
     out = {}
     for group in (args.model, args.data):
         out.update(asdict(group))
-    out["overwrite_output_dir"] = args.script.overwrite_output_dir
+    script = asdict(args.script)
+    for name in ("overwrite_output_dir", "global_batch_size", "weight_decay_all_parameters", "output_dir_per_seed",
+                 "license"):  # fmt: skip
+        out[name] = script[name]
     training = args.training.to_dict()  # masks *_token fields
     init_fields = {f.name for f in fields(args.training) if f.init}
     out.update({k: v for k, v in training.items() if k in init_fields and not k.endswith("_token")})
+    if args.script.global_batch_size is not None:
+        del out[
+            "gradient_accumulation_steps"
+        ]  # derived from global_batch_size for each launch's process count
     return {
         k: v if isinstance(v, (str, int, float, bool, list, type(None))) else str(v) for k, v in out.items()
     }
@@ -518,7 +726,15 @@ def distributed_engine(training) -> str:
     return "DDP" if training.world_size > 1 else "single process"
 
 
-def write_model_card(args, source, num_train, label_names, metrics, timm_model) -> str:
+def run_title(args: Args, spec) -> str:
+    """'<dataset> x <base model>, SAM (rho = ...)' or '..., baseline (plain optimizer)'."""
+    base = os.path.basename(os.path.normpath(args.model.model_name_or_path))
+    t = args.training
+    run = f"SAM (ρ = {t.sam_rho})" if t.sam_rho > 0 else "baseline (plain optimizer, ρ = 0)"
+    return f"{spec.title or spec.name} x {base}, {run}"
+
+
+def write_model_card(args, spec, source, num_train, num_test, label_names, metrics, timm_model) -> str:
     t, m = args.training, args.model
     global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
     engine = distributed_engine(t)
@@ -533,69 +749,42 @@ def write_model_card(args, source, num_train, label_names, metrics, timm_model) 
         if t.sam_rho > 0
         else "none (ρ = 0: the paired baseline, plain optimizer)"
     )
-    front = {
-        "library_name": "timm" if timm_model else "transformers",
-        "tags": list(CARD_TAGS),
-        "base_model": m.model_name_or_path,
-        "datasets": [source.split("@")[0]] if "/" in source and not os.path.exists(source) else [],
-        "metrics": ["accuracy"],
-        "pipeline_tag": "image-classification",
-    }
-    results = "\n".join(
-        f"| {k} | {v:.4f} |"
-        for k, v in sorted(metrics.items())
-        if k in ("test_top1", "test_top5", "test_loss")
+    optim = t.optim.value if hasattr(t.optim, "value") else t.optim
+    schedule = t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type
+    decay_scope = "every parameter" if args.script.weight_decay_all_parameters else "all but biases and norms"
+    training_lines = [
+        f"Base checkpoint: `{m.model_name_or_path}`{f' @ {m.model_revision}' if m.model_revision else ''}; new "
+        f"classifier head; BatchNorm statistics frozen: {m.freeze_batchnorm}",
+        f"Dropout {m.drop_rate if m.drop_rate is not None else 'as the checkpoint'}, stochastic depth "
+        f"{m.drop_path_rate if m.drop_path_rate is not None else 'as the checkpoint'}",
+        f"Dataset: `{source}`; train augmentation: {args.data.train_augmentation}; test resize: {args.data.eval_resize}",
+        f"SAM: {sam}",
+        f"Optimizer: {optim} ({t.optim_args or 'defaults'}), lr {t.learning_rate}, {schedule} schedule, "
+        f"{t.warmup_steps} warm-up steps, weight decay {t.weight_decay} on {decay_scope}, gradient clipping "
+        f"{t.max_grad_norm or 'none'}, label smoothing {t.label_smoothing_factor}",
+        f"Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x "
+        f"{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}; "
+        f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}; seed {t.seed}",
+    ]
+    card = finetuning_card(
+        title=run_title(args, spec),
+        repo_id=t.hub_model_id,
+        base_model=m.model_name_or_path,
+        dataset_id=source.split("@")[0] if spec.hub_id and not os.path.exists(source) else None,
+        dataset_title=spec.title or spec.name,
+        test_split=spec.test_split,
+        num_train=num_train,
+        num_test=num_test,
+        num_classes=len(label_names),
+        metrics=metrics,
+        license=args.script.license,
+        dataset_terms=spec.terms,
+        timm_model=timm_model,
+        training_lines=training_lines,
+        command=command_line(args),
     )
-    load_timm = (
-        f'\nWith timm: `timm.create_model("hf-hub:{t.hub_model_id or "<repo>"}", pretrained=True)`.\n'
-        if timm_model
-        else ""
-    )
-    card = f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {os.path.basename(os.path.normpath(t.output_dir))}
-
-`{m.model_name_or_path}` finetuned on `{source}` ({len(label_names)} classes, {num_train} training images) with
-hf-sam (Sharpness-Aware Minimization in the Hugging Face Trainer).
-
-## Test metrics (test split)
-
-| metric | value |
-|---|---|
-{results}
-
-## Training
-
-- Base checkpoint: `{m.model_name_or_path}`{f" @ {m.model_revision}" if m.model_revision else ""}; new classifier head
-- Dataset: `{source}`, train augmentation: {args.data.train_augmentation}
-- SAM: {sam}
-- Optimizer: {t.optim.value if hasattr(t.optim, "value") else t.optim} ({t.optim_args or "defaults"}), lr {t.learning_rate}, \
-{t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type} schedule, weight decay {t.weight_decay}, \
-label smoothing {t.label_smoothing_factor}
-- Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x \
-{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}
-- BatchNorm statistics frozen: {m.freeze_batchnorm}
-
-Command:
-
-```bash
-{command_line(args)}
-```
-
-Full configuration: `resolved_config.yaml`.
-
-## Use
-
-```python
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained("{t.hub_model_id or "<repo>"}")
-```
-{load_timm}"""
-    with open(os.path.join(t.output_dir, "README.md"), "w") as f:
-        f.write(card)
-    return card
+    card.save(os.path.join(t.output_dir, "README.md"))
+    return str(card)
 
 
 def _hub_error(action: str, err: Exception) -> ConfigError:
@@ -618,7 +807,7 @@ def _upload(folder: str, repo_id: str) -> None:
     try:
         HfApi().upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message="hf-sam finetuning run",
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "*.pt", "*.pth"],
+            allow_patterns=list(PUSHED_FILES),
         )  # fmt: skip
     except Exception as err:
         raise _hub_error(f"upload to {repo_id!r}", err) from None

@@ -95,3 +95,61 @@ def fixture_for_spec(spec: DatasetSpec, folder: str, per_split: int = 4) -> str:
         splits[split] = Dataset.from_dict(rows, features=features)
     DatasetDict(splits).save_to_disk(folder)
     return folder
+
+
+# The image sizes (width, height) of the real datasets, as their files come (hub-ids.md, the dataset papers):
+# CIFAR is 32x32 PNG; the others are JPEG photographs of a few hundred pixels a side, landscape and portrait.
+REAL_IMAGE_SIZES = {
+    "cifar10": [(32, 32)],
+    "cifar100": [(32, 32)],
+    "oxford_pets": [(500, 375), (375, 500)],
+    "flowers102": [(500, 667), (754, 500)],
+    "stanford_cars": [(640, 480), (1024, 683)],
+    "food101": [(512, 512), (512, 384)],
+}
+
+
+def real_size_fixture_for_spec(spec: DatasetSpec, folder: str, per_split: int = 2) -> str:
+    """Like `fixture_for_spec`, with the real dataset's image sizes and encoding (PNG for CIFAR, JPEG else)."""
+    import io
+
+    rng = np.random.default_rng(0)
+    sizes = REAL_IMAGE_SIZES[spec.name]
+    fixture_for_spec(spec, folder, per_split=per_split)  # columns, label feature, extra columns, split names
+    from datasets import load_from_disk
+
+    saved = load_from_disk(folder)
+    out = {}
+    for split, ds in saved.items():
+        images = []
+        for i in range(len(ds)):
+            width, height = sizes[i % len(sizes)]
+            # Smooth content (JPEG-like statistics) rather than noise: a gradient plus a few blobs.
+            y, x = np.mgrid[0:height, 0:width]
+            base = np.stack(
+                [(x * 255 // width), (y * 255 // height), ((x + y) * 127 // (width + height))], -1
+            )
+            image = Image.fromarray(
+                (base + rng.integers(0, 30, (height, width, 3))).clip(0, 255).astype(np.uint8)
+            )
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG" if spec.name.startswith("cifar") else "JPEG", quality=90)
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        rows = ds.to_dict()
+        rows[spec.image_column] = images
+        out[split] = Dataset.from_dict(rows, features=ds.features)
+    import shutil
+
+    shutil.rmtree(folder)
+    DatasetDict(out).save_to_disk(folder)
+    return folder
+
+
+def real_architecture_checkpoint(hub_id: str, folder: str) -> str:
+    """The Hub checkpoint's architecture and preprocessing (timm's registry entry for `timm/<name>`: input
+    size, crop, interpolation, mean/std, number of classes), randomly initialised, in the Hub's timm layout."""
+    name = hub_id.removeprefix("timm/")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    save_timm_checkpoint(model, folder)
+    return folder

@@ -4,7 +4,7 @@
 The reference is an independent, uninterrupted process with the same flags. Besides the final weights, the
 comparison covers the optimizer state of the last checkpoint (momentum and SAM variant state such as LookSAM's
 stored component) and every logged loss, so a resume that drops optimizer state, restarts the LR / ρ schedule,
-re-draws the data order or the augmentation RNG, or replays a step fails the test.
+re-draws the data order or an example's augmentation, or replays a step fails the test.
 
 Also: a checkpoint folder left half-written by a kill during saving is never the one resumed from.
 """
@@ -30,16 +30,17 @@ finetune = load_finetune()
 
 MAX_STEPS, SAVE_STEPS = 12, 2
 # 12 images, batch 4: 3 steps per epoch, so checkpoints fall mid-epoch too (steps 2, 4, 8, 10). SGD with
-# momentum, cosine LR, shuffled batches and dropout (the checkpoint below): momentum, schedule, data order and
-# RNG all have to survive. No train augmentation: see the README (an augmentation that draws from torch's global
-# RNG in the main process is not restored exactly by transformers 5.24 on a mid-epoch resume).
+# momentum, cosine LR, shuffled batches, dropout (the checkpoint below) and a random train augmentation (the
+# Inception crop + flip of the non-CIFAR recipes): momentum, schedule, data order, RNG and the augmentation of
+# every example all have to survive. The augmentation is a function of (seed, epoch, example index), so it does
+# not depend on when transformers restores the global RNG during a mid-epoch resume.
 FLAGS = ["--dataset", "digits", "--max_train_samples", "12", "--max_test_samples", "4",
          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
          "--max_steps", str(MAX_STEPS), "--save_strategy", "steps", "--save_steps", str(SAVE_STEPS),
          "--use_cpu", "true", "--seed", "11", "--full_determinism", "true", "--dataloader_num_workers", "0",
          "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1", "--optim", "sgd",
          "--optim_args", "momentum=0.9", "--learning_rate", "0.05", "--lr_scheduler_type", "cosine",
-         "--sam_rho", "0.1"]  # fmt: skip
+         "--sam_rho", "0.1", "--train_augmentation", "random-resized-crop"]  # fmt: skip
 
 # The default run takes the stateful variants together (one subprocess set is ~25 s here): LookSAM's stored
 # g_v (kept in the optimizer state), the interval counter (SAM on steps 0, 3, 6, ...), and ρ following the

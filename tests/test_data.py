@@ -119,3 +119,149 @@ def test_first_label_pins_the_order(tmp_path):
     folder = fixture_for_spec(spec.__class__(**{**spec.__dict__, "first_label": "1"}), str(tmp_path / "f"))
     with pytest.raises(DataError, match="class 0 is '1', expected 'pink primrose'"):
         load_image_classification(spec, local_path=folder)
+
+
+# ---------------------------------------------------------------------- the released code's augmentations
+def _timm_preprocessing(tmp_path, size=32, crop_pct=0.875):
+    """A timm checkpoint whose eval transform crops (crop_pct < 1), bicubic, non-trivial mean/std."""
+    import timm
+
+    from hf_sam.models import save_timm_checkpoint
+
+    folder = str(tmp_path / f"timm_{size}_{crop_pct}")
+    save_timm_checkpoint(timm.create_model("test_efficientnet", pretrained=False), folder,
+                         input_size=(3, size, size), crop_pct=crop_pct, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3),
+                         interpolation="bicubic")  # fmt: skip
+    return preprocessing_from_processor(AutoImageProcessor.from_pretrained(folder))
+
+
+def _reference_normalise(image: Image.Image, size, mean, std) -> torch.Tensor:
+    """PIL resize of the whole image (bicubic) + normalisation, written out with numpy."""
+    array = np.asarray(image.resize((size[1], size[0]), Image.BICUBIC), dtype=np.float32) / 255.0
+    array = (array - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def test_pad_and_random_crop_is_a_reflect_padded_crop():
+    from hf_sam.data import PadAndRandomCrop
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    seen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        top, left = (int(torch.randint(0, 9, ()).item()) for _ in range(2))
+        padded = np.pad(array, ((4, 4), (4, 4), (0, 0)), mode="reflect")  # tf.pad(mode="REFLECT")
+        torch.manual_seed(seed)
+        out = np.asarray(PadAndRandomCrop(4)(Image.fromarray(array)))
+        np.testing.assert_array_equal(out, padded[top : top + 32, left : left + 32])
+        seen.add((top, left))
+    assert len(seen) > 10  # offsets really vary over 0..8
+
+
+def test_cifar_autoaugment_is_policy_then_flip_and_crop_then_whole_image_resize(tmp_path, monkeypatch):
+    """The released CIFAR pipeline: AutoAugment on the 32x32 image, flip, pad 4 + crop, then the whole image
+    resized (no centre crop) with the checkpoint's resolution, interpolation and mean/std."""
+    from torchvision import transforms as T
+
+    pre = _timm_preprocessing(tmp_path, size=64, crop_pct=0.875)
+    assert (pre.size, pre.interpolation, pre.mean) == ((64, 64), "bicubic", (0.4, 0.5, 0.6))
+    seen_sizes = []
+
+    class RecordingPolicy:  # stands for AutoAugment: records what it is applied to, changes nothing
+        def __init__(self, policy):
+            assert policy == T.AutoAugmentPolicy.CIFAR10
+
+        def __call__(self, image):
+            seen_sizes.append(image.size)
+            return image
+
+    monkeypatch.setattr(T, "AutoAugment", RecordingPolicy)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    augment = train_augmentation("cifar-autoaugment", pre)
+    for seed in range(6):
+        torch.manual_seed(seed)  # the draws, in the pipeline's order: flip, then the crop offsets
+        flip = bool(torch.rand(1) < 0.5)
+        top, left = (int(torch.randint(0, 9, ()).item()) for _ in range(2))
+        array = np.asarray(image)[:, ::-1] if flip else np.asarray(image)
+        crop = np.pad(array, ((4, 4), (4, 4), (0, 0)), mode="reflect")[top : top + 32, left : left + 32]
+        expected = _reference_normalise(
+            Image.fromarray(np.ascontiguousarray(crop)), (64, 64), pre.mean, pre.std
+        )
+        torch.manual_seed(seed)
+        torch.testing.assert_close(augment([image])[0], expected, atol=2e-2, rtol=0)
+    assert seen_sizes == [(32, 32)] * 6
+
+
+def test_full_resize_evaluates_the_whole_image(tmp_path):
+    from hf_sam.data import full_resize
+
+    pre = _timm_preprocessing(tmp_path, size=64, crop_pct=0.875)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    expected = _reference_normalise(image, (64, 64), pre.mean, pre.std)
+    torch.testing.assert_close(full_resize(pre)([image])[0], expected, atol=2e-2, rtol=0)
+    assert not torch.allclose(
+        pre.eval([image])[0], expected, atol=2e-2
+    )  # the checkpoint's centre crop differs
+
+
+def test_random_resized_crop_takes_the_checkpoint_resolution_and_varies(tmp_path):
+    pre = _timm_preprocessing(tmp_path, size=48, crop_pct=0.9)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    augment = train_augmentation("random-resized-crop", pre)
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outs.append(augment([image])[0])
+    assert (
+        outs[0].shape == (3, 48, 48) and torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    )
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    """Each example's random augmentation depends on (seed, epoch, index) only: not on the order or batch it is
+    read in, not on the global RNG (which it leaves untouched), and it changes with the epoch and the seed."""
+    from hf_sam.data import INDEX_COLUMN
+
+    spec = SPECS["cifar10"]
+    folder = fixture_for_spec(spec, str(tmp_path / "c"), per_split=6)
+    pre = _timm_preprocessing(tmp_path)
+
+    def loaded(seed):
+        data = load_image_classification(spec, local_path=folder)
+        return data, set_transforms(data, pre, "cifar-autoaugment", seed=seed, eval_resize="full")
+
+    data, transform = loaded(seed=5)
+    assert INDEX_COLUMN in data.train.column_names
+    state = torch.get_rng_state()
+    one_by_one = [data.train[i]["pixel_values"] for i in range(6)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is neither read nor advanced
+    torch.manual_seed(123)  # a different global state changes nothing
+    reversed_batch = data.train[[5, 4, 3, 2, 1, 0]]["pixel_values"]
+    assert all(torch.equal(a, b) for a, b in zip(one_by_one, reversed_batch[::-1]))
+    assert len({tuple(x.flatten()[:50].tolist()) for x in one_by_one}) == 6
+    transform.epoch = 1
+    assert not any(torch.equal(data.train[i]["pixel_values"], one_by_one[i]) for i in range(6))
+    other, _ = loaded(seed=6)
+    assert not torch.equal(other.train[0]["pixel_values"], one_by_one[0])
+    assert set(data.test[0]) == {"pixel_values", "labels"} and INDEX_COLUMN not in data.test.column_names
+
+
+def test_dataloader_workers_see_the_epoch_set_before_the_iterator(tmp_path):
+    """With dataloader workers (the recipes use 8), an example decoded in a worker gets the same augmentation as in
+    the main process, for the epoch set before the epoch's iterator is created (what AugmentationEpochCallback
+    does: the Trainer calls on_epoch_begin before iter(dataloader))."""
+    from torch.utils.data import DataLoader
+
+    spec = SPECS["cifar10"]
+    data = load_image_classification(
+        spec, local_path=fixture_for_spec(spec, str(tmp_path / "c"), per_split=4)
+    )
+    transform = set_transforms(data, _timm_preprocessing(tmp_path), "random-resized-crop", seed=3)
+    for epoch in (0, 2):
+        transform.epoch = epoch
+        expected = [data.train[i]["pixel_values"] for i in range(4)]
+        loader = DataLoader(data.train, batch_size=2, num_workers=2, collate_fn=collate)
+        got = torch.cat([batch["pixel_values"] for batch in loader])
+        assert torch.equal(got, torch.stack(expected)), epoch

@@ -11,6 +11,7 @@ import datasets
 import pytest
 import timm
 import torch
+import yaml
 from finetune_helpers import (
     REPO,
     fake_image,
@@ -102,12 +103,22 @@ def test_every_dataset_spec_runs_two_steps(name, hub, timm_ckpt, tmp_path):
     assert config["num_classes"] == spec.num_classes and config["label_names"][0] == (
         spec.first_label or "class_0"
     )
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(str(out / "README.md"))
+    assert {r.dataset_split for r in card.data.eval_results} == {spec.test_split}  # Food-101: `validation`
+    assert f"Split `{spec.test_split}`" in card.text and card.data.model_name.startswith(spec.title)
+    if spec.hub_id:
+        assert card.data.datasets == [spec.hub_id]
+    if spec.terms:
+        assert spec.terms in card.text
 
 
-@pytest.mark.parametrize("augmentation", ["autoaugment", "random-resized-crop"])
+@pytest.mark.parametrize("augmentation", ["autoaugment", "random-resized-crop", "cifar-autoaugment"])
 def test_transformers_checkpoint_with_augmentation(augmentation, vit_ckpt, tmp_path):
+    eval_resize = "full" if augmentation == "cifar-autoaugment" else "checkpoint"
     metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", vit_ckpt,
-                  "--train_augmentation", augmentation, "--max_test_samples", "8")  # fmt: skip
+                  "--train_augmentation", augmentation, "--eval_resize", eval_resize, "--max_test_samples", "8")  # fmt: skip
     assert "test_top1" in metrics
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"]["3"] == "3" and (tmp_path / "out" / "preprocessor_config.json").exists()
@@ -121,29 +132,47 @@ def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
         def create_repo(self, repo_id, exist_ok, private):
             uploads.append(("create", repo_id))
 
-        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
-            uploads.append(("upload", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns):
+            import fnmatch
+
+            everything = [os.path.relpath(os.path.join(root, f), folder_path)
+                          for root, _, files in os.walk(folder_path) for f in files]  # fmt: skip
+            pushed = [f for f in everything if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
+            uploads.append(("upload", repo_id, sorted(pushed), sorted(everything)))
 
     monkeypatch.setattr(finetune, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETtokenSHOULDNOTLEAK")
     metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--sam_rho", "0.2",
-                  "--push_to_hub", "true", "--hub_model_id", "me/digits-sam", "--label_subset", "3", "1", "4")  # fmt: skip
+                  "--push_to_hub", "true", "--hub_model_id", "me/digits-sam", "--label_subset", "3", "1", "4",
+                  "--license", "mit", "--save_strategy", "steps", "--save_steps", "1")  # fmt: skip
     out = tmp_path / "out"
     assert uploads[0] == ("create", "me/digits-sam")
-    kind, repo, files, ignored = uploads[1]
-    assert (kind, repo) == ("upload", "me/digits-sam") and "checkpoint-*" in ignored
-    assert {
-        "model.safetensors",
-        "config.json",
-        "README.md",
-        "test_results.json",
-        "resolved_config.yaml",
-    } <= set(files)
+    kind, repo, files, everything = uploads[1]
+    assert (kind, repo) == ("upload", "me/digits-sam")
+    # Only what a user loads: no training_args.bin, trainer state or checkpoints (the run saved all of those).
+    # (A timm model's preprocessing lives in config.json's pretrained_cfg: no preprocessor_config.json.)
+    assert set(files) == {"model.safetensors", "config.json", "README.md", "test_results.json",
+                          "resolved_config.yaml"}  # fmt: skip
+    assert "training_args.bin" in everything and "trainer_state.json" in everything
 
     card = (out / "README.md").read_text()
-    for needle in ("- sam", "- image-classification", "- hf-sam", f"base_model: {timm_ckpt}", "`digits`",
-                   "ρ = 0.2", "recipes/finetune.py --output_dir", f"| test_top1 | {metrics['test_top1']:.4f} |"):  # fmt: skip
+    for needle in ("# scikit-learn digits x " + os.path.basename(timm_ckpt) + ", SAM (ρ = 0.2)", "ρ = 0.2",
+                   "recipes/finetune.py --output_dir", f"| top-1 accuracy | {100 * metrics['test_top1']:.2f}% |",
+                   "Split `test`", 'AutoModelForImageClassification.from_pretrained("me/digits-sam")',
+                   'timm.create_model("hf-hub:me/digits-sam", pretrained=True)', "Licence of these weights: `mit`"):  # fmt: skip
         assert needle in card, needle
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(str(out / "README.md")).data
+    assert set(data.tags) >= {"sam", "image-classification", "hf-sam"} and data.base_model == timm_ckpt
+    assert (data.license, data.library_name, data.model_name) == ("mit", "timm", "scikit-learn digits x "
+                                                                  + os.path.basename(timm_ckpt) + ", SAM (ρ = 0.2)")  # fmt: skip
+    top1 = next(r for r in data.eval_results if r.metric_name == "top-1 accuracy")
+    assert (top1.metric_type, top1.dataset_split, top1.metric_value) == (
+        "accuracy",
+        "test",
+        metrics["test_top1"],
+    )
     for path in out.iterdir():
         if path.is_file() and path.suffix in (".md", ".json", ".yaml"):
             assert "SECRET" not in path.read_text(), path.name
@@ -334,9 +363,12 @@ def test_gpu_recipe_validates_on_cpu_but_does_not_run(tmp_path):
 @pytest.mark.multiprocess
 def test_two_process_launch_with_cpu_config(tmp_path, timm_ckpt):
     out = tmp_path / "ddp"
-    launch_recipe("cpu.yaml", out, timm_ckpt, port=29535)
+    launch_recipe("cpu.yaml", out, timm_ckpt, "--global_batch_size", "8", port=29535)  # WORLD_SIZE=2: 2 steps
     card = (out / "README.md").read_text()
-    assert "2 per device x 2 processes" in card and "accelerate launch --num_processes 2" in card
+    assert (
+        "2 per device x 2 processes x 2 accumulation" in card
+        and "accelerate launch --num_processes 2" in card
+    )
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and any("sam/sharpness" in h for h in state["log_history"])
 
@@ -351,3 +383,128 @@ def test_make_demo(tmp_path):
         line.startswith("| SAM ") for line in lines
     )
     assert os.path.getsize(os.path.join(REPO, "outputs/digits/test_efficientnet/demo.png")) > 10_000
+
+
+# ---------------------------------------------------------------------- the released code's settings
+def test_steps_per_epoch_is_what_the_trainer_takes(timm_ckpt, tmp_path):
+    """10 images, 2 per device, global batch 4 (accumulation 2): 5 micro-batches -> ceil(5 / 2) = 3 steps in
+    one epoch (not 10 / 4 = 2.5), as the recipe headers count them."""
+    assert finetune.steps_per_epoch(10, 2, 1, 2) == 3
+    fast = FAST[2:]  # without --max_steps 2: train by epochs instead
+    assert FAST[:2] == ["--max_steps", "2"]
+    finetune.main(["--output_dir", str(tmp_path / "out"), *fast, "--num_train_epochs", "1", "--dataset", "digits",
+                   "--model_name_or_path", timm_ckpt, "--max_train_samples", "10", "--max_test_samples", "4",
+                   "--global_batch_size", "4"])  # fmt: skip
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    config = yaml.safe_load((tmp_path / "out" / "resolved_config.yaml").read_text())
+    assert config["global_batch_size"] == 4 and "gradient_accumulation_steps" not in config
+
+
+def test_dropout_rates_reach_the_timm_model(timm_ckpt):
+    from hf_sam.models import load_model_and_processor
+
+    model, _ = load_model_and_processor(
+        timm_ckpt, [str(i) for i in range(5)], drop_rate=0.5, drop_path_rate=0.2
+    )
+    net = model.timm_model
+    assert net.drop_rate == 0.5
+    drop_probs = [m.drop_prob for m in net.modules() if type(m).__name__ == "DropPath"]
+    # timm scales stochastic depth linearly over the blocks, up to the rate (as the TF original's drop-connect).
+    assert drop_probs and max(drop_probs) <= 0.2 and max(drop_probs) > 0.1
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    torch.manual_seed(0)
+    a = model(pixel_values=x).logits
+    b = model(pixel_values=x).logits
+    assert not torch.equal(a, b)  # active in training mode
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, model(pixel_values=x).logits)
+    plain, _ = load_model_and_processor(timm_ckpt, [str(i) for i in range(5)])
+    assert plain.timm_model.drop_rate == 0.0  # unset: the checkpoint's own (0 for this one)
+
+
+def test_dropout_rates_reach_transformers_models(tmp_path, vit_ckpt):
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification, ViTImageProcessor
+
+    from hf_sam.models import ModelError, load_model_and_processor
+
+    config = EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1, num_labels=3,
+                                hidden_dim=64)  # fmt: skip
+    folder = str(tmp_path / "effnet")
+    EfficientNetForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    model, _ = load_model_and_processor(folder, ["a", "b"], drop_rate=0.5, drop_path_rate=0.2)
+    assert (model.config.dropout_rate, model.config.drop_connect_rate) == (0.5, 0.2)
+    assert model.dropout.p == 0.5
+    vit, _ = load_model_and_processor(vit_ckpt, ["a", "b"], drop_rate=0.1)
+    assert vit.config.hidden_dropout_prob == 0.1
+    with pytest.raises(ModelError, match="drop_path_rate cannot be set"):
+        load_model_and_processor(vit_ckpt, ["a", "b"], drop_path_rate=0.1)
+
+
+def test_optimizer_follows_the_released_code(timm_ckpt, tmp_path):
+    """Nesterov from optim_args; weight decay on every parameter with weight_decay_all_parameters (the released
+    code), on all but biases and norms without it (the Trainer's default)."""
+    groups = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        finetune.main(["--output_dir", str(out), *FAST, "--dataset", "digits", "--model_name_or_path", timm_ckpt,
+                       "--max_train_samples", "8", "--max_test_samples", "4", "--save_strategy", "steps",
+                       "--save_steps", "2", "--optim_args", "momentum=0.9,nesterov=True", "--weight_decay", "1e-5",
+                       "--weight_decay_all_parameters", flag])  # fmt: skip
+        groups[flag] = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
+    model = AutoModelForImageClassification.from_pretrained(str(tmp_path / "true"))
+    num_params = len(list(model.parameters()))
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in groups["true"] + groups["false"])
+    decayed = {
+        flag: sum(len(g["params"]) for g in gs if g["weight_decay"] == 1e-5) for flag, gs in groups.items()
+    }
+    assert decayed["true"] == num_params
+    assert 0 < decayed["false"] < num_params
+
+
+def test_configuration_errors_come_before_the_bf16_check(tmp_path):
+    """A GPU (bf16) recipe on this CPU machine, as a user would launch it (no --use_cpu): the typo and the
+    checkpoint conflict are reported, not the environment; the environment error names the fix."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a bf16 GPU")
+    recipe = os.path.join(REPO, "recipes/oxford_pets/efficientnet_b7/sam.yaml")
+    out = tmp_path / "o"
+
+    def error(*argv) -> str:
+        with pytest.raises(SystemExit) as err:
+            finetune.main(["--config", recipe, *argv])
+        text = str(err.value.code)
+        assert text.startswith("finetune.py: error: ") and "\n" not in text, text
+        return text
+
+    text = error("--output_dir", str(out), "--sam_rhoo", "0.1")
+    assert "unknown flag(s) 'sam_rhoo' (did you mean 'sam_rho'?)" in text and "bf16" not in text
+    assert "drop_rate must be in [0, 1)" in error("--output_dir", str(out), "--drop_rate", "1.5")
+    (out / "checkpoint-100").mkdir(parents=True)
+    text = error("--output_dir", str(out))
+    assert "already holds checkpoint-100" in text and "bf16" not in text
+    text = error("--output_dir", str(tmp_path / "new"))
+    assert "--bf16 false" in text and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-100"]
+
+
+def test_hub_private_repo_is_respected_and_documented(timm_ckpt, tmp_path, monkeypatch, capsys):
+    created = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok, private):
+            created.append(private)
+
+        def upload_folder(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(finetune, "HfApi", FakeApi)
+    run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--max_train_samples", "4",
+        "--max_test_samples", "4", "--push_to_hub", "true", "--hub_model_id", "me/x", "--hub_private_repo", "true")  # fmt: skip
+    assert created == [True]
+    with pytest.raises(SystemExit):
+        finetune.parse_config(["--help"])
+    assert "--hub_private_repo" in capsys.readouterr().out

@@ -130,7 +130,7 @@ def test_hub_token_never_reaches_logs_cards_configs_or_checkpoints(ckpt, tmp_pat
         def create_repo(self, repo_id, exist_ok, private):
             uploads.append(repo_id)
 
-        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+        def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns):
             uploads.append(folder_path)
 
     monkeypatch.setattr(finetune, "HfApi", FakeApi)
