@@ -40,6 +40,8 @@ from hf_sam.batchnorm import freeze_batchnorm
 from hf_sam.data import (
     TRAIN_AUGMENTATIONS,
     DataError,
+    add_label_noise,
+    check_label_noise,
     collate,
     load_image_classification,
     preprocessing_from_processor,
@@ -120,6 +122,16 @@ class DataArguments:
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the train split (debugging)."}
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Symmetric label noise (paper, 3.3): this fraction of the train labels, after label_subset, "
+            "is replaced by a uniformly drawn other class; the test split stays clean. 0 = clean."
+        },
+    )
+    label_noise_seed: int | None = field(
+        default=None, metadata={"help": "Which labels are corrupted, and how (default: the run's `seed`)."}
     )
     max_test_samples: int | None = field(
         default=None, metadata={"help": "Truncate the test split (debugging)."}
@@ -218,6 +230,7 @@ def _check(
     resolve_spec(data.dataset)  # unknown dataset name: fails here, before any loading
     if data.dataset_path and not os.path.exists(data.dataset_path):
         raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
+    check_label_noise(data.label_noise)
     if data.num_labels is not None and data.num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {data.num_labels}.")
     if not training.output_dir:
@@ -374,8 +387,9 @@ def _check_checkpoint_fits(model, checkpoint: str) -> None:
 
 
 # ====================================================================== main
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run a recipe; recipe, data, model and Hub problems exit with one `error:` line, before any training."""
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[str, float]:
+    """Run a recipe; recipe, data, model and Hub problems exit with one `error:` line, before any training.
+    `callbacks`: extra `TrainerCallback`s (e.g. the demo's progress bar)."""
     try:
         args = parse_config(argv)
     except ValueError as err:  # ours and SAMTrainingArguments' (invalid sam_* values, bf16 without GPU, ...)
@@ -387,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     output_dir = args.training.output_dir
     existed = os.path.exists(output_dir)
     try:
-        return run(args)
+        return run(args, callbacks)
     except (DataError, ModelError, ConfigError) as err:
         if not existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
             os.rmdir(output_dir)  # made by Trainer.__init__ before a set-up check failed: leave no trace
@@ -398,7 +412,7 @@ def _one_line(err: Exception) -> str:
     return "finetune.py: error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
-def run(args: Args) -> dict[str, float]:
+def run(args: Args, callbacks: list | None = None) -> dict[str, float]:
     training = args.training
     set_seed(training.seed)
     push_to_hub, training.push_to_hub = training.push_to_hub, False  # we push once, at the end, with the card
@@ -415,6 +429,11 @@ def run(args: Args) -> dict[str, float]:
             spec, args.data.dataset_path, args.data.num_labels, args.data.label_subset,
             args.data.max_train_samples, args.data.max_test_samples, args.data.verify_images,
         )  # fmt: skip
+    if args.data.label_noise:
+        noise_seed = training.seed if args.data.label_noise_seed is None else args.data.label_noise_seed
+        data.train = add_label_noise(
+            data.train, data.label_column, args.data.label_noise, noise_seed, len(data.label_names)
+        )
     resume = resolve_resume(
         training.resume_from_checkpoint, training.output_dir, not training.save_only_model, warn=True
     )
@@ -441,6 +460,7 @@ def run(args: Args) -> dict[str, float]:
         trainer = SAMTrainer(
             model=model, args=training, train_dataset=data.train, eval_dataset=data.test,
             data_collator=collate, processing_class=processor, compute_metrics=top_k_accuracy,
+            callbacks=callbacks,
         )  # fmt: skip
     except ValueError as err:  # set-up checks that need the model (e.g. a sam_param_filter matching nothing)
         raise ConfigError(str(err)) from None
@@ -570,6 +590,7 @@ hf-sam (Sharpness-Aware Minimization in the Hugging Face Trainer).
 
 - Base checkpoint: `{m.model_name_or_path}`{f" @ {m.model_revision}" if m.model_revision else ""}; new classifier head
 - Dataset: `{source}`, train augmentation: {args.data.train_augmentation}
+- {label_noise_line(args)}
 - SAM: {sam}
 - Optimizer: {t.optim.value if hasattr(t.optim, "value") else t.optim} ({t.optim_args or "defaults"}), lr {t.learning_rate}, \
 {t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type} schedule, weight decay {t.weight_decay}, \
@@ -596,6 +617,17 @@ model = AutoModelForImageClassification.from_pretrained("{t.hub_model_id or "<re
     with open(os.path.join(t.output_dir, "README.md"), "w") as f:
         f.write(card)
     return card
+
+
+def label_noise_line(args) -> str:
+    d = args.data
+    if not d.label_noise:
+        return "Label noise: none (clean labels)"
+    seed = args.training.seed if d.label_noise_seed is None else d.label_noise_seed
+    return (
+        f"Label noise: {100 * d.label_noise:g}% of the training labels replaced by another class (symmetric, "
+        f"seed {seed}); test labels clean"
+    )
 
 
 def _hub_error(action: str, err: Exception) -> ConfigError:
