@@ -317,14 +317,16 @@ def demo(readme: bool) -> None:
     records = run_all(OUT, [], SETTINGS, SEEDS, terminal)
     png = os.path.join(OUT, "demo.png")
     plot(records, png)
-    seconds = time.time() - STARTED
-    steps, lr = (recipe_value(f"{RECIPES}/sam.yaml", key) for key in ("max_steps", "learning_rate"))
+    seconds, cpu = time.time() - STARTED, time.process_time()
+    steps = ", ".join(f"{name} {recipe_value(f'{RECIPES}/{sam}', 'max_steps')}" for name, _, sam in SETTINGS)
+    lr = recipe_value(f"{RECIPES}/sam.yaml", "learning_rate")
     block = "\n".join([
         f"`python recipes/demo.py`: {len(SEEDS)} seeds per cell (seeds {', '.join(map(str, SEEDS))}, the same for "
-        f"baseline and SAM), {steps} steps of batch 32 at lr {lr} each (the same epochs for both; a SAM step costs "
-        f"two forward+backward passes); mean ± std over seeds. Test top-1 on the clean test images of digits 5-9; "
-        f"λmax and m-sharpness on the first {MEASURE_EXAMPLES} training images, with the labels trained on. "
-        f"{seconds:.0f} s in all ({os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()}).",
+        f"baseline and SAM); steps of batch 32 at lr {lr} per run: {steps} (the same epochs for baseline and "
+        f"SAM; a SAM step costs two forward+backward passes); mean ± std over seeds. Test top-1 on the clean test "
+        f"images of digits 5-9; λmax and m-sharpness on the first {MEASURE_EXAMPLES} training images, with the labels trained on. "
+        f"Run time {seconds:.0f} s wall, {cpu:.0f} s of CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
+        "thread; on idle cores the wall time is about the CPU time).",
         "",
         table(records),
         "",
