@@ -1,8 +1,9 @@
-"""Offline demo (`make demo`): what SAM buys when finetuning on real images, on a CPU, in about two minutes.
+"""Offline demo (`make demo`): what SAM buys when finetuning on real images, on a CPU, in about three minutes.
 
     python recipes/demo.py            # the demo: prints the table, writes everything under outputs/
     python recipes/demo.py --readme   # the same, then writes the table and the picture into the README
     python recipes/demo.py --select   # how ρ was chosen: a ρ grid on a validation slice of the train split
+    python recipes/demo.py --select --rhos 0.05 --only noise --max_steps 192   # extra flags go to finetune.py
 
 Every run is `recipes/finetune.py` with a recipe of `recipes/digits/test_efficientnet/`, on scikit-learn's
 handwritten digits (the `digits` dataset spec, 1,797 real 8x8 images) and timm's 0.1M-parameter
@@ -11,8 +12,8 @@ handwritten digits (the `digits` dataset spec, 1,797 real 8x8 images) and timm's
 1. pretrain.yaml: train it from random init on digits 0-4 (the "pretrained checkpoint"), once;
 2. finetune it on digits 5-9 (new head, frozen BatchNorm, SGD momentum 0.9 + cosine, the `SAMTrainer`), for
    each of 3 seeds, plain SGD (`sam_rho: 0`) and SAM, with the same seeds and the same number of epochs:
-   clean labels (baseline.yaml, sam.yaml) and 40% symmetric label noise on the train split (noisy_*.yaml,
-   the paper's section 3.3 setting; the test labels stay clean).
+   clean labels (baseline.yaml, sam.yaml, 120 steps) and 40% symmetric label noise on the train split
+   (noisy_*.yaml, 240 steps; the paper's section 3.3 setting; the test labels stay clean).
 
 Each final model is then measured on the same 256 training images (with the labels it was trained on): the top
 Hessian eigenvalue λmax (Lanczos, `hf_sam.sharpness.hessian_eigenvalues`) and m-sharpness (m = 32, at the SAM
