@@ -95,3 +95,40 @@ def test_demo_end_to_end():
         expected = "better by more than" if gain > spread else "worse by" if gain < -spread else "within"
         assert expected in line, line
     assert os.path.getsize(os.path.join(OUT, "demo.png")) > 20_000
+
+
+def load_demo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "recipes", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "base, sam, expected",
+    [
+        ([0.80, 0.82, 0.84], [0.90, 0.91, 0.92], "better by more than the seeds' spread (larger std 2.0)"),
+        ([0.80, 0.82, 0.84], [0.81, 0.83, 0.85], "within the seeds' spread (larger std 2.0)"),
+        ([0.90, 0.91, 0.92], [0.80, 0.82, 0.84], "worse by more than the seeds' spread (larger std 2.0)"),
+    ],
+)
+def test_verdict_compares_the_gain_with_the_larger_std(base, sam, expected):
+    """The summary line claims a win only when the mean gain exceeds the larger sample std (ddof=1)."""
+    demo = load_demo()
+    records = [
+        {"setting": "noisy", "method": method, "seed": seed, "top1": top1, "lambda_max": lam,
+         "m_sharpness": 0.01, "train_loss": 0.1, "sam_rho": 0.05}
+        for method, values, lam in (("baseline", base, 9.0), ("SAM", sam, 3.0))
+        for seed, top1 in enumerate(values)
+    ]  # fmt: skip
+    (line,) = demo.verdicts(records)
+    gain = 100 * (np.mean(sam) - np.mean(base))
+    assert line.startswith(f"noisy: SAM {gain:+.1f} points top-1") and expected in line
+    assert "λmax 9.00 → 3.00 (flatter)" in line
+    table = demo.table(records).splitlines()
+    assert table[2] == "| noisy | baseline (SGD) | " + " | ".join(
+        [f"{100 * np.mean(base):.1f} ± {100 * np.std(base, ddof=1):.1f}", "9.00 ± 0.00", "0.0100 ± 0.0000",
+         "0.100 ± 0.000"]
+    ) + " |"  # fmt: skip
