@@ -424,6 +424,44 @@ def check_label_range(ds: Dataset, column: str, num_classes: int, where: str, so
             )
 
 
+def check_label_noise(fraction: float) -> None:
+    """`label_noise` is a fraction in [0, 1): the share of the training labels to corrupt."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise DataError(
+            f"label_noise must be a fraction in [0, 1) (the share of training labels replaced by another "
+            f"class; 0 = clean labels), got {fraction!r}. Set e.g. `label_noise: 0.4`."
+        )
+
+
+def add_label_noise(ds: Dataset, column: str, fraction: float, seed: int, num_classes: int) -> Dataset:
+    """Symmetric label noise (paper, section 3.3): the labels of exactly round(fraction * len(ds)) examples,
+    drawn uniformly without replacement, are replaced by a uniformly drawn *other* class (never the true one).
+
+    The definition of experiments/common.py `symmetric_noise` (and of Jiang et al. 2018, which the paper
+    follows, up to "other": a corrupted label is always wrong here). Deterministic for a seed; the images and
+    every other column are untouched. Apply it to the train split only, after class selection.
+    """
+    check_label_noise(fraction)
+    if fraction == 0:
+        return ds
+    if num_classes < 2:
+        raise DataError(f"label_noise needs at least 2 classes to swap labels between, got {num_classes}.")
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(ds[column], dtype=torch.long)
+    flipped = torch.randperm(len(labels), generator=generator)[: round(fraction * len(labels))]
+    # A shift of 1..K-1 classes: uniform over the other classes, never the true one.
+    shift = torch.randint(1, num_classes, (len(flipped),), generator=generator)
+    labels[flipped] = (labels[flipped] + shift) % num_classes
+    noisy = labels.tolist()
+    return ds.map(
+        lambda _, indices: {column: [noisy[i] for i in indices]},
+        input_columns=column,
+        with_indices=True,
+        batched=True,
+        features=ds.features,
+    )
+
+
 def verify_image_column(ds: Dataset, column: str, where: str) -> None:
     """Open every image once (header + integrity check, no full decode); fail on the first unreadable one."""
     for start in range(0, len(ds), 256):

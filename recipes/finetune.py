@@ -50,6 +50,8 @@ from hf_sam.data import (
     TRAIN_AUGMENTATIONS,
     AugmentationEpochCallback,
     DataError,
+    add_label_noise,
+    check_label_noise,
     collate,
     load_image_classification,
     preprocessing_from_processor,
@@ -196,6 +198,16 @@ class DataArguments:
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the train split (debugging)."}
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Symmetric label noise (paper, 3.3): this fraction of the train labels, after label_subset, "
+            "is replaced by a uniformly drawn other class; the test split stays clean. 0 = clean."
+        },
+    )
+    label_noise_seed: int | None = field(
+        default=None, metadata={"help": "Which labels are corrupted, and how (default: the run's `seed`)."}
     )
     max_test_samples: int | None = field(
         default=None, metadata={"help": "Truncate the test split (debugging)."}
@@ -386,6 +398,7 @@ def _check(
     resolve_spec(data.dataset)  # unknown dataset name: fails here, before any loading
     if data.dataset_path and not os.path.exists(data.dataset_path):
         raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
+    check_label_noise(data.label_noise)
     if data.num_labels is not None and data.num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {data.num_labels}.")
     for name in ("drop_rate", "drop_path_rate"):
@@ -551,8 +564,9 @@ def _check_checkpoint_fits(model, checkpoint: str) -> None:
 
 
 # ====================================================================== main
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run a recipe; recipe, data, model and Hub problems exit with one `error:` line, before any training."""
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[str, float]:
+    """Run a recipe; recipe, data, model and Hub problems exit with one `error:` line, before any training.
+    `callbacks`: extra `TrainerCallback`s (e.g. the demo's progress bar)."""
     try:
         args = parse_config(argv)
     except ValueError as err:  # ours and SAMTrainingArguments' (invalid sam_* values, bf16 without GPU, ...)
@@ -564,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     output_dir = args.training.output_dir
     existed = os.path.exists(output_dir)
     try:
-        return run(args)
+        return run(args, callbacks)
     except (DataError, ModelError, ConfigError) as err:
         if not existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
             os.rmdir(output_dir)  # made by Trainer.__init__ before a set-up check failed: leave no trace
@@ -575,7 +589,7 @@ def _one_line(err: Exception) -> str:
     return "finetune.py: error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
-def run(args: Args) -> dict[str, float]:
+def run(args: Args, callbacks: list | None = None) -> dict[str, float]:
     training = args.training
     set_seed(training.seed)
     push_to_hub, training.push_to_hub = training.push_to_hub, False  # we push once, at the end, with the card
@@ -592,6 +606,11 @@ def run(args: Args) -> dict[str, float]:
             spec, args.data.dataset_path, args.data.num_labels, args.data.label_subset,
             args.data.max_train_samples, args.data.max_test_samples, args.data.verify_images,
         )  # fmt: skip
+    if args.data.label_noise:
+        noise_seed = training.seed if args.data.label_noise_seed is None else args.data.label_noise_seed
+        data.train = add_label_noise(
+            data.train, data.label_column, args.data.label_noise, noise_seed, len(data.label_names)
+        )
     resume = resolve_resume(
         training.resume_from_checkpoint, training.output_dir, not training.save_only_model, warn=True
     )
@@ -623,7 +642,7 @@ def run(args: Args) -> dict[str, float]:
         trainer = RecipeTrainer(
             model=model, args=training, train_dataset=data.train, eval_dataset=data.test,
             data_collator=collate, processing_class=processor, compute_metrics=top_k_accuracy,
-            weight_decay_all_parameters=args.script.weight_decay_all_parameters,
+            weight_decay_all_parameters=args.script.weight_decay_all_parameters, callbacks=callbacks,
         )  # fmt: skip
     except ValueError as err:  # set-up checks that need the model (e.g. a sam_param_filter matching nothing)
         raise ConfigError(str(err)) from None
@@ -758,6 +777,7 @@ def write_model_card(args, spec, source, num_train, num_test, label_names, metri
         f"Dropout {m.drop_rate if m.drop_rate is not None else 'as the checkpoint'}, stochastic depth "
         f"{m.drop_path_rate if m.drop_path_rate is not None else 'as the checkpoint'}",
         f"Dataset: `{source}`; train augmentation: {args.data.train_augmentation}; test resize: {args.data.eval_resize}",
+        label_noise_line(args),
         f"SAM: {sam}",
         f"Optimizer: {optim} ({t.optim_args or 'defaults'}), lr {t.learning_rate}, {schedule} schedule, "
         f"{t.warmup_steps} warm-up steps, weight decay {t.weight_decay} on {decay_scope}, gradient clipping "
@@ -785,6 +805,17 @@ def write_model_card(args, spec, source, num_train, num_test, label_names, metri
     )
     card.save(os.path.join(t.output_dir, "README.md"))
     return str(card)
+
+
+def label_noise_line(args) -> str:
+    d = args.data
+    if not d.label_noise:
+        return "Label noise: none (clean labels)"
+    seed = args.training.seed if d.label_noise_seed is None else d.label_noise_seed
+    return (
+        f"Label noise: {100 * d.label_noise:g}% of the training labels replaced by another class (symmetric, "
+        f"seed {seed}); test labels clean"
+    )
 
 
 def _hub_error(action: str, err: Exception) -> ConfigError:

@@ -373,18 +373,6 @@ def test_two_process_launch_with_cpu_config(tmp_path, timm_ckpt):
     assert state["global_step"] == 2 and any("sam/sharpness" in h for h in state["log_history"])
 
 
-@pytest.mark.slow
-def test_make_demo(tmp_path):
-    for _ in range(2):  # a second run must work too
-        proc = subprocess.run(["make", "demo"], cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert any(line.startswith("| baseline |") for line in lines) and any(
-        line.startswith("| SAM ") for line in lines
-    )
-    assert os.path.getsize(os.path.join(REPO, "outputs/digits/test_efficientnet/demo.png")) > 10_000
-
-
 # ---------------------------------------------------------------------- the released code's settings
 def test_steps_per_epoch_is_what_the_trainer_takes(timm_ckpt, tmp_path):
     """10 images, 2 per device, global batch 4 (accumulation 2): 5 micro-batches -> ceil(5 / 2) = 3 steps in

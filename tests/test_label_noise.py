@@ -1,0 +1,110 @@
+"""Symmetric label noise (`label_noise` / `label_noise_seed` of the recipes' data arguments)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Value
+from finetune_helpers import REPO, load_finetune, tiny_timm_checkpoint
+
+from hf_sam.data import SPECS, DataError, add_label_noise, load_image_classification, resolve_spec
+
+finetune = load_finetune()
+RECIPE = os.path.join(REPO, "recipes/digits/test_efficientnet/noisy_sam.yaml")
+
+
+def labelled(labels: list[int], num_classes: int) -> Dataset:
+    features = Features(
+        {"x": Value("int64"), "label": ClassLabel(names=[str(i) for i in range(num_classes)])}
+    )
+    return Dataset.from_dict({"x": list(range(len(labels))), "label": labels}, features=features)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.4, 0.999])
+def test_exact_fraction_flipped_to_another_class(fraction):
+    rng = np.random.default_rng(1)
+    clean = rng.integers(0, 5, 723).tolist()
+    noisy = add_label_noise(labelled(clean, 5), "label", fraction, seed=3, num_classes=5)
+    changed = [i for i, (a, b) in enumerate(zip(clean, noisy["label"])) if a != b]
+    # Every corrupted label is wrong (an "other" class), so the changed labels are exactly the corrupted ones.
+    assert len(changed) == round(fraction * 723)
+    assert noisy["x"] == list(range(723))  # the examples themselves (and their order) are untouched
+    assert noisy.features == labelled(clean, 5).features
+    assert set(noisy["label"]) <= set(range(5))
+
+
+def test_replacement_class_is_uniform_over_the_other_classes():
+    k, n = 5, 20_000
+    clean = [i % k for i in range(n)]
+    noisy = add_label_noise(labelled(clean, k), "label", 0.5, seed=0, num_classes=k)["label"]
+    shifts = np.array([(b - a) % k for a, b in zip(clean, noisy) if a != b])
+    counts = np.bincount(shifts, minlength=k)
+    assert counts[0] == 0
+    expected = len(shifts) / (k - 1)  # 2,500 each; binomial std ≈ 43: 5 std is a safe bound
+    assert np.all(np.abs(counts[1:] - expected) < 5 * np.sqrt(expected))
+
+
+def test_deterministic_for_a_seed():
+    clean = labelled([i % 10 for i in range(500)], 10)
+    a = add_label_noise(clean, "label", 0.4, seed=7, num_classes=10)["label"]
+    b = add_label_noise(clean, "label", 0.4, seed=7, num_classes=10)["label"]
+    c = add_label_noise(clean, "label", 0.4, seed=8, num_classes=10)["label"]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, "0.4", True])
+def test_out_of_range_is_refused(bad):
+    clean = labelled([0, 1, 2], 3)
+    with pytest.raises(DataError, match=r"label_noise must be a fraction in \[0, 1\)"):
+        add_label_noise(clean, "label", bad, seed=0, num_classes=3)
+
+
+@pytest.mark.parametrize("bad", ["1.0", "-0.2"])
+def test_recipe_refuses_out_of_range_before_any_work(bad, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"^finetune.py: error: label_noise must be a fraction in \[0, 1\)"):
+        finetune.main(["--config", RECIPE, "--label_noise", bad, "--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_recipe_corrupts_train_split_only(tmp_path, monkeypatch):
+    """Through recipes/finetune.py: train labels noisy (after label_subset), test labels as loaded."""
+    checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"), num_classes=5)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(data, *args):
+        seen["data"] = data
+        raise Stop
+
+    monkeypatch.setattr(finetune, "set_transforms", capture)
+    argv = ["--config", RECIPE, "--model_name_or_path", checkpoint, "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(Stop):
+        finetune.main(argv + ["--label_noise", "0.25", "--seed", "4"])
+    data = seen["data"]
+    clean = load_image_classification(SPECS["digits"], label_subset=["5", "6", "7", "8", "9"])
+    flipped = sum(a != b for a, b in zip(clean.train["label"], data.train["label"]))
+    assert len(data.train) == len(clean.train) and flipped == round(0.25 * len(clean.train))
+    assert data.test["label"] == clean.test["label"]
+    first = data.train["label"]
+    with pytest.raises(Stop):  # label_noise_seed, not the run's seed, decides when given
+        finetune.main(argv + ["--label_noise", "0.25", "--seed", "5", "--label_noise_seed", "4"])
+    assert seen["data"].train["label"] == first
+
+
+def test_model_card_records_label_noise(tmp_path):
+    for flags, line in [
+        (["--label_noise", "0.4", "--seed", "2"], "- Label noise: 40% of the training labels replaced by "
+         "another class (symmetric, seed 2); test labels clean"),
+        (["--label_noise", "0"], "- Label noise: none (clean labels)"),
+    ]:  # fmt: skip
+        args = finetune.parse_config(["--config", RECIPE, "--output_dir", str(tmp_path), *flags])
+        spec = resolve_spec("digits", None, None, None, None, None, None)
+        card = finetune.write_model_card(
+            args, spec, "digits", 722, 181, list("56789"), {"test_top1": 0.9}, True
+        )
+        assert line in card
