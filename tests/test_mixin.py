@@ -265,17 +265,29 @@ class NaiveSAMSeq2SeqTrainer(NaiveSAMMixin, Seq2SeqTrainer):
     pass
 
 
-def test_seq2seq_rho_zero_is_the_parent_and_rho_positive_the_naive_sam_step(tmp_path):
-    stock = seq2seq(Seq2SeqTrainer, Seq2SeqTrainingArguments, tmp_path / "stock")
-    zero = seq2seq(SAMSeq2SeqTrainer, SAMSeq2SeqArguments, tmp_path / "zero", sam_rho=0.0)
+def assert_parent_contract(tmp_path, parent, parent_args, ours, our_args, naive):
+    """rho = 0 is the parent bit for bit (weights, every logged value); rho > 0 is the naive SAM step on it."""
+    stock = seq2seq(parent, parent_args, tmp_path / "stock")
+    zero = seq2seq(ours, our_args, tmp_path / "zero", sam_rho=0.0)
     assert numbers(zero.state.log_history) == numbers(stock.state.log_history)
     assert all(
         torch.equal(p, q) for p, q in zip(stock.model.state_dict().values(), zero.model.state_dict().values())
     )
-    naive = seq2seq(NaiveSAMSeq2SeqTrainer, Seq2SeqTrainingArguments, tmp_path / "naive")
-    ours = seq2seq(SAMSeq2SeqTrainer, SAMSeq2SeqArguments, tmp_path / "ours", sam_rho=RHO)
-    for p, q in zip(naive.model.state_dict().values(), ours.model.state_dict().values(), strict=True):
+    reference = seq2seq(naive, parent_args, tmp_path / "naive")
+    sam = seq2seq(ours, our_args, tmp_path / "ours", sam_rho=RHO)
+    for p, q in zip(reference.model.state_dict().values(), sam.model.state_dict().values(), strict=True):
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
+
+
+def test_seq2seq_rho_zero_is_the_parent_and_rho_positive_the_naive_sam_step(tmp_path):
+    assert_parent_contract(
+        tmp_path,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        SAMSeq2SeqTrainer,
+        SAMSeq2SeqArguments,
+        NaiveSAMSeq2SeqTrainer,
+    )
 
 
 class MyTrainer(Trainer):
@@ -299,16 +311,7 @@ class NaiveMine(NaiveSAMMixin, MyTrainer):
 
 
 def test_users_own_subclass_rho_zero_is_the_parent_and_rho_positive_the_naive_sam_step(tmp_path):
-    stock = seq2seq(MyTrainer, TrainingArguments, tmp_path / "stock")
-    zero = seq2seq(SAMMine, SAMTrainingArguments, tmp_path / "zero", sam_rho=0.0)
-    assert numbers(zero.state.log_history) == numbers(stock.state.log_history)
-    assert all(
-        torch.equal(p, q) for p, q in zip(stock.model.state_dict().values(), zero.model.state_dict().values())
-    )
-    naive = seq2seq(NaiveMine, TrainingArguments, tmp_path / "naive")
-    ours = seq2seq(SAMMine, SAMTrainingArguments, tmp_path / "ours", sam_rho=RHO)
-    for p, q in zip(naive.model.state_dict().values(), ours.model.state_dict().values(), strict=True):
-        torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
+    assert_parent_contract(tmp_path, MyTrainer, TrainingArguments, SAMMine, SAMTrainingArguments, NaiveMine)
 
 
 # ---------------------------------------------------------------- what is refused
