@@ -188,7 +188,9 @@ FEATURES = {
     },
     "peft_lora": {"model": with_lora},
     "bf16_autocast": {"args": {"bf16": True}, "atol": 2e-3},
-    "torch_compile": {"args": {"torch_compile": True}, "slow": True},
+    # Two compiled stock runs differ by ~1e-8 here (compile is not bit-reproducible run to run on this CPU): ρ = 0
+    # is compared within that.
+    "torch_compile": {"args": {"torch_compile": True}, "slow": True, "bitwise": False},
 }
 
 
@@ -259,7 +261,10 @@ def test_rho_zero_is_the_stock_trainer(tmp_path, feature):
     ours, our_logs = run(tmp_path / "ours", SAMTrainer, SAMTrainingArguments, feature, sam_rho=0.0)
     assert numbers(our_logs) == numbers(stock_logs)
     for (n, p), (_, q) in zip(stock.state_dict().items(), ours.state_dict().items(), strict=True):
-        assert torch.equal(p, q), n
+        if FEATURES[feature].get("bitwise", True):
+            assert torch.equal(p, q), n
+        else:
+            torch.testing.assert_close(q, p, atol=1e-7, rtol=0, msg=n)
 
 
 @pytest.mark.parametrize("feature", feature_params())
