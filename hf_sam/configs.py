@@ -277,15 +277,24 @@ class SAMArguments:
                         f"and SAM gradients of one ε per micro-batch. Use sam_mode='sam' or leave {name} at {default!r}."
                     )
         if self.sam_ascent_fraction < 1.0:
-            for name, value, default in (
-                ("sam_mode", self.sam_mode, "sam"),
-                ("sam_group_size", self.sam_group_size, None),
+            for name, value, default, reason in (
+                (
+                    "sam_mode",
+                    self.sam_mode,
+                    "sam",
+                    "LookSAM and GSAM combine the whole micro-batch's clean gradient",
+                ),
+                (
+                    "sam_group_size",
+                    self.sam_group_size,
+                    None,
+                    "m-sharpness groups cut the micro-batch themselves",
+                ),
             ):
                 if value != default:
                     raise ValueError(
                         f"sam_ascent_fraction={self.sam_ascent_fraction} cannot be combined with {name}={value!r}: "
-                        f"{'LookSAM and GSAM combine the clean gradient of the whole micro-batch with the SAM one' if name == 'sam_mode' else 'm-sharpness groups split the micro-batch into chunks of their own'}. "
-                        f"Use sam_ascent_fraction=1.0, or leave {name} at {default!r}."
+                        f"{reason}. Use sam_ascent_fraction=1.0, or leave {name} at {default!r}."
                     )
         if self.sam_mode == "looksam" and self.sam_interval < 2:
             raise ValueError("sam_mode='looksam' needs sam_interval >= 2 (its k: a SAM step every k steps).")

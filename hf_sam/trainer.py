@@ -469,9 +469,10 @@ class SAMMixin:
 
     def _ascent_subset(self, inputs: dict) -> tuple[dict, float]:
         """The examples the ascent pass uses (`sam_ascent_fraction`): the first ⌈f·B⌉, and their share of B."""
-        fraction, batch_size = self.args.sam_ascent_fraction, _batch_size(inputs)
-        if fraction >= 1.0 or batch_size is None:
+        fraction = self.args.sam_ascent_fraction
+        if fraction >= 1.0:
             return inputs, 1.0
+        batch_size = _batch_size(inputs, needed_by=f"sam_ascent_fraction={fraction}")
         size = min(batch_size, math.ceil(fraction * batch_size))
         return _examples(inputs, 0, size, batch_size), size / batch_size
 
@@ -584,8 +585,10 @@ class SAMMixin:
         Tensors and lists with one entry per example are cut (detection `labels` come as a list of dicts); other
         values are passed to every chunk as they are."""
         m = self.args.sam_group_size
-        batch_size = _batch_size(inputs)
-        if m is None or batch_size is None or m >= batch_size:
+        if m is None:
+            return [(inputs, 1.0)]
+        batch_size = _batch_size(inputs, needed_by=f"sam_group_size={m}")
+        if m >= batch_size:
             return [(inputs, 1.0)]
 
         return [
@@ -749,9 +752,16 @@ def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
     return bool(calls) and not any("**kwargs" in c or "num_items_in_batch" in c for c in calls)
 
 
-def _batch_size(inputs: dict) -> int | None:
+def _batch_size(inputs: dict, needed_by: str) -> int:
+    """The micro-batch's example count, read from its tensors; a setting that cuts the batch cannot go without."""
     sizes = [v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.ndim]
-    return max(sizes) if sizes else None
+    if not sizes:
+        # Cutting nothing would silently take plain SAM steps under a setting that promises otherwise.
+        raise ValueError(
+            f"{needed_by} cuts each micro-batch by examples, but this batch holds no tensor with a batch dimension "
+            f"(keys: {', '.join(inputs)}). Collate the inputs into tensors, or drop {needed_by.split('=')[0]}."
+        )
+    return max(sizes)
 
 
 def _examples(inputs: dict, start: int, stop: int, batch_size: int) -> dict:

@@ -177,3 +177,20 @@ def test_wrapper_loop_with_a_sliced_batch():
     model(**batch)["loss"].backward()
     sam.descent_step()
     assert_params_close(model, expected)
+
+
+def test_a_batch_without_tensors_is_refused_rather_than_trained_as_plain_sam(tmp_path):
+    class ListNet(TinyNet):
+        def forward(self, features, target=None):
+            return super().forward(torch.stack(features), torch.stack(target))
+
+    rows = make_rows(8)
+
+    def collate(items):  # lists only: nothing to cut by
+        return {"features": [r["features"] for r in items], "target": [r["target"] for r in items]}
+
+    torch.manual_seed(0)
+    args = make_args(tmp_path, sam_rho=RHO, sam_ascent_fraction=0.25, remove_unused_columns=False)
+    trainer = SAMTrainer(model=ListNet(), args=args, train_dataset=rows, data_collator=collate)
+    with pytest.raises(ValueError, match="holds no tensor with a batch dimension"):
+        trainer.train()

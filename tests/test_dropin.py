@@ -11,7 +11,16 @@ from test_nonfinite import PoisonedNet
 from test_trainer import LR, assert_params_close, make_args, params_of
 from test_variants import assert_same_weights, batches, flat_dot, flat_norm, sgd_
 from torch import nn
-from toy import CountingNet, TinyNet, loss_and_grads, make_model, make_rows, reference_sam_gradient, stack
+from toy import (
+    CountingNet,
+    TinyNet,
+    loss_and_grads,
+    make_model,
+    make_rows,
+    reference_sam_gradient,
+    stack,
+    tiny_efficientnet,
+)
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import SAM, SAMTrainer, SAMTrainingArguments
@@ -363,20 +372,7 @@ def test_frozen_batchnorm_model_round_trips_through_torch_save():
 
 # ---------------------------------------------------------------- 12. rho = 0 is the stock Trainer when asked
 def test_rho_zero_without_the_loss_fix_is_the_stock_trainer_for_efficientnet(tmp_path):
-    from transformers import EfficientNetConfig, EfficientNetForImageClassification
-
-    config = EfficientNetConfig(
-        image_size=32,
-        width_coefficient=0.1,
-        depth_coefficient=0.1,
-        hidden_dim=128,
-        num_labels=3,
-        depthwise_padding=[],
-        dropout_rate=0.0,
-        drop_connect_rate=0.0,
-    )
-    torch.manual_seed(0)
-    stock = EfficientNetForImageClassification(config)
+    stock = tiny_efficientnet()
     ours = copy.deepcopy(stock)
     g = torch.Generator().manual_seed(0)
     rows = [

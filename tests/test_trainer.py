@@ -6,7 +6,15 @@ import os
 
 import pytest
 import torch
-from toy import TinyNet, loss_and_grads, make_model, make_rows, reference_sam_gradient, stack
+from toy import (
+    TinyNet,
+    loss_and_grads,
+    make_model,
+    make_rows,
+    reference_sam_gradient,
+    stack,
+    tiny_efficientnet,
+)
 from transformers import Trainer, TrainingArguments
 
 from hf_sam import SAM, SAMTrainer, SAMTrainingArguments
@@ -162,24 +170,11 @@ def test_models_whose_loss_ignores_num_items_in_batch_are_normalised(tmp_path):
     """EfficientNet takes **kwargs but ignores num_items_in_batch; with the stock Trainer its gradient comes out
     multiplied by the accumulation steps. SAMTrainer must give the mean of the micro-batch gradients."""
     from transformers import (
-        EfficientNetConfig,
-        EfficientNetForImageClassification,
         ViTConfig,
         ViTForImageClassification,
     )
 
-    config = EfficientNetConfig(
-        image_size=32,
-        width_coefficient=0.1,
-        depth_coefficient=0.1,
-        hidden_dim=128,
-        num_labels=3,
-        depthwise_padding=[],
-        dropout_rate=0.0,
-        drop_connect_rate=0.0,
-    )
-    torch.manual_seed(0)
-    model = EfficientNetForImageClassification(config)
+    model = tiny_efficientnet()
     model.eval()  # BN in eval mode below: micro-batches then do not interact through batch statistics
     assert _loss_ignores_num_items_in_batch(model)
     assert not _loss_ignores_num_items_in_batch(

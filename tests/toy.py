@@ -49,6 +49,24 @@ class CountingNet(TinyNet):
         return out
 
 
+def tiny_efficientnet(seed: int = 0):
+    """transformers' EfficientNet at 32 px, 3 classes: a model whose loss ignores `num_items_in_batch`."""
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification
+
+    config = EfficientNetConfig(
+        image_size=32,
+        width_coefficient=0.1,
+        depth_coefficient=0.1,
+        hidden_dim=128,
+        num_labels=3,
+        depthwise_padding=[],
+        dropout_rate=0.0,
+        drop_connect_rate=0.0,
+    )
+    torch.manual_seed(seed)
+    return EfficientNetForImageClassification(config)
+
+
 def make_rows(n: int = 8, in_features: int = 6, classes: int = 3, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_features, generator=g)

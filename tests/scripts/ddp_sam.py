@@ -33,26 +33,31 @@ class RecordingSAMTrainer(SAMTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
+def arguments(out_dir: str, run: str, **overrides) -> SAMTrainingArguments:
+    """One SGD step per run, sequential data (the parent test replays it), no checkpoint."""
+    settings = dict(
+        output_dir=os.path.join(out_dir, run),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        sam_rho=0.05,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return SAMTrainingArguments(**{**settings, **overrides})
+
+
 def main(out_dir: str) -> None:
     rows = make_rows(8)
     for sync in (False, True):
         model = make_model()
-        args = SAMTrainingArguments(
-            output_dir=os.path.join(out_dir, f"run-{sync}"),
-            per_device_train_batch_size=4,
-            max_steps=1,
-            learning_rate=0.1,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            train_sampling_strategy="sequential",
-            sam_rho=0.05,
-            sam_sync_perturbation=sync,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-        )
+        args = arguments(out_dir, f"run-{sync}", sam_sync_perturbation=sync)
         trainer = RecordingSAMTrainer(model=model, args=args, train_dataset=rows)
         trainer.record = {}
         trainer.train()
@@ -67,22 +72,7 @@ def main(out_dir: str) -> None:
         )
 
     # sam_ascent_fraction=0.5: each rank's ε from the first half of its own micro-batch, the descent over all of it.
-    args = SAMTrainingArguments(
-        output_dir=os.path.join(out_dir, "run-fraction"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        sam_rho=0.05,
-        sam_ascent_fraction=0.5,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = arguments(out_dir, "run-fraction", sam_ascent_fraction=0.5)
     model = make_model()
     trainer = RecordingSAMTrainer(model=model, args=args, train_dataset=rows)
     trainer.record = {}
@@ -99,19 +89,7 @@ def main(out_dir: str) -> None:
         for i, r in enumerate(rows)
     ]
     torch.manual_seed(0)
-    args = SAMTrainingArguments(
-        output_dir=os.path.join(out_dir, "run-items"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        optim="sgd",
-        train_sampling_strategy="sequential",
-        average_tokens_across_devices=True,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = arguments(out_dir, "run-items", average_tokens_across_devices=True, logging_steps=1)
     trainer = RecordingSAMTrainer(model=CountingNet(), args=args, train_dataset=rows)
     trainer.record = {}
     trainer.train()
