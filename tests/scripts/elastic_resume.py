@@ -1,8 +1,9 @@
-"""Run by tests/test_elastic_resume.py under `torchrun --nproc_per_node 2 --max-restarts 1` (gloo on CPU).
+"""Run by tests/test_elastic_resume.py under `torchrun --standalone --nproc_per_node 2` (gloo on CPU).
 
-Four SAM steps on two processes, a checkpoint every two. With `kill`, rank 1 kills itself (SIGKILL) after step 3 of
-the first attempt; torchrun restarts both processes, which resume from the newest checkpoint (step 2) as a user's
-script does with `resume_from_checkpoint=True`. Rank 0 saves what the parent test compares.
+Four SAM steps on two processes, a checkpoint every two. Modes: `none` trains straight through; `kill` makes rank 1
+kill itself (SIGKILL) after step 3, which ends the launch; `resume` is the relaunch, which resumes from the newest
+checkpoint (step 2) as a user's script does with `resume_from_checkpoint=True`. Rank 0 saves what the parent test
+compares.
 """
 
 import os
@@ -21,12 +22,11 @@ from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 
 class KillRankOneAfterStep3(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if first_attempt and args.process_index == 1 and state.global_step == 3:
+        if args.process_index == 1 and state.global_step == 3:
             os.kill(os.getpid(), signal.SIGKILL)  # checkpoint-2 is complete: step 3 needed both ranks past it
 
 
-def main(out_dir: str, kill: bool) -> None:
+def main(out_dir: str, mode: str) -> None:
     args = SAMTrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=2,
@@ -49,9 +49,9 @@ def main(out_dir: str, kill: bool) -> None:
         model=model,
         args=args,
         train_dataset=make_rows(16),
-        callbacks=[KillRankOneAfterStep3()] if kill else [],
+        callbacks=[KillRankOneAfterStep3()] if mode == "kill" else [],
     )
-    resume = get_last_checkpoint(out_dir) if os.path.isdir(out_dir) else None  # rank 0 creates the folder
+    resume = get_last_checkpoint(out_dir) if mode == "resume" else None
     trainer.train(resume_from_checkpoint=resume)
     if trainer.args.process_index == 0:
         torch.save(
@@ -59,7 +59,6 @@ def main(out_dir: str, kill: bool) -> None:
                 "weights": model.state_dict(),
                 "optimizer": trainer.optimizer.state_dict(),
                 "logs": [e for e in trainer.state.log_history if "loss" in e],
-                "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
                 "resumed_from": resume,
             },
             os.path.join(out_dir, "result.pt"),
@@ -67,6 +66,6 @@ def main(out_dir: str, kill: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], kill=sys.argv[2] == "kill")
+    main(sys.argv[1], mode=sys.argv[2])
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
