@@ -6,14 +6,17 @@ does not last. `freeze_batchnorm` replaces each BN layer's `train()` so that it 
 normalisation uses the pretrained running statistics and never updates them (nor `num_batches_tracked`),
 while γ/β keep `requires_grad` and are trained like every other weight.
 
-(The other BatchNorm concern, the SAM perturbed pass updating the statistics a second time, is handled by
-`SAMTrainer` itself and matters only when BN is *not* frozen.)
+The other BatchNorm concern, the SAM perturbed pass updating the statistics a second time, matters only when
+BN is *not* frozen: `running_stats_frozen` keeps those passes off the statistics, and `ChunkStatistics` makes
+m-sharpness chunks move them once per micro-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
+import torch
 from torch import nn
 
 _FROZEN_FLAG = "_hf_sam_frozen_bn"
@@ -55,3 +58,55 @@ def freeze_batchnorm(model: nn.Module) -> int:
             module.train(model.training)  # put it in eval mode now, whatever mode the model is in
             count += 1
     return count
+
+
+def tracking_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The normalisation layers that keep running statistics (BatchNorm flavours, InstanceNorm with tracking)."""
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
+
+
+@contextlib.contextmanager
+def running_stats_frozen(modules: list[nn.Module]):
+    """BatchNorm in train mode (batch statistics) without touching running stats or `num_batches_tracked`.
+
+    SAM's perturbed pass must not update the statistics a second time (EfficientNet is full of BN). With
+    `track_running_stats=False` a training-mode BN normalises with batch statistics and leaves its buffers alone.
+    """
+    modules = [m for m in modules if m.track_running_stats]  # a frozen-BN recipe may have turned some off
+    for m in modules:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.track_running_stats = True
+
+
+class ChunkStatistics:
+    """m-sharpness chunks and BatchNorm: the running statistics move once per micro-batch, by the mean of the
+    chunks' updates (weighted by their shares), as the released code averages the per-device statistics of its
+    m-sized device batches. Each chunk's clean pass updates from the same starting statistics; frozen (eval-mode)
+    BatchNorm layers are left alone."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = [m for m in modules if m.training and m.track_running_stats]
+        self.start = [(m.running_mean.clone(), m.running_var.clone()) for m in self.modules]
+        self.sums = [(torch.zeros_like(mean), torch.zeros_like(var)) for mean, var in self.start]
+
+    @torch.no_grad()
+    def add_chunk(self, share: float) -> None:
+        for m, (mean, var), (sum_mean, sum_var) in zip(self.modules, self.start, self.sums, strict=True):
+            sum_mean.add_(m.running_mean, alpha=share)
+            sum_var.add_(m.running_var, alpha=share)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.sub_(1)  # the chunk's pass counted one batch: the micro-batch counts once
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for m, (sum_mean, sum_var) in zip(self.modules, self.sums, strict=True):
+            m.running_mean.copy_(sum_mean)
+            m.running_var.copy_(sum_var)
+            m.num_batches_tracked.add_(1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from hf_sam.engines import FSDP2, DeepSpeedZeRO
 from hf_sam.sam import SAM_NORMS, validate_sam_hparams
 
 SAM_MODES = ("sam", "looksam", "gsam")
@@ -205,12 +206,12 @@ class SAMArguments:
         if self.sam_rho > 0:
             self._check_sam_compatible()
         super().__post_init__()
+        # The engines' refusals (`hf_sam.engines`), here when the arguments name the engine; `SAMMixin` checks
+        # again once Accelerate knows it (e.g. from `accelerate launch`).
         if self.sam_rho > 0 and self.fsdp:
-            self.check_fsdp_compatible(self.fsdp_plugin_args["fsdp_version"])
+            FSDP2.check(self, self.fsdp_plugin_args["fsdp_version"])
         if self.sam_rho > 0 and self.deepspeed:
-            self.check_deepspeed_compatible(
-                int(self.hf_deepspeed_config.get_value("zero_optimization.stage", 0))
-            )
+            DeepSpeedZeRO.check(self, int(self.hf_deepspeed_config.get_value("zero_optimization.stage", 0)))
 
     def _check_variants(self) -> None:
         """Types, ranges and combinations of the variant fields: one clear error, before any work."""
@@ -316,63 +317,6 @@ class SAMArguments:
                 f"optim={optim!r} updates the weights during backward, so SAM cannot take the second gradient at "
                 "w + eps and step from w. Use a regular optimizer (e.g. optim='sgd' or 'adamw_torch'), "
                 "or set sam_rho=0."
-            )
-
-    def check_fsdp_compatible(self, fsdp_version: int) -> None:
-        """The SAM settings FSDP can honour. Called with `fsdp` set here, and by `SAMTrainer` when Accelerate's
-        FSDP plugin comes from `accelerate launch --config_file accelerate_configs/fsdp.yaml` instead."""
-        if fsdp_version != 2:
-            raise ValueError(
-                f"SAMTrainer supports FSDP2 only, got FSDP version {fsdp_version}: FSDP1's flat parameters have no "
-                "shard-aware norm. Set fsdp_config={'version': 2} (Accelerate: fsdp_version: 2), or train with DDP."
-            )
-        if self.sam_sync_perturbation is False:
-            raise ValueError(
-                "sam_sync_perturbation=False (one ε per process) is impossible under FSDP: each process holds one "
-                "shard of the weights and every process forwards through the same all-gathered w + ε, so ε comes from "
-                "the gradient reduced over all processes. A per-process ε needs a full copy of the weights on every "
-                "process: train with DDP for it, or drop sam_sync_perturbation (FSDP's default is the global ε)."
-            )
-        if self.sam_group_size is not None:
-            raise ValueError(
-                f"sam_group_size={self.sam_group_size} (one ε per chunk of examples) is impossible under FSDP, where ε "
-                "is one for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size."
-            )
-        if self.sam_ascent_fraction < 1.0:
-            raise ValueError(
-                f"sam_ascent_fraction={self.sam_ascent_fraction} is not supported under FSDP yet (untested there). "
-                "Train with DDP for it, or use sam_interval for a cheaper SAM under FSDP."
-            )
-        if self.sam_mode != "sam":
-            raise ValueError(
-                f"sam_mode={self.sam_mode!r} is not supported under FSDP yet (its stored and combined gradients are "
-                "not sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP."
-            )
-
-    def check_deepspeed_compatible(self, zero_stage: int) -> None:
-        """The SAM settings DeepSpeed can honour. Called with `deepspeed` set here, and by `SAMTrainer` when the
-        DeepSpeed plugin comes from `accelerate launch` instead."""
-        if zero_stage >= 3:
-            raise ValueError(
-                "SAMTrainer does not support DeepSpeed ZeRO-3: it partitions the parameters themselves (the engine "
-                "gathers them inside its forward), so SAM can neither take the ascent gradient outside the engine's "
-                "backward nor perturb the full weights. Use ZeRO stage 1 or 2, or FSDP2 (accelerate_configs/fsdp.yaml)."
-            )
-        if self.sam_group_size is not None:
-            raise ValueError(
-                f"sam_group_size={self.sam_group_size} is not supported under DeepSpeed (each chunk's backward would "
-                "count as a micro-batch of the engine's accumulation). Train with DDP for m-sharpness."
-            )
-        if self.sam_ascent_fraction < 1.0:
-            raise ValueError(
-                f"sam_ascent_fraction={self.sam_ascent_fraction} is not supported under DeepSpeed yet (untested "
-                "there). Train with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed."
-            )
-        if self.sam_mode != "sam":
-            raise ValueError(
-                f"sam_mode={self.sam_mode!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own "
-                "partitioned buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval "
-                "for a cheaper SAM), or train with DDP."
             )
 
 

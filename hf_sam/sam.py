@@ -8,8 +8,10 @@ SAM (Foret et al. 2021) minimises max_{||ε||_p <= ρ} L(w + ε). One step:
 3. g_SAM = ∇L(w + ε)                            (the "descent" gradient)
 4. w ← base_optimizer_step(w, g_SAM)            (w itself, not w + ε: we restore before stepping)
 
-Both the `SAM` optimizer wrapper below and `hf_sam.SAMTrainer` use `compute_perturbation_` and
-`WeightBackup`, so the trainer and the custom-loop API cannot drift apart.
+The one path from g to w + ε is `perturb_` (one ascent step, or projected multi-step ascent); the `SAM` wrapper
+below, `hf_sam.SAMTrainer` and `hf_sam.sharpness` all go through it, so they cannot drift apart. A perturbation
+group's settings are the four keys of `perturbation_settings` (`rho`, `adaptive`, `eta`, `sam_norm`), stored in
+the optimizer's param groups; `scheduled_rho` is ρ for a step of a ρ schedule.
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ __all__ = [
     "NonFiniteTrainingError",
     "PerturbationGroup",
     "WeightBackup",
+    "all_reduce_mean_",
     "compute_perturbation_",
     "dot",
     "global_norm",
     "gsam_gradient_",
     "looksam_orthogonal_component",
     "looksam_reuse_gradient_",
+    "perturb_",
+    "perturbation_group",
+    "perturbation_settings",
     "project_to_ball_",
+    "scheduled_rho",
     "validate_sam_hparams",
 ]
 
@@ -56,6 +63,21 @@ def validate_sam_hparams(rho: float, adaptive: bool, eta: float, norm: str, pref
         )
 
 
+def perturbation_settings(
+    rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, norm: str = "2"
+) -> dict:
+    """The SAM settings of a param group: the schema `SAM` keeps in each of its base optimizer's param groups."""
+    return {"rho": rho, "adaptive": adaptive, "eta": eta, "sam_norm": str(norm)}
+
+
+def scheduled_rho(rho: float, schedule: str, rho_min: float, lr: float, peak_lr: float | None) -> float:
+    """ρ for this step: `"constant"`, or `"linear_with_lr"`: ρ_min + (ρ − ρ_min)·lr_t/lr_peak (as GSAM)."""
+    if schedule == "constant":
+        return rho
+    ratio = min(max(lr / peak_lr, 0.0), 1.0) if peak_lr else 1.0
+    return rho_min + (rho - rho_min) * ratio
+
+
 @dataclass
 class PerturbationGroup:
     """Parameters that share SAM hyper-parameters, with their ascent gradients (same order)."""
@@ -66,6 +88,16 @@ class PerturbationGroup:
     adaptive: bool = False
     eta: float = 0.01
     norm: str = "2"
+
+
+def perturbation_group(
+    settings: dict, params: list, grads: list, rho: float | None = None
+) -> PerturbationGroup:
+    """A `PerturbationGroup` from a param group's settings (`perturbation_settings`); `rho` overrides its ρ."""
+    return PerturbationGroup(
+        params, grads, settings["rho"] if rho is None else rho, settings["adaptive"], settings["eta"],
+        settings["sam_norm"],
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -114,6 +146,63 @@ def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
             torch._foreach_mul_(grads, group.rho)
         if group.adaptive:
             torch._foreach_mul_(grads, _adaptive_scale(group))
+    return grad_norm
+
+
+def perturb_(
+    backup: WeightBackup,
+    groups: Sequence[PerturbationGroup],
+    steps: int = 1,
+    radius: float | None = None,
+    gradient_at: Callable[[], list[torch.Tensor] | None] | None = None,
+) -> torch.Tensor:
+    """w ← w + ε for the groups' parameters (saved in `backup` first); returns ‖g‖ of the ascent gradient.
+
+    The only path from g to w + ε. One step: ε = ρ·g/‖g‖ (or the group's norm / ASAM form); if ‖g‖ is not finite
+    the weights stay at w (the caller reads the returned norm). In the commonest setting (every group p = 2, no
+    ASAM, one ρ) ε is applied as w += (ρ/‖g‖)·g, without first scaling g in place (one read and write of the
+    gradients less); otherwise the groups' `grads` are turned into ε in place.
+
+    `steps` > 1: projected gradient ascent (paper, appendix C.6): ε_{k+1} = Π(ε_k + ρ·ĝ(w + ε_k)) onto the
+    `radius` ball, with `gradient_at()` giving the gradient at the current weights (same order as the groups'
+    parameters; it runs with autograd on). A step whose gradient is not finite ends the ascent at the last finite ε.
+    """
+    params = [p for group in groups for p in group.params]
+    active = [g for g in groups if g.grads]
+    uniform_l2 = (
+        steps == 1
+        and len({g.rho for g in active}) == 1
+        and all(g.norm == "2" and not g.adaptive for g in active)
+    )
+    if uniform_l2:
+        grads = [t for g in active for t in g.grads]
+        grad_norm = global_norm(grads)
+        if torch.isfinite(grad_norm):
+            owned = [p for g in active for p in g.params]
+            backup.perturb_(owned, grads, alpha=active[0].rho / (float(grad_norm) + NORM_EPS))
+        return grad_norm
+    grad_norm = compute_perturbation_(groups)
+    if not torch.isfinite(grad_norm):
+        return grad_norm
+    eps = [t for group in groups for t in group.grads]
+    backup.perturb_(params, eps)
+    for _ in range(steps - 1):
+        step = gradient_at()
+        if step is None:
+            break
+        cut, step_groups = 0, []
+        for group in groups:
+            n = len(group.params)
+            step_groups.append(PerturbationGroup(group.params, step[cut : cut + n], group.rho, group.adaptive,
+                                                 group.eta, group.norm))  # fmt: skip
+            cut += n
+        if not torch.isfinite(compute_perturbation_(step_groups)):
+            break  # keep the last finite ε
+        with torch.no_grad():
+            torch._foreach_add_(local_tensors(eps), local_tensors(step))
+        project_to_ball_(eps, radius)
+        backup.restore_()
+        backup.perturb_(params, eps)
     return grad_norm
 
 
@@ -225,6 +314,15 @@ def gsam_gradient_(sam_grad: list[torch.Tensor], clean_grad: list[torch.Tensor],
     torch._foreach_add_(sam_grad, clean_grad, alpha=-alpha)
 
 
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over the processes of the default group, in place, in one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    chunks = flat.split([t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors, strict=True)])
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Raised after too many consecutive optimizer steps with a non-finite loss or gradient."""
 
@@ -329,11 +427,7 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self.defaults = base_optimizer.defaults
         for group in base_optimizer.param_groups:
-            group.setdefault("rho", rho)
-            group.setdefault("adaptive", adaptive)
-            group.setdefault("eta", eta)
-            group.setdefault("sam_norm", str(norm))
-            validate_sam_hparams(group["rho"], group["adaptive"], group["eta"], group["sam_norm"])
+            _with_settings(group, perturbation_settings(rho, adaptive, eta, norm))
         # torch.optim.Optimizer.__init__ is not called (param_groups and state are the base's); the hook tables
         # that torch's step/state_dict machinery looks up still have to exist.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -388,29 +482,15 @@ class SAM(torch.optim.Optimizer):
             grads_of = [[next(found) for _ in params] for _, params in perturbed]
         else:
             grads_of = [[p.grad for p in params] for _, params in perturbed]
-        with torch.no_grad():
-            groups = []
-            for (group, params), grads in zip(perturbed, grads_of, strict=True):
-                used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-                if used:
-                    groups.append(
-                        PerturbationGroup(
-                            params=[p for p, _ in used],
-                            grads=[g for _, g in used],
-                            rho=group["rho"],
-                            adaptive=group["adaptive"],
-                            eta=group["eta"],
-                            norm=group["sam_norm"],
-                        )
-                    )
-            grad_norm = compute_perturbation_(groups)
-            self.last_grad_norm = grad_norm
-            if groups and torch.isfinite(grad_norm):
-                self._backup.perturb_(
-                    [p for g in groups for p in g.params], [e for g in groups for e in g.grads]
-                )
-            elif groups:
-                self.skipped_ascents += 1
+        groups = []
+        for (group, params), grads in zip(perturbed, grads_of, strict=True):
+            used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            if used:
+                groups.append(perturbation_group(group, [p for p, _ in used], [g for _, g in used]))
+        grad_norm = perturb_(self._backup, groups) if groups else torch.zeros(())
+        self.last_grad_norm = grad_norm
+        if groups and not torch.isfinite(grad_norm):
+            self.skipped_ascents += 1
         if loss is None:
             # ε lives on in the weights only; dropping the gradients means the next backward is ∇L(w + ε) alone,
             # whether or not the caller remembers zero_grad().
@@ -531,12 +611,18 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict) -> None:
-        group = dict(param_group)
-        reference = self.param_groups[0] if self.param_groups else {}
-        for key, default in (("rho", 0.05), ("adaptive", False), ("eta", 0.01), ("sam_norm", "2")):
-            group.setdefault(key, reference.get(key, default))
-        validate_sam_hparams(group["rho"], group["adaptive"], group["eta"], group["sam_norm"])
-        self.base_optimizer.add_param_group(group)
+        reference = self.param_groups[0] if self.param_groups else perturbation_settings()
+        self.base_optimizer.add_param_group(
+            _with_settings(dict(param_group), {key: reference[key] for key in perturbation_settings()})
+        )
 
     def __repr__(self) -> str:
         return f"SAM({self.base_optimizer!r})"
+
+
+def _with_settings(group: dict, defaults: dict) -> dict:
+    """Fill a param group's missing SAM settings from `defaults` and check them."""
+    for key, value in defaults.items():
+        group.setdefault(key, value)
+    validate_sam_hparams(group["rho"], group["adaptive"], group["eta"], group["sam_norm"])
+    return group

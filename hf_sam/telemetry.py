@@ -27,10 +27,31 @@ _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
 class SAMTelemetry:
-    """Sums of `FIELDS` over the micro-batches of one logging window, kept on the device (no host sync per step)."""
+    """Sums of `FIELDS` over the micro-batches of one logging window, kept on the device (no host sync per step).
 
-    def __init__(self) -> None:
+    One per training loop (`start_step`: the loop's first global step, e.g. a resume's)."""
+
+    def __init__(self, start_step: int = 0) -> None:
         self._sums: torch.Tensor | None = None
+        self.outcome_read_at_step = start_step
+
+    def record_ascent(self, grad_norm: torch.Tensor, finite: bool, rho: float) -> None:
+        """One SAM micro-batch's ascent: ‖∇L(w)‖ in units of the micro-batch's mean loss, and its ρ."""
+        if finite:
+            self.add(grad_norm.device, grad_norm=grad_norm, finite_ascents=1)
+        else:
+            self.add(grad_norm.device, skipped_ascents=1)
+        self.add(grad_norm.device, rho=rho, sam_micro_batches=1)
+
+    def count_step_outcome(self, accelerator, global_step: int, device) -> None:
+        """Count the last optimizer step if it was not applied (GradScaler overflow, our guard, DeepSpeed).
+
+        Accelerate's flag describes the most recent optimizer step, so it is read once per step: at the next
+        micro-batch, or in the log that follows the step, whichever comes first."""
+        if global_step > self.outcome_read_at_step:
+            self.outcome_read_at_step = global_step
+            if accelerator.optimizer_step_was_skipped:
+                self.add(device, skipped_steps=1)
 
     def add(self, device: torch.device | str, **values: float | torch.Tensor) -> None:
         if self._sums is None:
@@ -75,3 +96,12 @@ class SAMTelemetry:
 
 def _whole_if_integral(value: float) -> int | float:
     return int(round(value)) if abs(value - round(value)) < 1e-9 else round(value, 6)
+
+
+def report_skipped_step(optimizer, skipped: bool) -> None:
+    """Tell Accelerate whether our fp32/bf16 guard skipped the step, so that the Trainer leaves the LR schedule
+    alone as it does for an fp16 overflow. Accelerate learns of skipped steps only from its GradScaler, through
+    `AcceleratedOptimizer._is_overflow` (private; read by `accelerator.optimizer_step_was_skipped`): the one place
+    hf-sam writes Accelerate's internals."""
+    if hasattr(optimizer, "_is_overflow"):
+        optimizer._is_overflow = skipped

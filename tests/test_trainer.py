@@ -297,7 +297,7 @@ def test_lora_perturbs_and_updates_only_the_adapters(tmp_path):
     trainer = SAMTrainer(model=model, args=make_args(tmp_path, sam_rho=0.5, max_steps=2), train_dataset=rows)
     trainer.train()
 
-    perturbed = trainer._perturbation_plan(model)[0]
+    perturbed = trainer._perturbation_plan(model).params
     lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
     assert len(perturbed) == len(lora_params) and all(any(p is q for q in lora_params) for p in perturbed)
     for name, p in model.named_parameters():

@@ -224,7 +224,7 @@ def test_param_filter_perturbs_only_matching_parameters(tmp_path):
     trainer = train(tmp_path, model, rows, per_device_train_batch_size=8, sam_param_filter=r"^fc2\.")
     for p, q in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=0)
-    assert len(trainer._perturbation_plan(model)[0]) == 2
+    assert len(trainer._perturbation_plan(model).params) == 2
 
 
 def test_param_filter_matching_nothing_is_refused(tmp_path):

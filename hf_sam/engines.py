@@ -1,0 +1,307 @@
+"""How SAM's two passes run under each distributed engine: one small class per engine.
+
+`SAMMixin` picks one in `__init__` (`select_engine`) and calls it; everything that differs between engines is
+here and nowhere else:
+
+| engine                   | parameters perturbed         | ascent gradient                          | ε scope      |
+|--------------------------|------------------------------|------------------------------------------|--------------|
+| `ProcessLocal` (1 / DDP) | the `SAM` wrapper's groups   | `autograd.grad` under `no_sync`          | per process  |
+| `FSDP2`                  | the wrapper's groups (shards)| a real backward into the sharded `.grad` | global       |
+| `DeepSpeedZeRO` (1 / 2)  | the module's parameters      | `autograd.grad` on the unwrapped module  | per process  |
+
+(`sam_sync_perturbation=True` makes the ε of every engine global: the ascent gradients are averaged first.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import DistributedType
+
+from hf_sam.batchnorm import tracking_batchnorms
+from hf_sam.sam import all_reduce_mean_, perturbation_settings
+
+
+@dataclass
+class Plan:
+    """What one SAM micro-batch perturbs: `params` in optimizer order, which slice of them each param group owns
+    (with the group, for its ρ / ASAM / norm settings), and the BatchNorm layers the perturbed passes leave alone.
+    `key` tells when the optimizer's groups changed (a user's `add_param_group`) and the plan must be rebuilt."""
+
+    key: tuple | None
+    params: list[torch.Tensor]
+    slices: list[tuple[slice, dict]]
+    batchnorms: list[torch.nn.Module]
+
+
+class ProcessLocal:
+    """One process, or DDP: full weights on every process, ε from this process's micro-batch gradient."""
+
+    wraps_optimizer = True  # the optimizer the Trainer builds is wrapped in `hf_sam.SAM`
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    # Read through the trainer: a hyperparameter trial replaces `trainer.args`.
+    @property
+    def args(self):
+        return self.trainer.args
+
+    @property
+    def accelerator(self):
+        return self.trainer.accelerator
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    # ------------------------------------------------------------------ description (model card, logs)
+    @property
+    def name(self) -> str:
+        return "DDP" if self.num_processes > 1 else "single process"
+
+    @property
+    def global_epsilon(self) -> bool:
+        """One ε for all processes (the ascent gradient averaged over them) rather than one per process."""
+        return bool(self.args.sam_sync_perturbation) and self.num_processes > 1
+
+    @classmethod
+    def check(cls, args) -> None:
+        """Refuse the SAM settings this engine cannot honour, with one line that names the fix."""
+
+    # ------------------------------------------------------------------ the plan
+    def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
+        key = tuple(len(group["params"]) for group in optimizer.param_groups)
+        if cached is not None and cached.key == key:
+            return cached
+        perturbed = self.perturbed_parameters(model)
+        params, slices = [], []
+        for group in optimizer.param_groups:
+            chosen = [p for p in group["params"] if id(p) in perturbed]
+            slices.append((slice(len(params), len(params) + len(chosen)), group))
+            params.extend(chosen)
+        if not params:
+            raise ValueError(
+                "SAMTrainer found no parameter to perturb (trainable and matching sam_param_filter)."
+            )
+        return Plan(key, params, slices, tracking_batchnorms(model))
+
+    def perturbed_parameters(self, model: torch.nn.Module) -> set[int]:
+        """ids of the parameters SAM perturbs: trainable, and matching `sam_param_filter` when it is set."""
+        pattern = re.compile(self.args.sam_param_filter) if self.args.sam_param_filter is not None else None
+        return {
+            id(p)
+            for n, p in self.accelerator.unwrap_model(model).named_parameters()
+            if p.requires_grad and (pattern is None or pattern.search(n))
+        }
+
+    # ------------------------------------------------------------------ the passes
+    def begin_sam_micro_batch(self, model) -> None:
+        """Called before the first pass of a SAM micro-batch."""
+
+    def ascent_gradient(self, model, inputs: dict, num_items_in_batch, params) -> tuple[torch.Tensor, list]:
+        """(loss at the current weights, its gradient for `params`) without touching `.grad` or DDP's reducer.
+        Forward *and* backward under `no_sync`: a forward outside it would arm DDP's reducer."""
+        with self._ascent_sync(model):
+            loss = self._loss(model, inputs, num_items_in_batch)
+            grads = list(
+                torch.autograd.grad(self._scaled(loss), params, allow_unused=True, materialize_grads=True)
+            )
+        if self.args.sam_sync_perturbation and self.num_processes > 1:
+            all_reduce_mean_(grads)
+        return loss.detach(), grads
+
+    def _ascent_sync(self, model):
+        return self.accelerator.no_sync(model)
+
+    def _loss(self, model, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        trainer = self.trainer
+        with trainer.compute_loss_context_manager():
+            # compute_loss may pop "labels" (label smoothing): give it a shallow copy.
+            return trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        # fp16: scale like the descent pass so small gradients do not underflow; the scale cancels in ε.
+        scaler = self.accelerator.scaler
+        return loss if scaler is None else scaler.scale(loss)
+
+    def descent_context(self, model, is_last: bool, backup):
+        """Around the stock `training_step` at w + ε: DDP synchronises the gradient at the last pass of the
+        micro-batch only (the others are chunks of one micro-batch, or earlier ascent steps)."""
+        return contextlib.nullcontext() if is_last else self.accelerator.no_sync(model)
+
+    def guards_steps(self) -> bool:
+        """Whether the `SAM` wrapper's non-finite guard sees this engine's steps."""
+        return True
+
+
+class FSDP2(ProcessLocal):
+    """FSDP2 (`fully_shard`): parameters and gradients are shards (DTensors). Every process forwards through the
+    same all-gathered w + ε, so ε comes from the gradient reduced over all processes, and ‖g‖ is the full-model
+    norm (`hf_sam.sam.global_norm` all-reduces the shards' squares)."""
+
+    name = "FSDP2"
+    global_epsilon = True
+
+    @classmethod
+    def check(cls, args, fsdp_version: int = 2) -> None:
+        if fsdp_version != 2:
+            raise ValueError(
+                f"SAMTrainer supports FSDP2 only, got FSDP version {fsdp_version}: FSDP1's flat parameters have no "
+                "shard-aware norm. Set fsdp_config={'version': 2} (Accelerate: fsdp_version: 2), or train with DDP."
+            )
+        if args.sam_sync_perturbation is False:
+            raise ValueError(
+                "sam_sync_perturbation=False (one ε per process) is impossible under FSDP: each process holds one "
+                "shard of the weights and every process forwards through the same all-gathered w + ε, so ε comes from "
+                "the gradient reduced over all processes. A per-process ε needs a full copy of the weights on every "
+                "process: train with DDP for it, or drop sam_sync_perturbation (FSDP's default is the global ε)."
+            )
+        if args.sam_group_size is not None:
+            raise ValueError(
+                f"sam_group_size={args.sam_group_size} (one ε per chunk of examples) is impossible under FSDP, where ε "
+                "is one for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size."
+            )
+        if args.sam_ascent_fraction < 1.0:
+            raise ValueError(
+                f"sam_ascent_fraction={args.sam_ascent_fraction} is not supported under FSDP yet (untested there). "
+                "Train with DDP for it, or use sam_interval for a cheaper SAM under FSDP."
+            )
+        if args.sam_mode != "sam":
+            raise ValueError(
+                f"sam_mode={args.sam_mode!r} is not supported under FSDP yet (its stored and combined gradients are "
+                "not sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP."
+            )
+
+    def begin_sam_micro_batch(self, model) -> None:
+        # The Trainer defers FSDP2's reduce-scatter to the last micro-batch, keeping unsharded local gradients in
+        # between; the ascent's own synced backward would fold those into its gradient. So a SAM step
+        # reduce-scatters every pass: the accumulated gradient then lives in the sharded `.grad` alone (less
+        # memory than the deferred path, one reduce-scatter per pass instead of per step).
+        model.set_requires_gradient_sync(True)
+
+    def ascent_gradient(self, model, inputs: dict, num_items_in_batch, params) -> tuple[torch.Tensor, list]:
+        """This process's shard of the gradient averaged over processes. The forward runs on all-gathered weights
+        (the unsharded copies are not the leaves `autograd.grad` could reach), so this is a real backward: FSDP2
+        reduce-scatters into each parameter's sharded `.grad`. The gradients accumulated by earlier micro-batches
+        are set aside for it and put back untouched."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        accumulated = [p.grad for p in trainable]
+        for p in trainable:
+            p.grad = None
+        try:
+            loss = self._loss(model, inputs, num_items_in_batch)
+            self._scaled(loss).backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        finally:
+            for p, grad in zip(trainable, accumulated, strict=True):
+                p.grad = grad
+        return loss.detach(), grads
+
+    def descent_context(self, model, is_last: bool, backup):
+        return contextlib.nullcontext()  # every pass reduce-scatters (see begin_sam_micro_batch)
+
+
+class DeepSpeedZeRO(ProcessLocal):
+    """DeepSpeed ZeRO-1/2: full weights on every process; the engine owns the optimizer (flat fp32 partitions,
+    which no forward uses) and steps inside `accelerator.backward`."""
+
+    wraps_optimizer = False  # ZeRO rewrites the groups: SAM's settings come from the arguments
+
+    def __init__(self, trainer) -> None:
+        super().__init__(trainer)
+        self.zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage
+
+    @property
+    def name(self) -> str:
+        return f"DeepSpeed ZeRO-{self.zero_stage}"
+
+    @classmethod
+    def check(cls, args, zero_stage: int = 2) -> None:
+        if zero_stage >= 3:
+            raise ValueError(
+                "SAMTrainer does not support DeepSpeed ZeRO-3: it partitions the parameters themselves (the engine "
+                "gathers them inside its forward), so SAM can neither take the ascent gradient outside the engine's "
+                "backward nor perturb the full weights. Use ZeRO stage 1 or 2, or FSDP2 (accelerate_configs/fsdp.yaml)."
+            )
+        if args.sam_group_size is not None:
+            raise ValueError(
+                f"sam_group_size={args.sam_group_size} is not supported under DeepSpeed (each chunk's backward would "
+                "count as a micro-batch of the engine's accumulation). Train with DDP for m-sharpness."
+            )
+        if args.sam_ascent_fraction < 1.0:
+            raise ValueError(
+                f"sam_ascent_fraction={args.sam_ascent_fraction} is not supported under DeepSpeed yet (untested "
+                "there). Train with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed."
+            )
+        if args.sam_mode != "sam":
+            raise ValueError(
+                f"sam_mode={args.sam_mode!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own "
+                "partitioned buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval "
+                "for a cheaper SAM), or train with DDP."
+            )
+
+    def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
+        """The module's own parameters, one group with the SAM settings of the arguments and the current LR."""
+        if cached is None:
+            perturbed = self.perturbed_parameters(model)
+            params = [p for p in self.accelerator.unwrap_model(model).parameters() if id(p) in perturbed]
+            cached = Plan(None, params, [], tracking_batchnorms(model))
+        args, lr_group = self.args, optimizer.param_groups[0]
+        group = {
+            **perturbation_settings(args.sam_rho, args.sam_adaptive, args.sam_eta, args.sam_norm),
+            "lr": lr_group["lr"],
+            "initial_lr": lr_group.get("initial_lr", args.learning_rate),
+        }
+        cached.slices = [(slice(0, len(cached.params)), group)]
+        return cached
+
+    def ascent_gradient(self, model, inputs: dict, num_items_in_batch, params) -> tuple[torch.Tensor, list]:
+        # The engine's forward hooks its output so that any backward runs ZeRO's gradient reduction; the module
+        # itself computes the same loss without them (and touches no engine state).
+        return super().ascent_gradient(
+            self.accelerator.unwrap_model(model), inputs, num_items_in_batch, params
+        )
+
+    def _ascent_sync(self, model):
+        return contextlib.nullcontext()  # the unwrapped module has no reducer to keep out
+
+    @contextlib.contextmanager
+    def descent_context(self, model, is_last: bool, backup):
+        """DeepSpeed steps inside `accelerator.backward` (`engine.step()` at the accumulation boundary), i.e.
+        inside the descent's `training_step`: w must be restored before that step, not after it."""
+        engine_step = model.step
+
+        def step_from_w(*args, **kwargs):
+            backup.restore_()  # the SAM gradient is complete: back to w, then the engine's step
+            return engine_step(*args, **kwargs)
+
+        model.step = step_from_w
+        try:
+            yield
+        finally:
+            del model.step  # the engine's own method again
+
+    def guards_steps(self) -> bool:
+        return False  # the engine handles overflow itself (fp16); our wrapper is not there
+
+
+def select_engine(trainer) -> ProcessLocal:
+    """The engine of a built Trainer (Accelerate knows it, whether from the arguments or `accelerate launch`)."""
+    if getattr(trainer.accelerator, "is_fsdp2", False):
+        return FSDP2(trainer)
+    if trainer.is_deepspeed_enabled:
+        return DeepSpeedZeRO(trainer)
+    return ProcessLocal(trainer)
+
+
+def check_engine(trainer) -> None:
+    """The engine's refusals, also when its plugin came from `accelerate launch` rather than the arguments."""
+    distributed_type = trainer.accelerator.distributed_type
+    if distributed_type == DistributedType.DEEPSPEED or trainer.is_deepspeed_enabled:
+        DeepSpeedZeRO.check(trainer.args, trainer.accelerator.state.deepspeed_plugin.zero_stage)
+    if distributed_type == DistributedType.FSDP or trainer.is_fsdp_enabled:
+        FSDP2.check(trainer.args, trainer.accelerator.state.fsdp_plugin.fsdp_version)
