@@ -1,7 +1,8 @@
-"""How SAM's two passes run under each distributed engine: one small class per engine.
+"""How SAM's two passes run under each distributed engine: one small class per engine, and the set-ups refused.
 
 `SAMMixin` picks one in `__init__` (`select_engine`) and calls it; everything that differs between engines is
-here and nowhere else:
+here and nowhere else (what each perturbs, how it takes the ascent gradient and syncs the descent, whether it
+wraps the optimizer, its ε scope, which SAM settings it refuses):
 
 | engine                   | parameters perturbed         | ascent gradient                          | ε scope      |
 |--------------------------|------------------------------|------------------------------------------|--------------|
@@ -136,6 +137,17 @@ class ProcessLocal:
     def guards_steps(self) -> bool:
         """Whether the `SAM` wrapper's non-finite guard sees this engine's steps."""
         return True
+
+    def random_state(self):
+        """The CPU and device random states, so the descent pass draws the ascent pass's dropout masks."""
+        module = _device_module(self.args.device)
+        return torch.get_rng_state(), (module.get_rng_state() if module is not None else None)
+
+    def restore_random_state(self, state) -> None:
+        cpu_state, device_state = state
+        torch.set_rng_state(cpu_state)
+        if device_state is not None:
+            _device_module(self.args.device).set_rng_state(device_state)
 
 
 class FSDP2(ProcessLocal):
@@ -289,6 +301,29 @@ class DeepSpeedZeRO(ProcessLocal):
         return False  # the engine handles overflow itself (fp16); our wrapper is not there
 
 
+# Trainer classes whose training_step generates, or trains several models: the two-pass step cannot wrap them.
+_REFUSED_PARENTS = {
+    "GRPOTrainer": "generates completions inside its training step",
+    "RLOOTrainer": "generates completions inside its training step",
+    "PPOTrainer": "runs its own rollout loop with a policy and a value model",
+    "OnlineDPOTrainer": "generates completions inside its training step",
+    "NashMDTrainer": "generates completions inside its training step",
+    "XPOTrainer": "generates completions inside its training step",
+    "GKDTrainer": "generates with the student and trains against a teacher model",
+}
+
+
+def check_trainer_class(trainer_class: type, args) -> None:
+    """A parent trainer whose training step is not one forward+backward is refused before any work."""
+    refused = next((c.__name__ for c in trainer_class.__mro__ if c.__name__ in _REFUSED_PARENTS), None)
+    if refused is not None and args.sam_rho > 0:
+        raise ValueError(
+            f"{trainer_class.__name__}: SAM cannot wrap {refused}, which {_REFUSED_PARENTS[refused]}. Supported: "
+            "Trainer, Seq2SeqTrainer, trl's SFTTrainer and subclasses whose training_step is one forward+backward; "
+            "or set sam_rho=0."
+        )
+
+
 def select_engine(trainer) -> ProcessLocal:
     """The engine of a built Trainer (Accelerate knows it, whether from the arguments or `accelerate launch`)."""
     if getattr(trainer.accelerator, "is_fsdp2", False):
@@ -299,9 +334,44 @@ def select_engine(trainer) -> ProcessLocal:
 
 
 def check_engine(trainer) -> None:
-    """The engine's refusals, also when its plugin came from `accelerate launch` rather than the arguments."""
+    """The engines' refusals, also when the plugin came from `accelerate launch` rather than the arguments, and the
+    ways of spreading a model over devices that SAM cannot run under."""
+    args = trainer.args
     distributed_type = trainer.accelerator.distributed_type
     if distributed_type == DistributedType.DEEPSPEED or trainer.is_deepspeed_enabled:
-        DeepSpeedZeRO.check(trainer.args, trainer.accelerator.state.deepspeed_plugin.zero_stage)
+        DeepSpeedZeRO.check(args, trainer.accelerator.state.deepspeed_plugin.zero_stage)
     if distributed_type == DistributedType.FSDP or trainer.is_fsdp_enabled:
-        FSDP2.check(trainer.args, trainer.accelerator.state.fsdp_plugin.fsdp_version)
+        FSDP2.check(args, trainer.accelerator.state.fsdp_plugin.fsdp_version)
+    if args.n_gpu > 1:
+        raise ValueError(
+            f"SAMTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process): its "
+            "replicas would share one ε. Launch one process per GPU with `accelerate launch --multi_gpu` "
+            "(or torchrun), or expose a single GPU with CUDA_VISIBLE_DEVICES."
+        )
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    if parallelism is not None and (
+        getattr(parallelism, "cp_enabled", False) or getattr(parallelism, "sp_enabled", False)
+    ):
+        raise ValueError(
+            "SAMTrainer does not support context or sequence parallelism yet: the ascent pass would skip the "
+            "input sharding the Trainer applies to each micro-batch. Train without parallelism_config's cp/sp "
+            "sizes (DDP, FSDP2 or DeepSpeed ZeRO-1/2 work), or set sam_rho=0."
+        )
+
+
+def check_param_filter(model: torch.nn.Module, regex: str) -> None:
+    """`sam_param_filter` must match a trainable parameter (checked before any work)."""
+    pattern = re.compile(regex)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not any(pattern.search(n) for n in names):
+        raise ValueError(
+            f"sam_param_filter={regex!r} matches no trainable parameter. Some parameter names: {', '.join(names[:8])}."
+        )
+
+
+def _device_module(device):
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    module = getattr(torch, device.type, None)
+    return module if module is not None and hasattr(module, "get_rng_state") else None

@@ -185,6 +185,8 @@ def perturb_(
     if not torch.isfinite(grad_norm):
         return grad_norm
     eps = [t for group in groups for t in group.grads]
+    if radius is not None and radius < max(g.rho for g in groups):
+        project_to_ball_(eps, radius)  # a first step longer than the ball (a sharpness estimate's step size)
     backup.perturb_(params, eps)
     for _ in range(steps - 1):
         step = gradient_at()
@@ -295,7 +297,8 @@ def looksam_reuse_gradient_(
 
     `None` entries are parameters without a gradient in this step (unused by the forward: they stay without one)
     or without a stored component (unused at the SAM step): they get no reuse term."""
-    pairs = [(g, v) for g, v in zip(grads, g_v, strict=True) if g is not None and v is not None]
+    # The stored direction may come from a checkpoint loaded on another device (CPU): on the gradients' devices.
+    pairs = [(g, v.to(g.device)) for g, v in zip(grads, g_v, strict=True) if g is not None and v is not None]
     if not pairs:
         return
     present = [g for g in grads if g is not None]

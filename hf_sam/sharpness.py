@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_sam.sam import PerturbationGroup, WeightBackup, compute_perturbation_
+from hf_sam.sam import PerturbationGroup, WeightBackup, perturb_
 
 __all__ = [
     "HessianSpectrum",
@@ -373,7 +373,7 @@ def m_sharpness(
     `dropped_examples`); `m` = the batch size gives SAM's per-batch sharpness. The inner maximum is estimated by
     `ascent_steps` steps of projected, normalised gradient ascent on the p = 2 ball:
     ε ← Π_ρ(ε + α ∇L(w+ε)/‖∇L(w+ε)‖₂), with α = `step_size` (default ρ, so that one step is exactly SAM's
-    ε = ρ g/‖g‖₂, computed by the same `compute_perturbation_` the optimizer uses). The estimate is the largest
+    ε = ρ g/‖g‖₂, computed by the same `hf_sam.sam.perturb_` the optimizer uses). The estimate is the largest
     loss over the visited points (ε = 0 included): every one of them lies in the ball, so it is a lower bound on
     the true maximum that can only grow with more steps (the paper's appendix C.6 finds 1 step underestimates it
     near convergence). Each chunk costs `ascent_steps` forward+backward passes and one forward.
@@ -437,23 +437,16 @@ def _chunk_sharpness(model, chunk, loss_fn, params, rho, steps, step_size, backu
     loss = _scalar_loss(loss_fn, model, chunk)
     grads = list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
     clean = best = loss.item()
-    eps = [torch.zeros_like(p) for p in params]
-    for step in range(steps):
-        # α g/‖g‖₂ written into `grads` in place: SAM's own perturbation math with ρ = α.
-        compute_perturbation_([PerturbationGroup(params=params, grads=grads, rho=step_size)])
-        with torch.no_grad():
-            torch._foreach_add_(eps, grads)
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
-            if norm > rho:  # projection onto the ball ‖ε‖₂ ≤ ρ
-                torch._foreach_mul_(eps, rho / norm)
-        backup.restore_()
-        backup.perturb_(params, eps)
-        if step + 1 < steps:
-            loss = _scalar_loss(loss_fn, model, chunk)
-            grads = list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
-        else:
-            with torch.no_grad():
-                loss = _scalar_loss(loss_fn, model, chunk)
+
+    def gradient_at_perturbed_weights():
+        nonlocal best
+        loss = _scalar_loss(loss_fn, model, chunk)
         best = max(best, loss.item())
+        return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+
+    # SAM's own ascent with step α = step_size, projected onto the ρ-ball.
+    perturb_(backup, [PerturbationGroup(params, grads, step_size)], steps, rho, gradient_at_perturbed_weights)
+    with torch.no_grad():
+        best = max(best, _scalar_loss(loss_fn, model, chunk).item())
     backup.restore_()
     return clean, best

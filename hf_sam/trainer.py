@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
-import re
 
 import torch
 from transformers import Trainer
-from transformers.utils import logging
 
-from hf_sam import variants
+from hf_sam import loss_units, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
 from hf_sam.configs import SAMArguments, SAMTrainingArguments
-from hf_sam.engines import Plan, check_engine, select_engine
+from hf_sam.engines import Plan, check_engine, check_param_filter, check_trainer_class, select_engine
 from hf_sam.sam import (
     SAM,
     WeightBackup,
@@ -27,8 +24,6 @@ from hf_sam.sam import (
     scheduled_rho,
 )
 from hf_sam.telemetry import SAMTelemetry, report_skipped_step
-
-logger = logging.get_logger(__name__)
 
 
 class _Run:
@@ -45,18 +40,6 @@ class _Run:
         self.plan: Plan | None = None
         self.window = variants.CleanGradientWindow()  # GSAM / LookSAM
         self.telemetry = SAMTelemetry(start_step=state.global_step)
-
-
-# Trainers whose training_step generates, or trains several models: the two-pass step cannot wrap them.
-_REFUSED_PARENTS = {
-    "GRPOTrainer": "generates completions inside its training step",
-    "RLOOTrainer": "generates completions inside its training step",
-    "PPOTrainer": "runs its own rollout loop with a policy and a value model",
-    "OnlineDPOTrainer": "generates completions inside its training step",
-    "NashMDTrainer": "generates completions inside its training step",
-    "XPOTrainer": "generates completions inside its training step",
-    "GKDTrainer": "generates with the student and trains against a teacher model",
-}
 
 
 class SAMMixin:
@@ -110,15 +93,9 @@ class SAMMixin:
                 "`TrainingArguments(...)` by `hf_sam.SAMTrainingArguments(...)` (same fields plus sam_*), or mix "
                 "`hf_sam.SAMArguments` into your arguments class: `class MyConfig(SAMArguments, SFTConfig)`."
             )
-        refused = next((c.__name__ for c in type(self).__mro__ if c.__name__ in _REFUSED_PARENTS), None)
-        if refused is not None and args.sam_rho > 0:
-            raise ValueError(
-                f"{name}: SAM cannot wrap {refused}, which {_REFUSED_PARENTS[refused]}. Supported: Trainer, "
-                "Seq2SeqTrainer, trl's SFTTrainer and subclasses whose training_step is one forward+backward; or set "
-                "sam_rho=0."
-            )
+        check_trainer_class(type(self), args)
         if args.sam_rho > 0 and args.sam_param_filter is not None and isinstance(model, torch.nn.Module):
-            _check_param_filter(model, args.sam_param_filter)  # before Trainer.__init__ creates output_dir
+            check_param_filter(model, args.sam_param_filter)  # before Trainer.__init__ creates output_dir
         output_dir_existed = args.output_dir is None or os.path.exists(args.output_dir)
         super().__init__(model, args, *pargs, **kwargs)
         if self.args.sam_rho > 0:
@@ -131,44 +108,18 @@ class SAMMixin:
                     with contextlib.suppress(OSError):  # only if still empty: leave no trace
                         os.rmdir(args.output_dir)
                 raise
-        if (
-            self.args.sam_fix_loss_normalization
-            and self.model_accepts_loss_kwargs
-            and _loss_ignores_num_items_in_batch(self.model)
-        ):
-            # e.g. EfficientNet, ResNet, ConvNeXt: `forward(**kwargs)` makes the Trainer believe the model
-            # normalises by `num_items_in_batch`, but their loss is a per-micro-batch mean, so the stock Trainer's
-            # gradient comes out multiplied by the accumulation steps (and processes). Declare the truth.
-            logger.warning_once(
-                f"{type(self.model).__name__}'s loss ignores num_items_in_batch: SAMTrainer averages its micro-batch "
-                "losses over the accumulation steps (sam_fix_loss_normalization=True; False keeps the stock "
-                "Trainer's scaling, which multiplies this model's gradients by the accumulation steps)."
-            )
-            self.model_accepts_loss_kwargs = False
+        if self.args.sam_fix_loss_normalization:
+            loss_units.declare_per_batch_mean_loss(self)
         self.sam_engine = select_engine(self)
-        self._sam_backup = (
-            WeightBackup()
-        )  # the Trainer path's one owner of "restore w" (the wrapper's stays unused)
+        # The Trainer path's one owner of "restore w" (the wrapper's own backup stays empty: custom loops only).
+        self._sam_backup = WeightBackup()
         self._sam_run: _Run | None = None
 
     # ------------------------------------------------------------------ set-up checks
     def _check_sam_compatible(self) -> None:
-        check_engine(self)  # also when the engine's plugin comes from `accelerate launch`
-        if self.args.n_gpu > 1:
-            raise ValueError(
-                f"SAMTrainer does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process): its "
-                "replicas would share one ε. Launch one process per GPU with `accelerate launch --multi_gpu` "
-                "(or torchrun), or expose a single GPU with CUDA_VISIBLE_DEVICES."
-            )
-        parallelism = getattr(self.accelerator, "parallelism_config", None)
-        if parallelism is not None and (
-            getattr(parallelism, "cp_enabled", False) or getattr(parallelism, "sp_enabled", False)
-        ):
-            raise ValueError(
-                "SAMTrainer does not support context or sequence parallelism yet: the ascent pass would skip the "
-                "input sharding the Trainer applies to each micro-batch. Train without parallelism_config's cp/sp "
-                "sizes (DDP, FSDP2 or DeepSpeed ZeRO-1/2 work), or set sam_rho=0."
-            )
+        check_engine(
+            self
+        )  # also when the engine's plugin comes from `accelerate launch`; DataParallel, CP/SP
         checkpointing_kwargs = self.args.gradient_checkpointing_kwargs or {}
         if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
             raise ValueError(
@@ -243,7 +194,7 @@ class SAMMixin:
                 # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
                 params = self._perturbation_plan(model).params
                 g_v = self._sam_state()["looksam_gv"]
-                looksam_reuse_gradient_([p.grad for p in params], _on(g_v, params), args.sam_looksam_alpha)
+                looksam_reuse_gradient_([p.grad for p in params], g_v, args.sam_looksam_alpha)
             run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
             return loss
 
@@ -258,7 +209,7 @@ class SAMMixin:
         chunks = variants.chunks(inputs, args.sam_group_size)
         # A per-batch mean loss needs each chunk weighted by its share of the micro-batch; a loss normalised by
         # num_items_in_batch already sums over chunks.
-        weighted = not self._loss_is_normalised_by_num_items(num_items_in_batch)
+        weighted = not loss_units.normalised_by_num_items(self, num_items_in_batch)
         statistics = ChunkStatistics(plan.batchnorms) if len(chunks) > 1 else None
         clean_total, perturbed_total = 0.0, 0.0
         for index, (chunk, share) in enumerate(chunks):
@@ -277,7 +228,7 @@ class SAMMixin:
             g_v = run.window.finish_(plan.params, args.sam_mode, alpha, self.accelerator.num_processes > 1)
             if g_v is not None:
                 self._sam_state()["looksam_gv"] = g_v
-        clean_loss = self._loss_as_reported(clean_total, num_items_in_batch)
+        clean_loss = loss_units.as_reported(self, clean_total, num_items_in_batch)
         self._note_loss(perturbed_total)  # the loss whose gradient the step applies
         run.telemetry.add(
             clean_loss.device, perturbed_loss=perturbed_total, sharpness=perturbed_total - clean_loss
@@ -293,14 +244,13 @@ class SAMMixin:
         times `loss_weight`, the chunk's share of its micro-batch).
         """
         args, run = self.args, self._current_run()
-        rng_state = _rng_snapshot(args.device)
+        rng_state = self.sam_engine.random_state()
 
         # 1. Ascent pass at w, on the first ⌈f·B⌉ examples with sam_ascent_fraction < 1.
         subset, share = variants.ascent_subset(inputs, args.sam_ascent_fraction)
         clean_loss, grads = self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)
         if args.sam_mode in ("gsam", "looksam"):
-            run.window.add(grads, 1.0 if self._loss_is_normalised_by_num_items(num_items_in_batch)
-                           else 1.0 / self.current_gradient_accumulation_steps)  # fmt: skip
+            run.window.add(grads, loss_units.as_reported(self, 1.0, num_items_in_batch))  # `.grad`'s units
 
         # 2. w ← w + ε (projected multi-step ascent with sam_ascent_steps > 1).
         rhos = [
@@ -314,7 +264,7 @@ class SAMMixin:
         def gradient_at_perturbed_weights():
             nonlocal extra_ascents
             extra_ascents += 1
-            _rng_restore(rng_state, args.device)
+            self.sam_engine.restore_random_state(rng_state)
             with running_stats_frozen(plan.batchnorms):
                 return self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)[1]
 
@@ -331,7 +281,7 @@ class SAMMixin:
             del grads, groups
 
             # 3. Descent pass at w + ε: the stock step, with the ascent pass's random numbers (dropout masks).
-            _rng_restore(rng_state, args.device)
+            self.sam_engine.restore_random_state(rng_state)
             with (
                 self.sam_engine.descent_context(model, is_last, self._sam_backup),
                 running_stats_frozen(plan.batchnorms),
@@ -345,19 +295,16 @@ class SAMMixin:
 
         finite = bool(torch.isfinite(grad_norm))
         run.telemetry.record_ascent(
-            grad_norm * self._mean_loss_factor(subset, num_items_in_batch), finite, rhos[0] if rhos else 0.0
+            grad_norm * loss_units.mean_loss_factor(self, subset, num_items_in_batch),
+            finite,
+            rhos[0] if rhos else 0.0,
         )
         passes = share * (1 + extra_ascents) + 1  # the ascent(s) over the subset, then the descent
         run.telemetry.add(args.device, forward_passes=passes, backward_passes=passes)
-        if (
-            share < 1.0
-            and num_items_in_batch is not None
-            and self._loss_is_normalised_by_num_items(num_items_in_batch)
-        ):
-            # The subset's loss is normalised by the items of the whole window: in the units of the full micro-batch.
-            subset_items, items = _items_in(subset, self._shifts()), _items_in(inputs, self._shifts())
-            if subset_items is not None and items is not None:
-                clean_loss = clean_loss * items / subset_items.clamp(min=1)
+        if share < 1.0:
+            clean_loss = loss_units.in_units_of_the_batch(
+                self, clean_loss, subset, inputs, num_items_in_batch
+            )
         return clean_loss, perturbed_loss
 
     @contextlib.contextmanager
@@ -389,46 +336,6 @@ class SAMMixin:
         finally:
             self.current_gradient_accumulation_steps = steps
 
-    # ------------------------------------------------------------------ loss units
-    def _loss_is_normalised_by_num_items(self, num_items_in_batch) -> bool:
-        """Mirror of `Trainer.training_step`: is the loss already normalised over the whole accumulated batch?"""
-        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled_for_ga is None:
-            scaled_for_ga = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        return scaled_for_ga
-
-    def _loss_as_reported(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """Scale the clean loss exactly as `Trainer.training_step` scales the loss it returns."""
-        if not self._loss_is_normalised_by_num_items(num_items_in_batch):
-            loss = loss / self.current_gradient_accumulation_steps
-        return loss
-
-    def _mean_loss_factor(self, inputs: dict, num_items_in_batch):
-        """What turns ‖∇ of the ascent loss‖ into ‖∇ of the micro-batch's mean loss‖ (for `sam/grad_norm`).
-
-        The ascent loss is `compute_loss`'s: a per-micro-batch mean, or (models and `compute_loss_func` that take
-        `num_items_in_batch`) a sum over this micro-batch divided by the items of the whole accumulated batch,
-        times the process count with `average_tokens_across_devices`; under fp16 the gradient also carries the
-        GradScaler's scale.
-        """
-        factor = 1.0
-        if self.accelerator.scaler is not None:
-            factor = 1.0 / self.accelerator.scaler.get_scale()
-        if num_items_in_batch is None or not self._loss_is_normalised_by_num_items(num_items_in_batch):
-            return factor
-        items = _items_in(inputs, self._shifts())
-        if items is None:
-            return factor
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            items = items * (self.accelerator.num_processes // self.get_tp_size())
-        return factor * num_items_in_batch / items.clamp(min=1).to(torch.float64)
-
-    def _shifts(self) -> bool:
-        """Whether the Trainer counts items as shifted causal-LM labels (`labels[..., 1:]`)."""
-        return getattr(self, "_loss_shifts_labels", False)
-
     # ------------------------------------------------------------------ telemetry
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the `sam/*` metrics to each training log, averaged over the logging window like `loss`.
@@ -452,72 +359,3 @@ class SAMMixin:
 
 class SAMTrainer(SAMMixin, Trainer):
     """A drop-in `transformers.Trainer` that takes its optimizer steps with the SAM gradient (see `SAMMixin`)."""
-
-
-# ---------------------------------------------------------------------- helpers
-def _check_param_filter(model: torch.nn.Module, regex: str) -> None:
-    pattern = re.compile(regex)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not any(pattern.search(n) for n in names):
-        raise ValueError(
-            f"sam_param_filter={regex!r} matches no trainable parameter. Some parameter names: {', '.join(names[:8])}."
-        )
-
-
-def _loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
-    """True for transformers models whose `forward(**kwargs)` computes a loss without passing kwargs on.
-
-    Read from the source of `forward`: it calls `self.loss_function(...)` and none of those calls forwards
-    `**kwargs` or `num_items_in_batch` (EfficientNet, ResNet, ConvNeXt, MobileNet, RegNet...). Anything we cannot
-    read is left to the Trainer's own judgement.
-    """
-    while hasattr(model, "module"):  # DDP / compile wrappers
-        model = model.module
-    model = getattr(model, "_orig_mod", model)
-    if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-        model = model.get_base_model()
-    if hasattr(model, "accepts_loss_kwargs"):
-        return False
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return False
-    calls = re.findall(r"self\.loss_function\((.*?)\)\n", source, flags=re.S)
-    return bool(calls) and not any("**kwargs" in c or "num_items_in_batch" in c for c in calls)
-
-
-def _items_in(inputs: dict, labels_are_shifted: bool) -> torch.Tensor | None:
-    """The items of one micro-batch, counted as `Trainer._get_num_items_in_batch` counts a window's."""
-    if "shift_labels" in inputs:
-        labels = inputs["shift_labels"]
-    elif "labels" in inputs:
-        labels = inputs["labels"][..., 1:] if labels_are_shifted else inputs["labels"]
-    else:
-        return None
-    return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
-
-
-def _on(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Stored state (e.g. loaded from a checkpoint on CPU) on the parameters' devices."""
-    return [
-        t if t is None or t.device == p.device else t.to(p.device) for t, p in zip(tensors, like, strict=True)
-    ]
-
-
-def _device_module(device: torch.device):
-    if device.type == "cpu":
-        return None
-    module = getattr(torch, device.type, None)
-    return module if module is not None and hasattr(module, "get_rng_state") else None
-
-
-def _rng_snapshot(device: torch.device):
-    module = _device_module(torch.device(device))
-    return torch.get_rng_state(), (module.get_rng_state() if module is not None else None)
-
-
-def _rng_restore(state, device: torch.device) -> None:
-    cpu_state, device_state = state
-    torch.set_rng_state(cpu_state)
-    if device_state is not None:
-        _device_module(torch.device(device)).set_rng_state(device_state)

@@ -189,7 +189,7 @@ def test_sft_lora_through_peft_config_perturbs_the_adapters_only(tmp_path):
     frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     ours = sft(SAMSFTTrainer, SAMSFTConfig, tmp_path, base, sam_rho=RHO, peft_config=config)
-    perturbed = ours._perturbation_plan(ours.model)[0]
+    perturbed = ours._perturbation_plan(ours.model).params
     names = {id(p): n for n, p in ours.model.named_parameters()}
     assert perturbed and all("lora_" in names[id(p)] for p in perturbed)
     for n, p in ours.model.named_parameters():

@@ -18,7 +18,7 @@ from toy import (
 from transformers import Trainer, TrainingArguments
 
 from hf_sam import SAM, SAMTrainer, SAMTrainingArguments
-from hf_sam.trainer import _loss_ignores_num_items_in_batch
+from hf_sam.loss_units import loss_ignores_num_items_in_batch as _loss_ignores_num_items_in_batch
 
 LR = 0.1
 

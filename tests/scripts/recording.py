@@ -19,9 +19,18 @@ class RecordingSAMTrainer(SAMTrainer):
             self.record["batches"].append({k: v.clone() for k, v in inputs.items()})
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def _record_ascent(self, grad_norm, ascent_is_finite, rho):
-        self.record["grad_norms"].append(float(grad_norm))
-        super()._record_ascent(grad_norm, ascent_is_finite, rho)
+    def _current_run(self):
+        run = super()._current_run()
+        telemetry = run.telemetry
+        if not getattr(telemetry, "recorded", False):  # each run's telemetry reports its ascent norms here too
+            record_ascent, record = telemetry.record_ascent, self.record
+
+            def recorded(grad_norm, finite, rho):
+                record["grad_norms"].append(float(grad_norm))
+                record_ascent(grad_norm, finite, rho)
+
+            telemetry.record_ascent, telemetry.recorded = recorded, True
+        return run
 
 
 class RecordWeights(TrainerCallback):
