@@ -36,6 +36,8 @@ style: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py --readme
+	$(PY) benchmarks/variant_overhead.py --readme
+	$(PY) benchmarks/soak.py --readme
 
 experiments: $(STAMP)
 	$(PY) experiments/run_all.py

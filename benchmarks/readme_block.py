@@ -1,20 +1,27 @@
-"""Write a generated table into README.md between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers,
-so the README's numbers always come from a script in the repo, never from a hand edit."""
+"""Write a generated table into a README between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers, so the
+README's numbers always come from a script in the repo, never from a hand edit.
+
+The benchmarks write into benchmarks/README.md (the default); experiments/variants.py into experiments/README.md.
+"""
 
 from __future__ import annotations
 
 import os
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCHMARKS)
+BENCHMARKS_README = os.path.join(BENCHMARKS, "README.md")
+EXPERIMENTS_README = os.path.join(REPO, "experiments", "README.md")
 
 
-def replace_readme_block(name: str, text: str, readme: str = README) -> None:
+def replace_readme_block(name: str, text: str, readme: str = BENCHMARKS_README) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     with open(readme) as f:
         content = f.read()
     if start not in content or end not in content:
         raise ValueError(
-            f"README.md has no {start} ... {end} block to fill; add the two markers where the table goes."
+            f"{os.path.relpath(readme, REPO)} has no {start} ... {end} block to fill; "
+            "add the two markers where the table goes."
         )
     before, rest = content.split(start, 1)
     _, after = rest.split(end, 1)

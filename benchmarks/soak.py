@@ -1,6 +1,6 @@
 """Soak test: thousands of SAM steps on a tiny model, resident memory sampled every N steps, must stay flat.
 
-    python benchmarks/soak.py [--steps 3000] [--every 100] [--mode sam|looksam|gsam]
+    python benchmarks/soak.py [--steps 3000] [--every 100] [--mode sam|looksam|gsam] [--readme]
 
 Growth from SAM's buffers (the backup of w, LookSAM's stored direction), hooks or telemetry would show as a
 positive slope. The same run with `sam_rho=0` (the stock Trainer path) goes first, so the Trainer's own drift
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--mode", default="sam", choices=["sam", "looksam", "gsam"])
     parser.add_argument("--max-slope-kib", type=float, default=256.0)
-    parser.add_argument("--readme", action="store_true", help="write the result into README.md")
+    parser.add_argument("--readme", action="store_true", help="write the result into benchmarks/README.md")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     slopes, lines = {}, []

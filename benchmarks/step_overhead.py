@@ -2,7 +2,7 @@
 
     python benchmarks/step_overhead.py                  # CPU preset: small ViT, ResNet, EfficientNet (~3 min)
     python benchmarks/step_overhead.py --preset gpu     # ViT-B/16 and EfficientNet-B3, bf16, batch 64
-    python benchmarks/step_overhead.py --readme         # also write the table into README.md
+    python benchmarks/step_overhead.py --readme         # also write the table into benchmarks/README.md
 
 Variants, all on the same model weights and the same batches:
 - `stock`: `transformers.Trainer`;
@@ -280,7 +280,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--models", nargs="*", default=None)
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
     parser.add_argument(
         "--output", default=None, help="markdown file for the table (default: benchmarks/results/)"
     )

@@ -1,7 +1,7 @@
 """What each SAM variant costs per optimizer step, against the stock Trainer in the same run.
 
     python benchmarks/variant_overhead.py            # CPU: ResNet-18 (64 px, batch 32), ~3 minutes
-    python benchmarks/variant_overhead.py --readme   # also write the table into README.md
+    python benchmarks/variant_overhead.py --readme   # also write the table into benchmarks/README.md
 
 Every variant trains the same model on the same batches; each round runs every variant for `--steps`
 optimizer steps (a multiple of the interval k = 5, so each round holds the same mix of SAM and cheap steps),
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         "--steps", type=int, default=10, help="optimizer steps per variant per round (multiple of 5)"
     )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
 
