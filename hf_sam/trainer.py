@@ -57,11 +57,13 @@ class SAMMixin:
 
     1. ascent pass at w under `accelerator.no_sync`: forward + `torch.autograd.grad`, so gradients accumulated
        from earlier micro-batches stay untouched and ε is this process's own (m = per-device micro-batch);
-    2. ε = ρ·g/‖g‖ over the trainable parameters (`hf_sam.sam.compute_perturbation_`), w ← w + ε in place;
+    2. ε = ρ·g/‖g‖ over the trainable parameters (LoRA: the adapters), w ← w + ε in place with `torch._foreach_*`
+       (`hf_sam.sam.perturb_`); a zero gradient gives ε = 0, a non-finite one no perturbation (counted);
     3. descent pass at w + ε through the stock `Trainer.training_step` (same dropout masks as the ascent pass,
-       BatchNorm running statistics left as the clean pass set them), so loss scaling, gradient accumulation,
-       `num_items_in_batch`, DDP synchronisation and mixed precision stay the Trainer's;
-    4. w restored by copy before returning; the Trainer then clips, steps and schedules as usual.
+       BatchNorm running statistics left as the clean pass set them, so `num_batches_tracked` advances once per
+       micro-batch), so loss scaling, gradient accumulation, `num_items_in_batch`, DDP synchronisation and mixed
+       precision stay the Trainer's;
+    4. w restored by copy before returning; the Trainer then clips, steps, schedules, saves and evaluates at w.
 
     How each pass runs under DDP, FSDP2 and DeepSpeed ZeRO-1/2 is the engine's (`hf_sam.engines`, chosen in
     `__init__` as `self.sam_engine`); ε itself is `hf_sam.sam.perturb_`, the one path from g to w + ε.
