@@ -38,6 +38,34 @@ class Plan:
     batchnorms: list[torch.nn.Module]
 
 
+# The variants an engine cannot run yet, each with its one-line refusal ({value}: the setting's value).
+_VARIANT_DEFAULTS = {"sam_group_size": None, "sam_ascent_fraction": 1.0, "sam_mode": "sam"}
+FSDP2_REFUSES = {
+    "sam_group_size": "sam_group_size={value} (one ε per chunk of examples) is impossible under FSDP, where ε is one "
+    "for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size.",
+    "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under FSDP yet (untested there). Train with "
+    "DDP for it, or use sam_interval for a cheaper SAM under FSDP.",
+    "sam_mode": "sam_mode={value!r} is not supported under FSDP yet (its stored and combined gradients are not "
+    "sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP.",
+}
+DEEPSPEED_REFUSES = {
+    "sam_group_size": "sam_group_size={value} is not supported under DeepSpeed (each chunk's backward would count as "
+    "a micro-batch of the engine's accumulation). Train with DDP for m-sharpness.",
+    "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under DeepSpeed yet (untested there). Train "
+    "with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed.",
+    "sam_mode": "sam_mode={value!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own partitioned "
+    "buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or "
+    "train with DDP.",
+}
+
+
+def refuse_variants(args, refused: dict[str, str]) -> None:
+    for name, message in refused.items():
+        value = getattr(args, name)
+        if value != _VARIANT_DEFAULTS[name]:
+            raise ValueError(message.format(value=value))
+
+
 class ProcessLocal:
     """One process, or DDP: full weights on every process, ε from this process's micro-batch gradient."""
 
@@ -172,21 +200,7 @@ class FSDP2(ProcessLocal):
                 "the gradient reduced over all processes. A per-process ε needs a full copy of the weights on every "
                 "process: train with DDP for it, or drop sam_sync_perturbation (FSDP's default is the global ε)."
             )
-        if args.sam_group_size is not None:
-            raise ValueError(
-                f"sam_group_size={args.sam_group_size} (one ε per chunk of examples) is impossible under FSDP, where ε "
-                "is one for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size."
-            )
-        if args.sam_ascent_fraction < 1.0:
-            raise ValueError(
-                f"sam_ascent_fraction={args.sam_ascent_fraction} is not supported under FSDP yet (untested there). "
-                "Train with DDP for it, or use sam_interval for a cheaper SAM under FSDP."
-            )
-        if args.sam_mode != "sam":
-            raise ValueError(
-                f"sam_mode={args.sam_mode!r} is not supported under FSDP yet (its stored and combined gradients are "
-                "not sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP."
-            )
+        refuse_variants(args, FSDP2_REFUSES)
 
     def begin_sam_micro_batch(self, model) -> None:
         # The Trainer defers FSDP2's reduce-scatter to the last micro-batch, keeping unsharded local gradients in
@@ -239,22 +253,7 @@ class DeepSpeedZeRO(ProcessLocal):
                 "gathers them inside its forward), so SAM can neither take the ascent gradient outside the engine's "
                 "backward nor perturb the full weights. Use ZeRO stage 1 or 2, or FSDP2 (accelerate_configs/fsdp.yaml)."
             )
-        if args.sam_group_size is not None:
-            raise ValueError(
-                f"sam_group_size={args.sam_group_size} is not supported under DeepSpeed (each chunk's backward would "
-                "count as a micro-batch of the engine's accumulation). Train with DDP for m-sharpness."
-            )
-        if args.sam_ascent_fraction < 1.0:
-            raise ValueError(
-                f"sam_ascent_fraction={args.sam_ascent_fraction} is not supported under DeepSpeed yet (untested "
-                "there). Train with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed."
-            )
-        if args.sam_mode != "sam":
-            raise ValueError(
-                f"sam_mode={args.sam_mode!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own "
-                "partitioned buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval "
-                "for a cheaper SAM), or train with DDP."
-            )
+        refuse_variants(args, DEEPSPEED_REFUSES)
 
     def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
         """The module's own parameters, one group with the SAM settings of the arguments and the current LR."""
