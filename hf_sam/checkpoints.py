@@ -74,12 +74,19 @@ def checkpoint_problem(folder: str, with_optimizer: bool = True) -> str | None:
     return None
 
 
+def _safetensors_header(path: str) -> tuple[int, dict]:
+    """(header size, {tensor name: dtype, shape, data_offsets}) of a safetensors file, which opens with the
+    header's length (8 bytes) and the header (JSON)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    return header_size, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
 def _safetensors_complete(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        header_size, tensors = _safetensors_header(path)
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
         return os.path.getsize(path) == 8 + header_size + end
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -132,10 +139,9 @@ def check_checkpoint_fits(model, checkpoint: str) -> None:
     path = os.path.join(checkpoint, "model.safetensors")
     if not os.path.isfile(path):
         return  # sharded or adapter checkpoints: left to the Trainer
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    _, tensors = _safetensors_header(path)
     # transformers saves a timm model without the wrapper's `timm_model.` prefix (and adds it back on load).
-    saved = {k.removeprefix(TIMM_PREFIX): tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    saved = {k.removeprefix(TIMM_PREFIX): tuple(v["shape"]) for k, v in tensors.items()}
     expected = {k.removeprefix(TIMM_PREFIX): tuple(v.shape) for k, v in model.state_dict().items()}
     differ = sorted(k for k in expected if saved.get(k) != expected[k]) + sorted(set(saved) - set(expected))
     if differ:
