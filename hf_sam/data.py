@@ -29,6 +29,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, l
 from PIL import Image
 from transformers import TrainerCallback
 
+from hf_sam.hub import load_failure
+
 TRAIN_AUGMENTATIONS = (
     "none",
     "random-resized-crop",
@@ -306,7 +308,7 @@ def _call_load_dataset(path: str, split: str, source: str, **kwargs) -> Dataset:
             raise DataError(f"{source}: {err} Set `train_split` / `test_split`.") from None
         raise
     except Exception as err:  # offline, missing repo, gated repo, network: all surface as different types
-        raise DataError(_hub_failure(source, "dataset", err)) from None
+        raise DataError(load_failure("dataset", source, err)) from None
 
 
 def _empty_saved_splits(path: str) -> list[str]:
@@ -337,23 +339,6 @@ def _pick_split(dataset_dict: DatasetDict, split: str, source: str) -> Dataset:
     if len(parts) == 1:
         return dataset_dict[parts[0]]
     return datasets.concatenate_datasets([dataset_dict[p] for p in parts])
-
-
-def _hub_failure(source: str, what: str, err: Exception) -> str:
-    """One line for any failure to fetch from the Hub: offline, not found, gated, network."""
-    offline = (
-        os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or "offline" in str(err).lower()
-    )
-    reason = (
-        "the Hub is unreachable (offline mode)"
-        if offline
-        else "not found on the Hub or the Hub is unreachable"
-    )
-    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return (
-        f"cannot load {what} {source!r}: {reason} ({type(err).__name__}: {detail}). Check the id and your "
-        f"connection / `hf auth login`, or point the recipe at a local copy."
-    )
 
 
 def _label_names(train: Dataset, column: str, source: str) -> tuple[list[str], dict | None]:

@@ -1,9 +1,14 @@
 """The model card of a finetuning run, built with `huggingface_hub.ModelCard` (metadata the Hub indexes:
-licence, base model, datasets, tags, metrics and a `model-index` with the test results)."""
+licence, base model, datasets, tags, metrics and a `model-index` with the test results). `write_model_card`
+writes the one of a `recipes/finetune.py` run, from its arguments."""
 
 from __future__ import annotations
 
+import os
+
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from hf_sam.cli import Args, command_line
 
 CARD_TAGS = ("sam", "image-classification", "hf-sam")
 
@@ -121,3 +126,79 @@ Full configuration: `resolved_config.yaml`; test metrics: `test_results.json`.
 {licence} Dataset terms ({dataset_title}): {terms}.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def run_title(args: Args, spec) -> str:
+    """'<dataset> x <base model>, SAM (rho = ...)' or '..., baseline (plain optimizer)'."""
+    base = os.path.basename(os.path.normpath(args.model.model_name_or_path))
+    t = args.training
+    run = f"SAM (ρ = {t.sam_rho})" if t.sam_rho > 0 else "baseline (plain optimizer, ρ = 0)"
+    return f"{spec.title or spec.name} x {base}, {run}"
+
+
+def write_model_card(
+    args: Args, spec, source: str, num_train: int, num_test: int, label_names: list[str],
+    metrics: dict[str, float], timm_model: bool, *, engine: str, global_epsilon: bool,
+) -> str:  # fmt: skip
+    """`README.md` in `output_dir` for a finished run of `args` on the dataset `spec` (loaded from `source`);
+    `engine` and `global_epsilon` as the trainer ran (`trainer.sam_engine.name`, `.global_epsilon`)."""
+    t, m = args.training, args.model
+    global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
+    scope = (
+        f"one ε over the {t.per_device_train_batch_size * t.world_size} examples of each micro-batch of all processes"
+        if global_epsilon and t.world_size > 1
+        else f"per-process ε (m = {t.per_device_train_batch_size})"
+    )
+    sam = (
+        f"ρ = {t.sam_rho}, norm = {t.sam_norm}, adaptive = {t.sam_adaptive} (η = {t.sam_eta}), {scope}"
+        if t.sam_rho > 0
+        else "none (ρ = 0: the paired baseline, plain optimizer)"
+    )
+    optim = t.optim.value if hasattr(t.optim, "value") else t.optim
+    schedule = t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type
+    decay_scope = "every parameter" if args.script.weight_decay_all_parameters else "all but biases and norms"
+    training_lines = [
+        f"Base checkpoint: `{m.model_name_or_path}`{f' @ {m.model_revision}' if m.model_revision else ''}; new "
+        f"classifier head; BatchNorm statistics frozen: {m.freeze_batchnorm}",
+        f"Dropout {m.drop_rate if m.drop_rate is not None else 'as the checkpoint'}, stochastic depth "
+        f"{m.drop_path_rate if m.drop_path_rate is not None else 'as the checkpoint'}",
+        f"Dataset: `{source}`; train augmentation: {args.data.train_augmentation}; test resize: {args.data.eval_resize}",
+        label_noise_line(args),
+        f"SAM: {sam}",
+        f"Optimizer: {optim} ({t.optim_args or 'defaults'}), lr {t.learning_rate}, {schedule} schedule, "
+        f"{t.warmup_steps} warm-up steps, weight decay {t.weight_decay} on {decay_scope}, gradient clipping "
+        f"{t.max_grad_norm or 'none'}, label smoothing {t.label_smoothing_factor}",
+        f"Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x "
+        f"{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}; "
+        f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}; seed {t.seed}",
+    ]
+    card = finetuning_card(
+        title=run_title(args, spec),
+        repo_id=t.hub_model_id,
+        base_model=m.model_name_or_path,
+        dataset_id=source.split("@")[0] if spec.hub_id and not os.path.exists(source) else None,
+        dataset_title=spec.title or spec.name,
+        test_split=spec.test_split,
+        num_train=num_train,
+        num_test=num_test,
+        num_classes=len(label_names),
+        metrics=metrics,
+        license=args.script.license,
+        dataset_terms=spec.terms,
+        timm_model=timm_model,
+        training_lines=training_lines,
+        command=command_line(args),
+    )
+    card.save(os.path.join(t.output_dir, "README.md"))
+    return str(card)
+
+
+def label_noise_line(args) -> str:
+    d = args.data
+    if not d.label_noise:
+        return "Label noise: none (clean labels)"
+    seed = args.training.seed if d.label_noise_seed is None else d.label_noise_seed
+    return (
+        f"Label noise: {100 * d.label_noise:g}% of the training labels replaced by another class (symmetric, "
+        f"seed {seed}); test labels clean"
+    )

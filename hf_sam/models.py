@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-from hf_sam.data import _hub_failure
+from hf_sam.hub import load_failure
 
 TIMM_PREFIX = "timm_model."
 
@@ -74,7 +74,7 @@ def load_model_and_processor(
                 f"{model_name_or_path!r} has a config.json that transformers does not recognise ({err}). "
                 "Use a transformers image-classification checkpoint or a timm checkpoint."
             ) from None
-        raise ModelError(_hub_failure(model_name_or_path, "model", err)) from None
+        raise ModelError(load_failure("model", model_name_or_path, err)) from None
     if is_timm(config):
         # The wrapper passes num_classes itself; timm needs a dict here, not the wrapper's default None.
         config.model_args = {k: v for k, v in (config.model_args or {}).items() if k != "num_classes"}
@@ -96,7 +96,7 @@ def load_model_and_processor(
             f"({type(config).__name__}, model_type {getattr(config, 'model_type', None)!r}): {first}"
         ) from None
     except OSError as err:
-        raise ModelError(_hub_failure(model_name_or_path, "model", err)) from None
+        raise ModelError(load_failure("model", model_name_or_path, err)) from None
     _check_weights_fit(model, info, model_name_or_path)
     _ensure_new_head(model, info, num_labels)
     try:

@@ -26,6 +26,8 @@ import torch
 from finetune_helpers import REPO, load_finetune, tiny_timm_checkpoint
 from safetensors.torch import load_file
 
+from hf_sam.checkpoints import CheckpointError, checkpoint_problem, resolve_resume
+
 finetune = load_finetune()
 
 MAX_STEPS, SAVE_STEPS = 12, 2
@@ -117,7 +119,7 @@ def _kill_after_a_checkpoint(proc, out, rng: random.Random) -> str | None:
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     left = sorted(out.glob("checkpoint-*"), key=_step)
-    complete = [_step(p) for p in left if finetune.checkpoint_problem(str(p)) is None]
+    complete = [_step(p) for p in left if checkpoint_problem(str(p)) is None]
     if proc.returncode != -signal.SIGKILL or max(complete) >= MAX_STEPS:
         return None
     return f"killed after checkpoint-{k} + {delay * 1000:.0f} ms; on disk: {[p.name for p in left]}"
@@ -183,7 +185,7 @@ def _crash_resume_compare(name, extra, timm_ckpt, tmp_path, truncate_newest=Fals
     how = f"{name}, CRASH_TEST_SEED={seed}: {how}"
     if truncate_newest:  # as if the kill had hit the save of the newest complete checkpoint
         newest = next(p for p in map(str, sorted(crashed.glob("checkpoint-*"), key=_step, reverse=True))
-                      if finetune.checkpoint_problem(p) is None)  # fmt: skip
+                      if checkpoint_problem(p) is None)  # fmt: skip
         with open(os.path.join(newest, "optimizer.pt"), "r+b") as f:
             f.truncate(os.path.getsize(f.name) // 2)
         how += f"; then truncated {os.path.basename(newest)}/optimizer.pt"
@@ -265,22 +267,22 @@ def test_half_written_newest_checkpoint_is_skipped_with_a_warning(
     out = tmp_path / "out"
     shutil.copytree(three_checkpoints, out)
     for name in ("checkpoint-1", "checkpoint-2", "checkpoint-3"):
-        assert finetune.checkpoint_problem(str(out / name)) is None, name
+        assert checkpoint_problem(str(out / name)) is None, name
     damage(out / "checkpoint-3")
-    assert problem in finetune.checkpoint_problem(str(out / "checkpoint-3"))
+    assert problem in checkpoint_problem(str(out / "checkpoint-3"))
     from transformers.trainer_utils import get_last_checkpoint
 
     assert get_last_checkpoint(str(out)).endswith("checkpoint-3")  # what the stock helper would resume
-    with caplog.at_level(logging.WARNING, logger="finetune"):
-        chosen = finetune.resolve_resume("true", str(out), with_optimizer=True, warn=True)
+    with caplog.at_level(logging.WARNING, logger="hf_sam.checkpoints"):
+        chosen = resolve_resume("true", str(out), with_optimizer=True, warn=True)
     assert chosen == str(out / "checkpoint-2")
     assert (
         f"skipping checkpoint-3: incomplete ({problem}" in caplog.text
         and "resuming from checkpoint-2" in caplog.text
     )
     # An explicit path to the broken folder is refused, with the reason.
-    with pytest.raises(finetune.ConfigError, match=f"is incomplete \\({problem}"):
-        finetune.resolve_resume(str(out / "checkpoint-3"), str(out), with_optimizer=True, warn=True)
+    with pytest.raises(CheckpointError, match=f"is incomplete \\({problem}"):
+        resolve_resume(str(out / "checkpoint-3"), str(out), with_optimizer=True, warn=True)
 
 
 def test_no_complete_checkpoint_is_one_clear_error(three_checkpoints, tmp_path, timm_ckpt):
@@ -301,7 +303,5 @@ def test_save_only_model_checkpoints_count_as_complete(three_checkpoints, tmp_pa
     out = tmp_path / "out"
     shutil.copytree(three_checkpoints, out)
     os.remove(out / "checkpoint-3" / "optimizer.pt")
-    assert finetune.resolve_resume("true", str(out), with_optimizer=False, warn=False).endswith(
-        "checkpoint-3"
-    )
-    assert finetune.resolve_resume("true", str(out), with_optimizer=True, warn=False).endswith("checkpoint-2")
+    assert resolve_resume("true", str(out), with_optimizer=False, warn=False).endswith("checkpoint-3")
+    assert resolve_resume("true", str(out), with_optimizer=True, warn=False).endswith("checkpoint-2")

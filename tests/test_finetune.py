@@ -25,6 +25,8 @@ from transformers import AutoModelForImageClassification
 from two_processes import launch_recipe
 
 import hf_sam.data
+import hf_sam.hub
+from hf_sam.cli import parse_config, steps_per_epoch
 from hf_sam.data import SPECS
 
 finetune = load_finetune()
@@ -140,7 +142,7 @@ def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
             pushed = [f for f in everything if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
             uploads.append(("upload", repo_id, sorted(pushed), sorted(everything)))
 
-    monkeypatch.setattr(finetune, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_sam.hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETtokenSHOULDNOTLEAK")
     metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--sam_rho", "0.2",
                   "--push_to_hub", "true", "--hub_model_id", "me/digits-sam", "--label_subset", "3", "1", "4",
@@ -159,7 +161,8 @@ def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
     for needle in ("# scikit-learn digits x " + os.path.basename(timm_ckpt) + ", SAM (ρ = 0.2)", "ρ = 0.2",
                    "recipes/finetune.py --output_dir", f"| top-1 accuracy | {100 * metrics['test_top1']:.2f}% |",
                    "Split `test`", 'AutoModelForImageClassification.from_pretrained("me/digits-sam")',
-                   'timm.create_model("hf-hub:me/digits-sam", pretrained=True)', "Licence of these weights: `mit`"):  # fmt: skip
+                   'timm.create_model("hf-hub:me/digits-sam", pretrained=True)', "Licence of these weights: `mit`",
+                   "per-process ε (m = 2)", "; single process; "):  # fmt: skip
         assert needle in card, needle
     from huggingface_hub import ModelCard
 
@@ -353,7 +356,7 @@ def test_push_offline_fails_before_training(tmp_path, timm_ckpt, monkeypatch):
 
 def test_gpu_recipe_validates_on_cpu_but_does_not_run(tmp_path):
     recipe = "recipes/cifar10/efficientnet_b7/sam.yaml"
-    args = finetune.parse_config(["--config", os.path.join(REPO, recipe), "--check_config", "true"])
+    args = parse_config(["--config", os.path.join(REPO, recipe), "--check_config", "true"])
     assert args.training.bf16 and args.training.sam_rho == 0.05
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="bf16"):
@@ -368,6 +371,8 @@ def test_two_process_launch_with_cpu_config(tmp_path, timm_ckpt):
     assert (
         "2 per device x 2 processes x 2 accumulation" in card
         and "accelerate launch --num_processes 2" in card
+        and "; DDP; " in card
+        and "per-process ε (m = 2)" in card
     )
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and any("sam/sharpness" in h for h in state["log_history"])
@@ -377,7 +382,7 @@ def test_two_process_launch_with_cpu_config(tmp_path, timm_ckpt):
 def test_steps_per_epoch_is_what_the_trainer_takes(timm_ckpt, tmp_path):
     """10 images, 2 per device, global batch 4 (accumulation 2): 5 micro-batches -> ceil(5 / 2) = 3 steps in
     one epoch (not 10 / 4 = 2.5), as the recipe headers count them."""
-    assert finetune.steps_per_epoch(10, 2, 1, 2) == 3
+    assert steps_per_epoch(10, 2, 1, 2) == 3
     fast = FAST[2:]  # without --max_steps 2: train by epochs instead
     assert FAST[:2] == ["--max_steps", "2"]
     finetune.main(["--output_dir", str(tmp_path / "out"), *fast, "--num_train_epochs", "1", "--dataset", "digits",
@@ -489,10 +494,10 @@ def test_hub_private_repo_is_respected_and_documented(timm_ckpt, tmp_path, monke
         def upload_folder(self, **kwargs):
             pass
 
-    monkeypatch.setattr(finetune, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_sam.hub, "HfApi", FakeApi)
     run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--max_train_samples", "4",
         "--max_test_samples", "4", "--push_to_hub", "true", "--hub_model_id", "me/x", "--hub_private_repo", "true")  # fmt: skip
     assert created == [True]
     with pytest.raises(SystemExit):
-        finetune.parse_config(["--help"])
+        parse_config(["--help"])
     assert "--hub_private_repo" in capsys.readouterr().out

@@ -9,7 +9,9 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Value
 from finetune_helpers import REPO, load_finetune, tiny_timm_checkpoint
 
+from hf_sam.cli import parse_config
 from hf_sam.data import SPECS, DataError, add_label_noise, load_image_classification, resolve_spec
+from hf_sam.model_card import write_model_card
 
 finetune = load_finetune()
 RECIPE = os.path.join(REPO, "recipes/digits/test_efficientnet/noisy_sam.yaml")
@@ -102,9 +104,10 @@ def test_model_card_records_label_noise(tmp_path):
          "another class (symmetric, seed 2); test labels clean"),
         (["--label_noise", "0"], "- Label noise: none (clean labels)"),
     ]:  # fmt: skip
-        args = finetune.parse_config(["--config", RECIPE, "--output_dir", str(tmp_path), *flags])
+        args = parse_config(["--config", RECIPE, "--output_dir", str(tmp_path), *flags])
         spec = resolve_spec("digits", None, None, None, None, None, None)
-        card = finetune.write_model_card(
-            args, spec, "digits", 722, 181, list("56789"), {"test_top1": 0.9}, True
-        )
+        card = write_model_card(
+            args, spec, "digits", 722, 181, list("56789"), {"test_top1": 0.9}, True,
+            engine="single process", global_epsilon=False,
+        )  # fmt: skip
         assert line in card

@@ -11,9 +11,11 @@ import re
 import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
-from finetune_helpers import REPO, load_finetune
+from finetune_helpers import REPO
 
-finetune = load_finetune()
+import hf_sam.cli
+from hf_sam.cli import ConfigError, parse_config, steps_per_epoch
+
 RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "*", "*", "*.yaml")))
 TABLE_8 = {
     "flowers102": 0.2,
@@ -43,7 +45,7 @@ def test_the_issue_grid_exists():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, REPO))
 def test_recipe_parses_and_validates(path):
-    args = finetune.parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
+    args = parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
     dataset, model = path.split(os.sep)[-3:-1]
     run_dir = os.path.join(
         "outputs", *os.path.relpath(path, os.path.join(REPO, "recipes"))[:-5].split(os.sep)
@@ -85,7 +87,7 @@ def test_recipe_header_states_the_true_batch_arithmetic(path):
     """The header's steps per epoch and epochs are transformers' (ceil of micro-batches / accumulation), for 8
     processes, computed here by hand from the dataset size and checked against the parsed recipe."""
     dataset = path.split(os.sep)[-3]
-    args = finetune.parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
+    args = parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
     t = args.training
     header = open(path).read().split("\n\n")[0]
     match = re.search(
@@ -103,7 +105,7 @@ def test_recipe_header_states_the_true_batch_arithmetic(path):
         per_process / t.per_device_train_batch_size
     )
     assert accumulation == t.gradient_accumulation_steps and steps == math.ceil(micro / accumulation)
-    assert steps == finetune.steps_per_epoch(int(images), t.per_device_train_batch_size, 8, int(accumulation))
+    assert steps == steps_per_epoch(int(images), t.per_device_train_batch_size, 8, int(accumulation))
     assert max_steps == t.max_steps and abs(epochs - max_steps / steps) < 0.05 + 1e-9
     assert (
         f"Global batch {args.script.global_batch_size} = {t.per_device_train_batch_size} per device" in header
@@ -119,25 +121,20 @@ def test_pets_b7_header_numbers_from_the_issue():
 def test_global_batch_gives_the_same_math_for_any_process_count(monkeypatch):
     recipe = os.path.join(REPO, "recipes/oxford_pets/efficientnet_b7/sam.yaml")
     for processes, accumulation in ((1, 64), (2, 32), (8, 8), (64, 1)):
-        monkeypatch.setattr(finetune, "launch_world_size", lambda n=processes: n)  # what WORLD_SIZE would say
-        args = finetune.parse_config(["--config", recipe, "--check_config", "true"])
+        # What WORLD_SIZE would say:
+        monkeypatch.setattr(hf_sam.cli, "launch_world_size", lambda n=processes: n)
+        args = parse_config(["--config", recipe, "--check_config", "true"])
         t = args.training
         assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (16, accumulation)
         assert t.per_device_train_batch_size * processes * t.gradient_accumulation_steps == 1024
     for processes in (3, 128):
-        monkeypatch.setattr(finetune, "launch_world_size", lambda n=processes: n)
-        with pytest.raises(finetune.ConfigError, match=f"x {processes} process\\(es\\).*divides 64"):
-            finetune.parse_config(["--config", recipe, "--check_config", "true"])
-    monkeypatch.setattr(finetune, "launch_world_size", lambda: 8)
-    with pytest.raises(
-        finetune.ConfigError, match="gradient_accumulation_steps=4 contradicts global_batch_size"
-    ):
-        finetune.parse_config(
-            ["--config", recipe, "--check_config", "true", "--gradient_accumulation_steps", "4"]
-        )
-    args = finetune.parse_config(
-        ["--config", recipe, "--check_config", "true", "--gradient_accumulation_steps", "8"]
-    )
+        monkeypatch.setattr(hf_sam.cli, "launch_world_size", lambda n=processes: n)
+        with pytest.raises(ConfigError, match=f"x {processes} process\\(es\\).*divides 64"):
+            parse_config(["--config", recipe, "--check_config", "true"])
+    monkeypatch.setattr(hf_sam.cli, "launch_world_size", lambda: 8)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=4 contradicts global_batch_size"):
+        parse_config(["--config", recipe, "--check_config", "true", "--gradient_accumulation_steps", "4"])
+    args = parse_config(["--config", recipe, "--check_config", "true", "--gradient_accumulation_steps", "8"])
     assert args.training.gradient_accumulation_steps == 8  # consistent: accepted
 
 
@@ -243,9 +240,9 @@ def test_recipe_readme_matches_the_recipe(sam):
     folder = os.path.dirname(sam)
     model = folder.split(os.sep)[-1]
     readme = open(os.path.join(folder, "README.md")).read()
-    args = finetune.parse_config(["--config", sam, "--check_config", "true", "--num_processes", "8"])
+    args = parse_config(["--config", sam, "--check_config", "true", "--num_processes", "8"])
     t, dataset = args.training, folder.split(os.sep)[-2]
-    spe = finetune.steps_per_epoch(
+    spe = steps_per_epoch(
         TRAIN_IMAGES[dataset], t.per_device_train_batch_size, 8, t.gradient_accumulation_steps
     )
     for needle in (f"`global_batch_size: {args.script.global_batch_size}`", f"so an epoch is {spe} optimizer steps",

@@ -17,6 +17,7 @@ import os
 import pytest
 from finetune_helpers import REPO, load_finetune, real_architecture_checkpoint, real_size_fixture_for_spec
 
+from hf_sam.cli import parse_config
 from hf_sam.data import SPECS
 
 finetune = load_finetune()
@@ -45,7 +46,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("recipe", SAM_RECIPES, ids=lambda p: os.path.relpath(os.path.dirname(p), REPO))
 def test_recipe_runs_two_sam_steps_with_its_real_shapes(recipe, checkpoints, tmp_path, monkeypatch):
     dataset = recipe.split(os.sep)[-3]
-    parsed = finetune.parse_config(["--config", recipe, "--check_config", "true"])
+    parsed = parse_config(["--config", recipe, "--check_config", "true"])
     checkpoint = checkpoints(parsed.model.model_name_or_path)
     data = real_size_fixture_for_spec(SPECS[dataset], str(tmp_path / "data"))
     shapes = []

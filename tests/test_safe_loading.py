@@ -10,6 +10,7 @@ import pytest
 import torch
 from finetune_helpers import load_finetune, tiny_timm_checkpoint
 
+import hf_sam.hub
 import hf_sam.models
 
 finetune = load_finetune()
@@ -133,7 +134,7 @@ def test_hub_token_never_reaches_logs_cards_configs_or_checkpoints(ckpt, tmp_pat
         def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns):
             uploads.append(folder_path)
 
-    monkeypatch.setattr(finetune, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_sam.hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", TOKEN)
     verbosity = transformers.logging.get_verbosity()

@@ -1,0 +1,443 @@
+"""The finetuning recipe's configuration: a YAML recipe and command-line flags -> validated arguments.
+
+`recipes/finetune.py` is the entry script; this module is everything it knows about its arguments: the
+argument dataclasses (`ScriptArguments`, `ModelArguments`, `DataArguments`, next to
+`hf_sam.SAMTrainingArguments`), `parse_config` (the YAML's flat keys are defaults, flags override them, a key
+or flag that is no field is an error, with a suggestion), the global batch (`global_batch_size` ->
+`gradient_accumulation_steps` for the launch's process count), the default `output_dir`, the checks made
+before anything is loaded (configuration errors before environment errors such as bf16 without a bf16 GPU),
+the resolved configuration written next to the model, and the script's one-line errors (`exit_on`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import math
+import os
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+
+from hf_sam.checkpoints import checkpoints_newest_first, remove_if_created_empty, resolve_resume
+from hf_sam.configs import SAMTrainingArguments
+from hf_sam.data import EVAL_RESIZES, TRAIN_AUGMENTATIONS, check_label_noise, resolve_spec
+
+
+class ConfigError(ValueError):
+    """A problem in the recipe or the flags; the message says what to change."""
+
+
+@dataclass
+class ScriptArguments:
+    config: str | None = field(default=None, metadata={"help": "YAML recipe (flat keys); flags override it."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete the checkpoint-* folders of output_dir and start over (default: refuse)."},
+    )
+    check_config: bool = field(
+        default=False, metadata={"help": "Validate the recipe and print it; load nothing, train nothing."}
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per optimizer step over all processes. gradient_accumulation_steps is derived at "
+            "launch: global_batch_size / (per_device_train_batch_size x processes), so per_device_train_batch_size "
+            "(SAM's m) stays fixed for any GPU count; a count that does not divide is refused."
+        },
+    )
+    num_processes: int | None = field(
+        default=None,
+        metadata={
+            "help": "With check_config: check global_batch_size for this many processes (default: this launch's)."
+        },
+    )
+    weight_decay_all_parameters: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight decay on every parameter, biases and norm layers included (the SAM authors' released "
+            "code). Off: the Trainer's default, which exempts biases and LayerNorm weights."
+        },
+    )
+    output_dir_per_seed: bool = field(
+        default=False,
+        metadata={
+            "help": "Default output_dir outputs/<dataset>/<model>/<run>/seed-<seed>, one folder per seed (what "
+            "recipes/results_table.py averages). Off: outputs/<dataset>/<model>/<run>."
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence of the finetuned weights for the model card (e.g. the base checkpoint's)."
+        },
+    )
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "transformers or timm checkpoint: Hub id or local folder."}
+    )
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Branch, tag or commit of the checkpoint."}
+    )
+    freeze_batchnorm: bool = field(
+        default=True,
+        metadata={
+            "help": "BatchNorm as at test time for the whole run (paper, C.2); gamma/beta still train."
+        },
+    )
+    drop_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dropout before the classifier (timm drop_rate; transformers: EfficientNet dropout_rate, ViT "
+            "hidden_dropout_prob), active while finetuning. Default: the checkpoint's own."
+        },
+    )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth / drop-connect (timm drop_path_rate; transformers: EfficientNet "
+            "drop_connect_rate), active while finetuning. Default: the checkpoint's own."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run Python code shipped in the model repository (auto_map). Off: such a checkpoint is "
+            "refused. (Dataset repositories never run code: datasets >= 4 has no loading scripts.)"
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "A spec name (hf_sam.data.SPECS), a Hub dataset id or a local folder."},
+    )
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Read the spec's dataset from this local copy instead of the Hub."}
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Overrides the spec's pinned revision."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    image_column: str | None = field(default=None, metadata={"help": "Overrides the spec's image column."})
+    label_column: str | None = field(default=None, metadata={"help": "Overrides the spec's label column."})
+    train_split: str | None = field(
+        default=None, metadata={"help": "Overrides the spec's train split ('a+b' joins)."}
+    )
+    test_split: str | None = field(default=None, metadata={"help": "Overrides the spec's test split."})
+    num_labels: int | None = field(default=None, metadata={"help": "Expected number of classes (checked)."})
+    label_subset: list[str] | None = field(
+        default=None, metadata={"help": "Keep only these classes (by name), relabelled in this order."}
+    )
+    train_augmentation: str = field(
+        default="none",
+        metadata={
+            "help": "Train-time augmentation (hf_sam.data.train_augmentation): 'random-resized-crop' is the released "
+            "code's ImageNet training crop + flip, 'cifar-autoaugment' its CIFAR pipeline. Random ones are a "
+            "function of (seed, epoch, example index).",
+            "choices": list(TRAIN_AUGMENTATIONS),
+        },
+    )
+    eval_resize: str = field(
+        default="checkpoint",
+        metadata={
+            "help": "Test-time resize: 'checkpoint' (its resize + centre crop) or 'full' (the whole image resized "
+            "to the model's resolution, the released code's CIFAR evaluation).",
+            "choices": list(EVAL_RESIZES),
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the train split (debugging)."}
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Symmetric label noise (paper, 3.3): this fraction of the train labels, after label_subset, "
+            "is replaced by a uniformly drawn other class; the test split stays clean. 0 = clean."
+        },
+    )
+    label_noise_seed: int | None = field(
+        default=None, metadata={"help": "Which labels are corrupted, and how (default: the run's `seed`)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the test split (debugging)."}
+    )
+    verify_images: bool = field(
+        default=True,
+        metadata={"help": "Open every image once before training; fail on the first unreadable one."},
+    )
+
+
+@dataclass
+class Args:
+    script: ScriptArguments
+    model: ModelArguments
+    data: DataArguments
+    training: SAMTrainingArguments
+    argv: list[str]
+
+
+def parse_config(argv: list[str] | None = None) -> Args:
+    """YAML defaults + flags -> validated arguments. Touches nothing but the recipe file and `output_dir`.
+
+    Configuration errors come before environment errors: unknown keys and flags, bad values, the global batch
+    and `output_dir` conflicts are checked with the precision flags (`bf16`, `fp16`, `tf32`) switched off, and
+    only then are the arguments built as given, which is where transformers checks the machine.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.error = _raise_config_error  # argparse would print the usage of ~150 flags and exit 2
+    pre.add_argument("--config")
+    pre.add_argument("--check_config", nargs="?", const="true", default="false")
+    known, _ = pre.parse_known_args(argv)
+    groups = (ScriptArguments, ModelArguments, DataArguments, SAMTrainingArguments)
+    parser = HfArgumentParser(groups)
+    parser.error = _raise_config_error  # e.g. "argument --sam_interval: invalid int value: '2.5'"
+    dests = {action.dest for action in parser._actions} - {"help"}
+    recipe = _read_recipe(known.config) if known.config else {}
+    unknown = sorted(set(recipe) - dests)
+    if unknown:
+        raise ConfigError(f"{known.config}: unknown key(s) {_with_suggestions(unknown, dests)}.")
+    if "hub_token" in recipe or any(a.startswith("--hub_token") for a in argv):
+        raise ConfigError(
+            "hub_token is not accepted (it would be pickled into training_args.bin and checkpoints): log in with "
+            "`hf auth login` or set HF_TOKEN instead."
+        )
+    check_only = str(known.check_config).lower() in ("true", "1", "yes")
+    if check_only and not torch.cuda.is_available():
+        # TrainingArguments refuses bf16 without a GPU unless use_cpu: check a GPU recipe as if on CPU.
+        recipe = {**recipe, "use_cpu": True}
+    parser.set_defaults(**recipe)
+    namespace, rest = parser.parse_known_args(args=argv)  # builds no dataclass yet: no machine check
+    if rest:
+        flags = [r for r in rest if r.startswith("-")] or rest
+        raise ConfigError(f"unknown flag(s) {_with_suggestions([f.lstrip('-') for f in flags], dests)}.")
+    values = vars(namespace)
+    script, model, data = (_build(group, values) for group in groups[:3])
+    explicit_output_dir = "output_dir" in recipe or any(a.split("=")[0] == "--output_dir" for a in argv)
+    if known.config and not explicit_output_dir:
+        values["output_dir"] = default_output_dir(
+            known.config, values["seed"] if script.output_dir_per_seed else None
+        )
+    explicit_accumulation = "gradient_accumulation_steps" in recipe or any(
+        a.split("=")[0] == "--gradient_accumulation_steps" for a in argv
+    )
+    if script.global_batch_size is not None:
+        values["gradient_accumulation_steps"] = accumulation_steps(
+            script.global_batch_size,
+            values["per_device_train_batch_size"],
+            script.num_processes if check_only and script.num_processes else launch_world_size(),
+            values["gradient_accumulation_steps"] if explicit_accumulation else None,
+        )
+    if script.num_processes is not None and not check_only and script.num_processes != launch_world_size():
+        raise ConfigError(
+            f"num_processes={script.num_processes} is for --check_config true only; this launch has "
+            f"{launch_world_size()} process(es)."
+        )
+    # Configuration first: the precision flags off, so that a typo or a conflict is not hidden behind
+    # transformers' "Your setup doesn't support bf16/gpu".
+    precision = {"bf16": False, "fp16": False, "tf32": None, "bf16_full_eval": False, "fp16_full_eval": False}
+    _check(script, model, data, _build(SAMTrainingArguments, {**values, **precision}))
+    try:
+        training = _build(SAMTrainingArguments, values)  # now transformers checks the machine
+    except ValueError as err:
+        raise ConfigError(_environment_message(err)) from None
+    return Args(script, model, data, training, argv)
+
+
+def _build(group, values: dict):
+    return group(**{f.name: values[f.name] for f in fields(group) if f.init and f.name in values})
+
+
+def _environment_message(err: ValueError) -> str:
+    text = str(err)
+    if "bf16/gpu" in text:
+        return (
+            "bf16: true needs a GPU with bfloat16 support, and this machine has none: add --bf16 false to run in "
+            "fp32 here (or --check_config true to validate the recipe without running it)."
+        )
+    return text
+
+
+def launch_world_size() -> int:
+    """Processes of this launch, from the launcher's environment (accelerate launch and torchrun set it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation_steps(
+    global_batch: int, per_device: int, processes: int, explicit: int | None = None
+) -> int:
+    """gradient_accumulation_steps that make `global_batch` from `per_device` x `processes`; refuse the rest."""
+    if global_batch < 1 or per_device < 1:
+        raise ConfigError(
+            f"global_batch_size ({global_batch}) and per_device_train_batch_size ({per_device}) must be >= 1."
+        )
+    per_step = per_device * processes
+    if global_batch % per_step:
+        counts = [
+            n for n in range(1, global_batch // per_device + 1) if (global_batch // per_device) % n == 0
+        ]
+        hint = (
+            f"launch with a process count that divides {global_batch // per_device} ({', '.join(map(str, counts))})"
+            if global_batch % per_device == 0
+            else "choose a per_device_train_batch_size that divides it"
+        )
+        raise ConfigError(
+            f"global_batch_size {global_batch} is not a multiple of per_device_train_batch_size {per_device} x "
+            f"{processes} process(es) = {per_step}: {hint}; per_device_train_batch_size is SAM's m, keep it."
+        )
+    steps = global_batch // per_step
+    if explicit is not None and explicit != steps:
+        raise ConfigError(
+            f"gradient_accumulation_steps={explicit} contradicts global_batch_size {global_batch} = "
+            f"{per_device} per device x {processes} process(es) x {steps}: drop gradient_accumulation_steps "
+            "(it is derived), or drop global_batch_size."
+        )
+    return steps
+
+
+def steps_per_epoch(num_train: int, per_device: int, processes: int, accumulation: int) -> int:
+    """Optimizer steps per epoch as transformers counts them: each process gets ceil(N / processes) examples
+    (the distributed sampler pads), in ceil(. / per_device) micro-batches; an epoch is
+    ceil(micro-batches / accumulation) steps, the last one shorter when it does not divide."""
+    micro_batches = math.ceil(math.ceil(num_train / processes) / per_device)
+    return math.ceil(micro_batches / accumulation)
+
+
+def _raise_config_error(message: str):
+    raise ConfigError(message)
+
+
+def default_output_dir(config_path: str, seed: int | None = None) -> str:
+    """recipes/<dataset>/<model>/sam.yaml -> outputs/<dataset>/<model>/sam (+ /seed-<seed> with
+    output_dir_per_seed), so a sam/baseline pair needs no output_dir key of its own (the pair then differs only
+    in sam_* keys) and runs of several seeds do not overwrite each other."""
+    path = os.path.splitext(os.path.normpath(config_path))[0]
+    parts = path.split(os.sep)
+    tail = parts[len(parts) - parts[::-1].index("recipes") :] if "recipes" in parts else parts[-1:]
+    return os.path.join("outputs", *tail, *([f"seed-{seed}"] if seed is not None else []))
+
+
+def _read_recipe(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"config file {path!r} not found (cwd: {os.getcwd()}); pass --config <path to a YAML>."
+        )
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict) or any(isinstance(v, dict) for v in recipe.values()):
+        raise ConfigError(f"{path}: a recipe is a flat mapping of field: value (no nesting).")
+    return recipe
+
+
+def _with_suggestions(names: list[str], dests: set[str]) -> str:
+    out = []
+    for name in names:
+        close = difflib.get_close_matches(name, dests, n=1)
+        out.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(out) + "; see `recipes/finetune.py --help` for the fields"
+
+
+def _check(
+    script: ScriptArguments, model: ModelArguments, data: DataArguments, training: SAMTrainingArguments
+):
+    if not model.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (a Hub id or a local checkpoint folder).")
+    if not data.dataset:
+        raise ConfigError("dataset is required (a spec name, a Hub dataset id or a local folder).")
+    resolve_spec(data.dataset)  # unknown dataset name: fails here, before any loading
+    if data.dataset_path and not os.path.exists(data.dataset_path):
+        raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
+    check_label_noise(data.label_noise)
+    if data.num_labels is not None and data.num_labels < 1:
+        raise ConfigError(f"num_labels must be >= 1, got {data.num_labels}.")
+    for name in ("drop_rate", "drop_path_rate"):
+        value = getattr(model, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1) (a probability), got {value}.")
+    if data.train_augmentation != "none" and training.dataloader_persistent_workers:
+        raise ConfigError(
+            "dataloader_persistent_workers keeps the first epoch's workers, and with them its epoch number: a "
+            f"random train_augmentation ({data.train_augmentation}) would repeat that epoch's draws. Set it to false."
+        )
+    if not training.output_dir:
+        raise ConfigError("output_dir is required.")
+    _check_output_dir(training.output_dir)
+    if training.push_to_hub and not training.hub_model_id:
+        raise ConfigError("push_to_hub needs hub_model_id (e.g. 'your-name/cifar10-effnet-b7-sam').")
+    resume = training.resume_from_checkpoint
+    checkpoints = checkpoints_newest_first(training.output_dir)
+    if resume:
+        resolve_resume(resume, training.output_dir, not training.save_only_model, warn=False)
+    elif checkpoints and not script.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {training.output_dir} already holds {os.path.basename(checkpoints[0])}: continue with "
+            "--resume_from_checkpoint true, or start over with --overwrite_output_dir true (deletes its checkpoints)."
+        )
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """A file, or a folder that cannot be created or written: fail now, not at the first checkpoint."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"output_dir {output_dir!r} is a file, not a folder; choose another output_dir.")
+    ancestor = os.path.abspath(output_dir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(
+            f"output_dir {output_dir!r} cannot be created: {ancestor!r} is a file, not a folder."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {output_dir!r} is not writable (no write permission on {ancestor!r}).")
+
+
+def resolved_config(args: Args) -> dict:
+    """Every field as used (flat, re-usable as a recipe); never a token."""
+    out = {}
+    for group in (args.model, args.data):
+        out.update(asdict(group))
+    script = asdict(args.script)
+    for name in ("overwrite_output_dir", "global_batch_size", "weight_decay_all_parameters", "output_dir_per_seed",
+                 "license"):  # fmt: skip
+        out[name] = script[name]
+    training = args.training.to_dict()  # masks *_token fields
+    init_fields = {f.name for f in fields(args.training) if f.init}
+    out.update({k: v for k, v in training.items() if k in init_fields and not k.endswith("_token")})
+    if args.script.global_batch_size is not None:  # derived from it, for each launch's process count
+        del out["gradient_accumulation_steps"]
+    return {
+        k: v if isinstance(v, (str, int, float, bool, list, type(None))) else str(v) for k, v in out.items()
+    }
+
+
+def command_line(args: Args) -> str:
+    world = args.training.world_size
+    launcher = f"accelerate launch --num_processes {world} " if world > 1 else "python "
+    return launcher + "recipes/finetune.py " + shlex.join(args.argv)
+
+
+def one_line(err: Exception) -> str:
+    """The script's error line: `finetune.py: error: ` and the message, its lines joined."""
+    return "finetune.py: error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def exit_on(errors: type[Exception] | tuple[type[Exception], ...], output_dir: str | None = None):
+    """`errors` raised in the block exit with one `finetune.py: error:` line; an `output_dir` that the block
+    created and left empty (`Trainer.__init__` makes it before its set-up checks) is removed first."""
+    existed = output_dir is not None and os.path.exists(output_dir)
+    try:
+        yield
+    except errors as err:
+        remove_if_created_empty(output_dir, existed)
+        raise SystemExit(one_line(err)) from None
