@@ -13,6 +13,7 @@ from transformers import Trainer
 
 from hf_sam import loss_units, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
+from hf_sam.checkpoints import remove_if_created_empty
 from hf_sam.configs import SAMArguments, SAMTrainingArguments
 from hf_sam.engines import Plan, check_engine, check_param_filter, check_trainer_class, select_engine
 from hf_sam.sam import (
@@ -104,11 +105,8 @@ class SAMMixin:
             try:
                 self._check_sam_compatible()  # needs the Accelerator: the engine may come from `accelerate launch`
             except ValueError:
-                if (
-                    not output_dir_existed and self.args.should_save
-                ):  # the process whose Trainer.__init__ made it
-                    with contextlib.suppress(OSError):  # only if still empty: leave no trace
-                        os.rmdir(args.output_dir)
+                if self.args.should_save:  # the process whose Trainer.__init__ made it: leave no trace
+                    remove_if_created_empty(args.output_dir, output_dir_existed)
                 raise
         if self.args.sam_fix_loss_normalization:
             loss_units.declare_per_batch_mean_loss(self)
