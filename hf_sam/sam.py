@@ -104,6 +104,8 @@ def perturbation_group(
 def compute_perturbation_(groups: Sequence[PerturbationGroup]) -> torch.Tensor:
     """Turn each group's `grads` into ε **in place** and return the ascent gradient norm (a 0-dim tensor).
 
+    The general form of ε (per-group ρ, ASAM, p = ∞), used by `perturb_`, which callers go through.
+
     The norm is ||T g||₂ taken jointly over every p = 2 group with ρ > 0 (T = 1 without ASAM), so a group with
     its own ρ changes the size of its ε but not the direction of the others. For p = ∞ groups the returned
     norm is still ||T g||₂ (telemetry only; it does not enter ε).
