@@ -38,28 +38,11 @@ class Plan:
     batchnorms: list[torch.nn.Module]
 
 
-# The variants an engine cannot run yet, each with its one-line refusal ({value}: the setting's value).
+# The variants an engine may refuse (its `refused_variants`: one line each, {value} the setting's value).
 _VARIANT_DEFAULTS = {"sam_group_size": None, "sam_ascent_fraction": 1.0, "sam_mode": "sam"}
-FSDP2_REFUSES = {
-    "sam_group_size": "sam_group_size={value} (one ε per chunk of examples) is impossible under FSDP, where ε is one "
-    "for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size.",
-    "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under FSDP yet (untested there). Train with "
-    "DDP for it, or use sam_interval for a cheaper SAM under FSDP.",
-    "sam_mode": "sam_mode={value!r} is not supported under FSDP yet (its stored and combined gradients are not "
-    "sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP.",
-}
-DEEPSPEED_REFUSES = {
-    "sam_group_size": "sam_group_size={value} is not supported under DeepSpeed (each chunk's backward would count as "
-    "a micro-batch of the engine's accumulation). Train with DDP for m-sharpness.",
-    "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under DeepSpeed yet (untested there). Train "
-    "with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed.",
-    "sam_mode": "sam_mode={value!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own partitioned "
-    "buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or "
-    "train with DDP.",
-}
 
 
-def refuse_variants(args, refused: dict[str, str]) -> None:
+def _refuse_variants(args, refused: dict[str, str]) -> None:
     for name, message in refused.items():
         value = getattr(args, name)
         if value != _VARIANT_DEFAULTS[name]:
@@ -185,6 +168,14 @@ class FSDP2(ProcessLocal):
 
     name = "FSDP2"
     global_epsilon = True
+    refused_variants = {
+        "sam_group_size": "sam_group_size={value} (one ε per chunk of examples) is impossible under FSDP, where ε is one "
+        "for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size.",
+        "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under FSDP yet (untested there). Train with "
+        "DDP for it, or use sam_interval for a cheaper SAM under FSDP.",
+        "sam_mode": "sam_mode={value!r} is not supported under FSDP yet (its stored and combined gradients are not "
+        "sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP.",
+    }
 
     @classmethod
     def check(cls, args, fsdp_version: int = 2) -> None:
@@ -200,7 +191,7 @@ class FSDP2(ProcessLocal):
                 "the gradient reduced over all processes. A per-process ε needs a full copy of the weights on every "
                 "process: train with DDP for it, or drop sam_sync_perturbation (FSDP's default is the global ε)."
             )
-        refuse_variants(args, FSDP2_REFUSES)
+        _refuse_variants(args, cls.refused_variants)
 
     def begin_sam_micro_batch(self, model) -> None:
         # The Trainer defers FSDP2's reduce-scatter to the last micro-batch, keeping unsharded local gradients in
@@ -236,6 +227,15 @@ class DeepSpeedZeRO(ProcessLocal):
     which no forward uses) and steps inside `accelerator.backward`."""
 
     wraps_optimizer = False  # ZeRO rewrites the groups: SAM's settings come from the arguments
+    refused_variants = {
+        "sam_group_size": "sam_group_size={value} is not supported under DeepSpeed (each chunk's backward would count as "
+        "a micro-batch of the engine's accumulation). Train with DDP for m-sharpness.",
+        "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under DeepSpeed yet (untested there). Train "
+        "with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed.",
+        "sam_mode": "sam_mode={value!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own partitioned "
+        "buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or "
+        "train with DDP.",
+    }
 
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
@@ -253,7 +253,7 @@ class DeepSpeedZeRO(ProcessLocal):
                 "gathers them inside its forward), so SAM can neither take the ascent gradient outside the engine's "
                 "backward nor perturb the full weights. Use ZeRO stage 1 or 2, or FSDP2 (accelerate_configs/fsdp.yaml)."
             )
-        refuse_variants(args, DEEPSPEED_REFUSES)
+        _refuse_variants(args, cls.refused_variants)
 
     def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
         """The module's own parameters, one group with the SAM settings of the arguments and the current LR."""
