@@ -16,6 +16,7 @@ the optimizer's param groups; `scheduled_rho` is ρ for a step of a ρ schedule.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -156,7 +157,9 @@ def perturb_(
     groups: Sequence[PerturbationGroup],
     steps: int = 1,
     radius: float | None = None,
-    gradient_at: Callable[[], list[torch.Tensor] | None] | None = None,
+    gradient_at: Callable[[], list[torch.Tensor]] | None = None,
+    *,
+    params: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """w ← w + ε for the groups' parameters (saved in `backup` first); returns ‖g‖ of the ascent gradient.
 
@@ -168,37 +171,30 @@ def perturb_(
     `steps` > 1: projected gradient ascent (paper, appendix C.6): ε_{k+1} = Π(ε_k + ρ·ĝ(w + ε_k)) onto the
     `radius` ball, with `gradient_at()` giving the gradient at the current weights (same order as the groups'
     parameters; it runs with autograd on). A step whose gradient is not finite ends the ascent at the last finite ε.
+
+    `params`: the groups' parameters as one list, in group order. A caller that passes the same list object every
+    step (the Trainer's cached plan) spares the backup its per-tensor check that the parameters are still the same.
     """
-    params = [p for group in groups for p in group.params]
-    active = [g for g in groups if g.grads]
-    uniform_l2 = (
-        steps == 1
-        and len({g.rho for g in active}) == 1
-        and all(g.norm == "2" and not g.adaptive for g in active)
-    )
-    if uniform_l2:
-        grads = [t for g in active for t in g.grads]
+    params = [p for group in groups for p in group.params] if params is None else params
+    grads = [t for group in groups for t in group.grads]
+    rhos = {g.rho for g in groups if g.grads}
+    if steps == 1 and len(rhos) == 1 and all(g.norm == "2" and not g.adaptive for g in groups):
         grad_norm = global_norm(grads)
         if torch.isfinite(grad_norm):
-            owned = [p for g in active for p in g.params]
-            backup.perturb_(owned, grads, alpha=active[0].rho / (float(grad_norm) + NORM_EPS))
+            backup.perturb_(params, grads, alpha=rhos.pop() / (float(grad_norm) + NORM_EPS))
         return grad_norm
     grad_norm = compute_perturbation_(groups)
     if not torch.isfinite(grad_norm):
         return grad_norm
-    eps = [t for group in groups for t in group.grads]
+    eps = grads  # turned into ε in place
     if radius is not None and radius < max(g.rho for g in groups):
         project_to_ball_(eps, radius)  # a first step longer than the ball (a sharpness estimate's step size)
     backup.perturb_(params, eps)
     for _ in range(steps - 1):
-        step = gradient_at()
-        if step is None:
-            break
-        cut, step_groups = 0, []
+        step, cut, step_groups = gradient_at(), 0, []
         for group in groups:
             n = len(group.params)
-            step_groups.append(PerturbationGroup(group.params, step[cut : cut + n], group.rho, group.adaptive,
-                                                 group.eta, group.norm))  # fmt: skip
+            step_groups.append(dataclasses.replace(group, grads=step[cut : cut + n]))
             cut += n
         if not torch.isfinite(compute_perturbation_(step_groups)):
             break  # keep the last finite ε
@@ -475,7 +471,7 @@ class SAM(torch.optim.Optimizer):
 
         With `loss` (the loss at w, not yet backpropagated): g = ∇loss by `torch.autograd.grad`; `.grad` is left
         untouched, so gradients accumulated from earlier micro-batches stay as they are. Without: g is read from
-        `.grad` and consumed (turned into ε in place, then set to None), so the next backward gives the gradient
+        `.grad` and consumed (set to None once ε is applied), so the next backward gives the gradient
         at w + ε alone. Parameters without a gradient (unused by the forward) are not perturbed. If g is not
         finite the weights stay at w (counted in `skipped_ascents`) and the descent step is a plain step.
         """

@@ -274,7 +274,12 @@ class SAMMixin:
         ]
         try:
             grad_norm = perturb_(
-                self._sam_backup, groups, args.sam_ascent_steps, max(rhos), gradient_at_perturbed_weights
+                self._sam_backup,
+                groups,
+                args.sam_ascent_steps,
+                max(rhos),
+                gradient_at_perturbed_weights,
+                params=plan.params,  # the cached list: the backup recognises it without a per-tensor check
             )
             # ε now lives in the weights only: free it before the descent pass, so SAM's memory overhead is the
             # backup copy of w alone.

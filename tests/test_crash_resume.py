@@ -120,6 +120,7 @@ def _kill_after_a_checkpoint(proc, out, rng: random.Random) -> str | None:
     proc.communicate(timeout=60)
     left = sorted(out.glob("checkpoint-*"), key=_step)
     complete = [_step(p) for p in left if checkpoint_problem(str(p)) is None]
+    assert complete, f"no complete checkpoint left after a kill past checkpoint-{k}: {[p.name for p in left]}"
     if proc.returncode != -signal.SIGKILL or max(complete) >= MAX_STEPS:
         return None
     return f"killed after checkpoint-{k} + {delay * 1000:.0f} ms; on disk: {[p.name for p in left]}"

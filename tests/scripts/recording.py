@@ -22,7 +22,9 @@ class RecordingSAMTrainer(SAMTrainer):
     def _current_run(self):
         run = super()._current_run()
         telemetry = run.telemetry
-        if not getattr(telemetry, "recorded", False):  # each run's telemetry reports its ascent norms here too
+        if not getattr(
+            telemetry, "recorded", False
+        ):  # each run's telemetry reports its ascent norms here too
             record_ascent, record = telemetry.record_ascent, self.record
 
             def recorded(grad_norm, finite, rho):
