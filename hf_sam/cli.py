@@ -5,8 +5,8 @@ argument dataclasses (`ScriptArguments`, `ModelArguments`, `DataArguments`, next
 `hf_sam.SAMTrainingArguments`), `parse_config` (the YAML's flat keys are defaults, flags override them, a key
 or flag that is no field is an error, with a suggestion), the global batch (`global_batch_size` ->
 `gradient_accumulation_steps` for the launch's process count), the default `output_dir`, the checks made
-before anything is loaded (configuration errors before environment errors such as bf16 without a bf16 GPU),
-the resolved configuration written next to the model, and the script's one-line errors (`exit_on`).
+before anything is loaded (configuration errors before environment errors such as bf16 without a bf16 GPU;
+`check_local_paths` as the run starts), the resolved configuration written next to the model, and the script's one-line errors (`exit_on`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from transformers import HfArgumentParser
 from hf_sam.checkpoints import checkpoints_newest_first, remove_if_created_empty, resolve_resume
 from hf_sam.configs import SAMTrainingArguments
 from hf_sam.data import EVAL_RESIZES, TRAIN_AUGMENTATIONS, check_label_noise, resolve_spec
+from hf_sam.hub import missing_local_path
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,11 @@ class ScriptArguments:
         metadata={"help": "Delete the checkpoint-* folders of output_dir and start over (default: refuse)."},
     )
     check_config: bool = field(
-        default=False, metadata={"help": "Validate the recipe and print it; load nothing, train nothing."}
+        default=False,
+        metadata={
+            "help": "Validate the recipe and print it; load nothing, train nothing (a local model or dataset folder "
+            "need not exist yet)."
+        },
     )
     global_batch_size: int | None = field(
         default=None,
@@ -224,6 +229,7 @@ def parse_config(argv: list[str] | None = None) -> Args:
         raise ConfigError(f"unknown flag(s) {_with_suggestions([f.lstrip('-') for f in flags], dests)}.")
     values = vars(namespace)
     script, model, data = (_build(group, values) for group in groups[:3])
+    _check_batch(values, script.global_batch_size)
     explicit_output_dir = "output_dir" in recipe or any(a.split("=")[0] == "--output_dir" for a in argv)
     if known.config and not explicit_output_dir:
         values["output_dir"] = default_output_dir(
@@ -267,6 +273,19 @@ def _environment_message(err: ValueError) -> str:
             "fp32 here (or --check_config true to validate the recipe without running it)."
         )
     return text
+
+
+def _check_batch(values: dict, global_batch_size: int | None) -> None:
+    """Batch sizes and accumulation are integers >= 1. transformers checks a batch size only when it builds its
+    data loaders, after the data and the model are loaded (a traceback), and lets gradient_accumulation_steps -1
+    train; a recipe's YAML value (2.5, true) reaches here unconverted."""
+    names = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    given = {name: values[name] for name in names}
+    if global_batch_size is not None:
+        given["global_batch_size"] = global_batch_size
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}.")
 
 
 def launch_world_size() -> int:
@@ -334,10 +353,36 @@ def _read_recipe(path: str) -> dict:
             f"config file {path!r} not found (cwd: {os.getcwd()}); pass --config <path to a YAML>."
         )
     with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+        try:
+            recipe = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(_yaml_error(path, err)) from None
     if not isinstance(recipe, dict) or any(isinstance(v, dict) for v in recipe.values()):
         raise ConfigError(f"{path}: a recipe is a flat mapping of field: value (no nesting).")
     return recipe
+
+
+# yaml says what it met, not how to fix it: the fix of a hand-written recipe's usual slips, by yaml's wording.
+_YAML_FIXES = {
+    "'\\t'": "use spaces, not tabs (YAML does not allow tab characters)",
+    "flow": "close the bracket, or quote a value that starts with [ or {",
+    "quoted scalar": "close the quote",
+    "mapping values": "start every key at column 1 (a recipe is flat), and quote a value that holds ': '",
+}
+
+
+def _yaml_error(path: str, err: yaml.YAMLError) -> str:
+    """yaml's several lines (marks counted from 0) -> one: the file, line and column, the problem, the fix."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # a ReaderError (a control character): no problem/mark split
+        return f"{path}: not valid YAML: {' '.join(str(err).split())}."
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}"
+    problem, opened = err.problem, err.context_mark
+    if err.context and opened:  # e.g. where the unclosed bracket was opened
+        problem += f" ({err.context} at line {opened.line + 1}, column {opened.column + 1})"
+    text = f"{err.context or ''} {err.problem}"
+    fix = next((fix for key, fix in _YAML_FIXES.items() if key in text), "a recipe is `field: value` lines")
+    return f"{where}: {problem}; {fix}."
 
 
 def _with_suggestions(names: list[str], dests: set[str]) -> str:
@@ -384,6 +429,17 @@ def _check(
             f"output_dir {training.output_dir} already holds {os.path.basename(checkpoints[0])}: continue with "
             "--resume_from_checkpoint true, or start over with --overwrite_output_dir true (deletes its checkpoints)."
         )
+
+
+def check_local_paths(args: Args) -> None:
+    """A model or dataset that can only be a local path (`hf_sam.hub.is_local_path`) must exist: the loaders take
+    a mistyped one for a Hub id ("the Hub is unreachable"), the model's only after loading the data. Checked as the
+    run starts, not by `parse_config`: a recipe may name a folder that an earlier step writes (the demo's
+    pretrained checkpoint), and `--check_config` validates a recipe on any machine."""
+    given = {"model_name_or_path": args.model.model_name_or_path, "dataset": args.data.dataset}
+    for name, value in given.items():
+        if message := missing_local_path(name, value):
+            raise ConfigError(message)
 
 
 def _check_output_dir(output_dir: str) -> None:

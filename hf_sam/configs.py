@@ -68,7 +68,8 @@ class SAMArguments:
         Steps of projected gradient ascent inside the ρ-ball (paper, appendix C.6); each moves ε by ρ·ĝ and
         projects back onto the ball.
     sam_ascent_fraction (`float`, defaults to `1.0`):
-        The ascent pass of each micro-batch uses its first ⌈f·B⌉ examples only (the batch is already shuffled);
+        The ascent pass of each micro-batch uses ⌈f·B⌉ of its examples only, drawn uniformly (seeded by `seed`,
+        the step, the micro-batch and the process, so resume is exact; at least 2 with BatchNorm in train mode);
         ε comes from their mean-loss gradient and the descent pass still runs on all B at w + ε, so a SAM step
         costs (1 + f) forward+backward passes instead of 2. `1.0` is plain SAM, bit for bit. BatchNorm running
         statistics then come from the subset's clean pass. With f < 1 the logged `loss` is measured on the subset
@@ -150,7 +151,7 @@ class SAMArguments:
     sam_ascent_fraction: float = field(
         default=1.0,
         metadata={
-            "help": "Fraction of each micro-batch the ascent pass uses (its first ceil(f*B) examples); the descent "
+            "help": "Fraction of each micro-batch the ascent pass uses (ceil(f*B) examples drawn uniformly); the descent "
             "runs on all of it. 1.0: plain SAM; 0.25: about 1.25x the stock step instead of 2x."
         },
     )

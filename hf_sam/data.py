@@ -29,7 +29,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, l
 from PIL import Image
 from transformers import TrainerCallback
 
-from hf_sam.hub import load_failure
+from hf_sam.hub import load_failure, missing_local_path
 
 TRAIN_AUGMENTATIONS = (
     "none",
@@ -294,6 +294,8 @@ def _load_split(spec: DatasetSpec, split: str, local_path: str | None) -> Datase
             ("parquet", {"data_dir": path}) if has_parquet else ("imagefolder", {"data_dir": path})
         )
         return _call_load_dataset(builder, split, source=path, **kwargs)
+    if message := missing_local_path("dataset", path):  # a mistyped folder, not a Hub failure
+        raise DataError(message)
     return _call_load_dataset(
         path, split, source=path, name=spec.config_name, revision=spec.revision, data_files=spec.data_files
     )

@@ -16,8 +16,10 @@ wraps the optimizer, its ε scope, which SAM settings it refuses):
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
@@ -30,12 +32,31 @@ from hf_sam.sam import all_reduce_mean_, perturbation_settings
 class Plan:
     """What one SAM micro-batch perturbs: `params` in optimizer order, which slice of them each param group owns
     (with the group, for its ρ / ASAM / norm settings), and the BatchNorm layers the perturbed passes leave alone.
-    `key` tells when the optimizer's groups changed (a user's `add_param_group`) and the plan must be rebuilt."""
+    `key` tells when the plan must be rebuilt: the optimizer's groups changed (a user's `add_param_group`), or a
+    parameter was frozen or unfrozen mid-run (`requires_grad`, which the stock Trainer follows at every step).
+    `watched`: the parameters whose `requires_grad` flags make the key, where they are not the optimizer's."""
 
     key: tuple | None
     params: list[torch.Tensor]
     slices: list[tuple[slice, dict]]
     batchnorms: list[torch.nn.Module]
+    watched: list[torch.Tensor] = field(default_factory=list)
+
+    def carry(self, previous: Plan, state: list, fill) -> list:
+        """Per-parameter `state` kept in `previous`'s order (GSAM's clean gradient, LookSAM's g_v), in this plan's
+        order: a parameter no longer perturbed (frozen mid-run) drops its entry, a new one gets `fill(p)`."""
+        by_id = {id(p): entry for p, entry in zip(previous.params, state, strict=True)}
+        return [by_id[id(p)] if id(p) in by_id else fill(p) for p in self.params]
+
+
+def _nothing_to_perturb(mid_run: bool) -> None:
+    if mid_run:
+        raise ValueError(
+            "SAMTrainer has no parameter left to perturb: every parameter it perturbed (trainable and matching "
+            "sam_param_filter) was frozen (requires_grad=False) during training. Keep one of them trainable, or widen "
+            "sam_param_filter."
+        )
+    raise ValueError("SAMTrainer found no parameter to perturb (trainable and matching sam_param_filter).")
 
 
 # The variants an engine may refuse (its `refused_variants`: one line each, {value} the setting's value).
@@ -86,7 +107,12 @@ class ProcessLocal:
 
     # ------------------------------------------------------------------ the plan
     def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
-        key = tuple(len(group["params"]) for group in optimizer.param_groups)
+        # Looked up every micro-batch, so the key is cheap: each optimizer parameter's requires_grad, group by group
+        # (one bool per parameter tensor, a few hundred even for an LLM: microseconds next to a forward pass). It
+        # changes with the groups (`add_param_group`) and when a callback freezes or unfreezes parameters mid-run:
+        # the stock Trainer then trains what still requires grad, and a stale plan would ask autograd for the
+        # gradient of a frozen parameter ("does not require grad") or leave an unfrozen one unperturbed.
+        key = tuple(tuple(p.requires_grad for p in group["params"]) for group in optimizer.param_groups)
         if cached is not None and cached.key == key:
             return cached
         perturbed = self.perturbed_parameters(model)
@@ -96,9 +122,7 @@ class ProcessLocal:
             slices.append((slice(len(params), len(params) + len(chosen)), group))
             params.extend(chosen)
         if not params:
-            raise ValueError(
-                "SAMTrainer found no parameter to perturb (trainable and matching sam_param_filter)."
-            )
+            _nothing_to_perturb(mid_run=cached is not None)
         return Plan(key, params, slices, tracking_batchnorms(model))
 
     def perturbed_parameters(self, model: torch.nn.Module) -> set[int]:
@@ -256,11 +280,20 @@ class DeepSpeedZeRO(ProcessLocal):
         _refuse_variants(args, cls.refused_variants)
 
     def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
-        """The module's own parameters, one group with the SAM settings of the arguments and the current LR."""
-        if cached is None:
+        """The module's own parameters, one group with the SAM settings of the arguments and the current LR.
+
+        Rebuilt, as `ProcessLocal.plan`, when a parameter's requires_grad changes (the key is the module's flags:
+        ZeRO's groups hold flat partitions, not the parameters; the module's list is kept to read them cheaply)."""
+        watched = (
+            cached.watched if cached is not None else list(self.accelerator.unwrap_model(model).parameters())
+        )
+        key = tuple(p.requires_grad for p in watched)
+        if cached is None or cached.key != key:
             perturbed = self.perturbed_parameters(model)
-            params = [p for p in self.accelerator.unwrap_model(model).parameters() if id(p) in perturbed]
-            cached = Plan(None, params, [], tracking_batchnorms(model))
+            params = [p for p in watched if id(p) in perturbed]
+            if not params:
+                _nothing_to_perturb(mid_run=cached is not None)
+            cached = Plan(key, params, [], tracking_batchnorms(model), watched)
         args, lr_group = self.args, optimizer.param_groups[0]
         group = {
             **perturbation_settings(args.sam_rho, args.sam_adaptive, args.sam_eta, args.sam_norm),
@@ -312,14 +345,83 @@ _REFUSED_PARENTS = {
 }
 
 
+# Parents whose batch rows are not independent examples: cutting them (m-sharpness chunks, the ascent subset)
+# would separate what their loss compares.
+_ROWS_ARE_NOT_EXAMPLES = {
+    "DPOTrainer": "stacks every pair's chosen rows, then its rejected rows, in one batch",
+    "RewardTrainer": "stacks every pair's chosen rows, then its rejected rows, in one batch",
+    "KTOTrainer": "estimates its KL term over the whole batch",
+}
+_CUTTING_SETTINGS = ("sam_group_size", "sam_ascent_fraction")
+
+
+def _passes_the_batch_through(training_step) -> bool:
+    """Whether an override of `training_step` only wraps the stock step in a context (trl's activation-offloading
+    wrapper): read from its source, so a future override that does more is refused rather than trusted."""
+    try:
+        lines = inspect.getsource(training_step).splitlines()
+    except (OSError, TypeError):
+        return False
+    body = [line.strip() for line in lines if line.strip() and not line.strip().startswith(("#", "@"))][1:]
+    forwards = "return super().training_step(*args, **kwargs)"
+    return body == [forwards] or (
+        len(body) == 2 and body[0].startswith("with self.") and body[0].endswith(":") and body[1] == forwards
+    )
+
+
+def _overrides_below_the_mixin(trainer_class: type, name: str) -> list[type]:
+    """The classes between `SAMMixin` and `transformers.Trainer` in the MRO that define `name`."""
+    from transformers import Trainer
+
+    mro = trainer_class.__mro__
+    below = next(i for i, c in enumerate(mro) if c.__name__ == "SAMMixin")
+    stop = mro.index(Trainer) if Trainer in mro else len(mro)
+    return [c for c in mro[below + 1 : stop] if name in c.__dict__]
+
+
 def check_trainer_class(trainer_class: type, args) -> None:
-    """A parent trainer whose training step is not one forward+backward is refused before any work."""
+    """A parent whose training step SAM cannot wrap exactly is refused before any work: one that generates or
+    trains several models, one whose own `training_step` changes the batch, and one whose rows are not examples
+    under a setting that cuts the batch."""
+    if args.sam_rho <= 0:
+        return
     refused = next((c.__name__ for c in trainer_class.__mro__ if c.__name__ in _REFUSED_PARENTS), None)
-    if refused is not None and args.sam_rho > 0:
+    if refused is not None:
         raise ValueError(
             f"{trainer_class.__name__}: SAM cannot wrap {refused}, which {_REFUSED_PARENTS[refused]}. Supported: "
-            "Trainer, Seq2SeqTrainer, trl's SFTTrainer and subclasses whose training_step is one forward+backward; "
-            "or set sam_rho=0."
+            "Trainer, Seq2SeqTrainer, trl's SFT, DPO, KTO, Reward, ORPO and CPO trainers, and subclasses whose "
+            "training_step is one forward+backward; or set sam_rho=0."
+        )
+    for parent in _overrides_below_the_mixin(trainer_class, "training_step"):
+        if not _passes_the_batch_through(parent.__dict__["training_step"]):
+            raise ValueError(
+                f"{trainer_class.__name__}: {parent.__name__}.training_step overrides the stock step below SAMMixin, "
+                "so SAM would take ε from the batch before the override and the descent from the batch after it. "
+                f"Put SAM below the override instead: `class {parent.__name__}(SAMTrainer)` (or SAMMixin first in "
+                "its bases) with its training_step calling super().training_step(...); or set sam_rho=0."
+            )
+    cutting = [
+        f"{n}={getattr(args, n)}" for n in _CUTTING_SETTINGS if getattr(args, n) != _VARIANT_DEFAULTS[n]
+    ]
+    if not cutting:
+        return
+    paired = next((c.__name__ for c in trainer_class.__mro__ if c.__name__ in _ROWS_ARE_NOT_EXAMPLES), None)
+    if paired is not None:
+        raise ValueError(
+            f"{trainer_class.__name__}: {', '.join(cutting)} cuts each micro-batch by rows, but {paired} "
+            f"{_ROWS_ARE_NOT_EXAMPLES[paired]}. Drop {' and '.join(c.split('=')[0] for c in cutting)} (plain SAM, "
+            "sam_interval and the other variants work with it)."
+        )
+    # trl packs padding-free with packing_strategy "bfd"; "wrapped" packing keeps rows of their own.
+    packed = getattr(args, "packing", False) and str(getattr(args, "packing_strategy", "bfd")).startswith(
+        "bfd"
+    )
+    if getattr(args, "padding_free", False) or packed:
+        raise ValueError(
+            f"{', '.join(cutting)} cuts each micro-batch by rows, but padding_free (or packing with a 'bfd' "
+            "strategy) concatenates the batch's sequences into one row. Set padding_free=False (and "
+            "packing_strategy='wrapped' or packing=False), or drop "
+            f"{' and '.join(c.split('=')[0] for c in cutting)}."
         )
 
 
@@ -365,6 +467,28 @@ def check_param_filter(model: torch.nn.Module, regex: str) -> None:
     if not any(pattern.search(n) for n in names):
         raise ValueError(
             f"sam_param_filter={regex!r} matches no trainable parameter. Some parameter names: {', '.join(names[:8])}."
+        )
+
+
+def check_ascent_subset(model: torch.nn.Module, args) -> None:
+    """`sam_ascent_fraction` must leave BatchNorm (in train mode during training) two examples to normalise."""
+    if args.sam_ascent_fraction >= 1.0:
+        return
+    from hf_sam.batchnorm import is_frozen_batchnorm
+
+    batch = args.per_device_train_batch_size
+    kept = math.ceil(args.sam_ascent_fraction * batch)
+    normalising = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not is_frozen_batchnorm(m)
+    ]
+    if kept < 2 <= batch and normalising:
+        raise ValueError(
+            f"sam_ascent_fraction={args.sam_ascent_fraction} of per_device_train_batch_size={batch} gives the ascent "
+            f"pass {kept} example, which BatchNorm in train mode ({normalising[0]}) cannot normalise. Use "
+            f"sam_ascent_fraction >= {2 / batch:g}, a larger batch, or freeze BatchNorm (hf_sam.batchnorm."
+            "freeze_batchnorm)."
         )
 
 

@@ -1,6 +1,6 @@
 """The Hub as the finetuning recipe meets it: one line for any failure to reach it (loading a dataset or a
-model, pushing a run), and the push of a run (the repository created before training, the files a user loads
-uploaded after it)."""
+model, pushing a run), what is a local path rather than a Hub id, and the push of a run (the repository created
+before training, the files a user loads uploaded after it)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,26 @@ def hub_failure(failed: str, err: Exception, not_found: str, advice: str) -> str
     why = "the Hub is unreachable (offline mode)" if offline else not_found
     detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return f"{failed}: {why} ({type(err).__name__}: {detail}). {advice}"
+
+
+def is_local_path(name: str) -> bool:
+    """Whether `name` can only be a file-system path: a Hub id is `name` or `owner/name` (word characters, '-' and
+    '.', none leading), so '/x', './x', '../x', '~/x', 'a/b/c', 'x/' and 'C:\\x' are paths. `owner/name` itself
+    may be either (transformers and datasets try the folder first), so it is not one; nor timm's
+    `hf-hub:owner/name`."""
+    parts = name.split("/")
+    return name.startswith((".", "~")) or os.path.isabs(name) or "\\" in name or len(parts) > 2 or "" in parts
+
+
+def missing_local_path(field: str, value: str) -> str | None:
+    """The error line for a `field` naming a local path that does not exist, else None. Without it, the loaders
+    send the mistyped path to the Hub, and the user reads "not found on the Hub or the Hub is unreachable"."""
+    # (A YAML recipe may give a number: not a path.)
+    if not isinstance(value, str) or not is_local_path(value) or os.path.exists(value):
+        return None
+    expanded = os.path.expanduser(value)  # a shell expands `~`; a recipe, `--flag=~/x` and the loaders do not
+    fix = f"'~' is not expanded here: write {expanded!r}" if os.path.exists(expanded) else "check the path"
+    return f"{field} {value!r} does not exist (cwd: {os.getcwd()}): a local path, not a Hub id (owner/name); {fix}."
 
 
 def load_failure(what: str, source: str, err: Exception) -> str:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-from hf_sam.hub import load_failure
+from hf_sam.hub import load_failure, missing_local_path
 
 TIMM_PREFIX = "timm_model."
 
@@ -56,6 +56,9 @@ def load_model_and_processor(
     tensor must be in the checkpoint with its shape (otherwise transformers would silently initialise the rest
     at random, and the run would "finetune" an untrained network).
     """
+    # A mistyped local folder would otherwise be reported as a Hub failure.
+    if message := missing_local_path("model_name_or_path", model_name_or_path):
+        raise ModelError(message)
     trust_remote_code = bool(trust_remote_code)
     num_labels = len(label_names)
     id2label = dict(enumerate(label_names))

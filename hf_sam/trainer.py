@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 
 import torch
@@ -15,7 +16,14 @@ from hf_sam import loss_units, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
 from hf_sam.checkpoints import remove_if_created_empty
 from hf_sam.configs import SAMArguments, SAMTrainingArguments
-from hf_sam.engines import Plan, check_engine, check_param_filter, check_trainer_class, select_engine
+from hf_sam.engines import (
+    Plan,
+    check_ascent_subset,
+    check_engine,
+    check_param_filter,
+    check_trainer_class,
+    select_engine,
+)
 from hf_sam.sam import (
     SAM,
     WeightBackup,
@@ -40,7 +48,28 @@ class _Run:
         self.state = state
         self.plan: Plan | None = None
         self.window = variants.CleanGradientWindow()  # GSAM / LookSAM
+        self.micro_batch = 0  # index of the micro-batch in its accumulation window (the ascent subset's draw)
+        self.passes = 1.0  # forward+backward passes of the last micro-batch, example-weighted (total_flos)
         self.telemetry = SAMTelemetry(start_step=state.global_step)
+
+
+def _parent_signature(trainer_class: type) -> inspect.Signature:
+    """The signature of the first `__init__` below `SAMMixin` that names an `args` parameter: it decides which
+    positional argument is `args` (trl's DPOTrainer takes (model, ref_model, args, ...), DistillationTrainer
+    (model, teacher_model, args, ...)). Pass-through `__init__(self, *args, **kwargs)` are looked through."""
+    mro = trainer_class.__mro__
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for cls in mro[mro.index(SAMMixin) + 1 :]:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        signature = inspect.signature(init)
+        args = signature.parameters.get("args")
+        if args is not None and args.kind in named:
+            return signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
+    raise TypeError(
+        f"{trainer_class.__name__}: SAMMixin needs a Trainer subclass whose __init__ takes `args`."
+    )
 
 
 class SAMMixin:
@@ -85,10 +114,12 @@ class SAMMixin:
     # pass, so they hold the clean pass's records only.
     sam_clean_pass_state: tuple[str, ...] = ("_metrics", "_total_train_tokens", "_stored_metrics")
 
-    def __init__(self, model=None, args: SAMArguments | None = None, *pargs, **kwargs):
+    def __init__(self, *pargs, **kwargs):
         name = type(self).__name__
+        bound = _parent_signature(type(self)).bind_partial(*pargs, **kwargs)
+        model, args = bound.arguments.get("model"), bound.arguments.get("args")
         if args is None:
-            args = SAMTrainingArguments(output_dir="trainer_output")
+            args = bound.arguments["args"] = SAMTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, SAMArguments):
             raise TypeError(
                 f"{name} needs SAMTrainingArguments or another arguments class with the sam_* fields, got "
@@ -97,10 +128,14 @@ class SAMMixin:
                 "`hf_sam.SAMArguments` into your arguments class: `class MyConfig(SAMArguments, SFTConfig)`."
             )
         check_trainer_class(type(self), args)
-        if args.sam_rho > 0 and args.sam_param_filter is not None and isinstance(model, torch.nn.Module):
-            check_param_filter(model, args.sam_param_filter)  # before Trainer.__init__ creates output_dir
+        if args.sam_rho > 0 and isinstance(
+            model, torch.nn.Module
+        ):  # before Trainer.__init__ creates output_dir
+            if args.sam_param_filter is not None:
+                check_param_filter(model, args.sam_param_filter)
+            check_ascent_subset(model, args)
         output_dir_existed = args.output_dir is None or os.path.exists(args.output_dir)
-        super().__init__(model, args, *pargs, **kwargs)
+        super().__init__(*bound.args, **bound.kwargs)
         if self.args.sam_rho > 0:
             try:
                 self._check_sam_compatible()  # needs the Accelerator: the engine may come from `accelerate launch`
@@ -160,14 +195,37 @@ class SAMMixin:
 
     def _current_run(self) -> _Run:
         if self._sam_run is None or self._sam_run.state is not self.state:
+            self._check_run_settings()
             self._sam_run = _Run(self.state)
         return self._sam_run
 
+    def _check_run_settings(self) -> None:
+        """The construction checks again, before a run's first SAM step: a hyperparameter trial (or a user) may
+        have set sam_rho > 0, or another variant, on a trainer that was built and checked with other settings."""
+        args = self.args
+        if args.sam_rho <= 0:
+            return
+        args._check_variants()
+        args._check_sam_compatible()
+        check_trainer_class(type(self), args)
+        if args.sam_param_filter is not None:
+            check_param_filter(self.model, args.sam_param_filter)
+        check_ascent_subset(self.model, args)
+        self._check_sam_compatible()
+
     def _perturbation_plan(self, model) -> Plan:
-        """The engine's plan, cached per training loop (rebuilt when the optimizer's groups change)."""
+        """The engine's plan, cached per training loop (rebuilt when the optimizer's groups or a parameter's
+        requires_grad change)."""
         run = self._current_run()
         optimizer = self._sam_optimizer() if self.sam_engine.wraps_optimizer else self.optimizer
-        run.plan = self.sam_engine.plan(model, optimizer, run.plan)
+        previous, run.plan = run.plan, self.sam_engine.plan(model, optimizer, run.plan)
+        if previous is not None and run.plan is not previous:
+            # Rebuilt mid-run (parameters frozen or unfrozen): GSAM's and LookSAM's per-parameter state follows it.
+            if run.window.clean is not None:
+                run.window.clean = run.plan.carry(previous, run.window.clean, torch.zeros_like)
+            if "looksam_gv" in self._sam_state():
+                state = self._sam_state()
+                state["looksam_gv"] = run.plan.carry(previous, state["looksam_gv"], lambda p: None)
         return run.plan
 
     def _note_loss(self, loss: torch.Tensor) -> None:
@@ -187,6 +245,14 @@ class SAMMixin:
         last_micro_batch = self.accelerator.sync_gradients
         if last_micro_batch:
             run.telemetry.add(args.device, steps=1, sam_steps=float(kind == variants.SAM_STEP))
+        try:
+            return self._sam_training_step(model, inputs, num_items_in_batch, kind, last_micro_batch)
+        finally:
+            run.micro_batch = 0 if last_micro_batch else run.micro_batch + 1
+
+    def _sam_training_step(self, model, inputs, num_items_in_batch, kind: str, last_micro_batch: bool):
+        args, run = self.args, self._current_run()
+        run.passes = 1.0
         if kind != variants.SAM_STEP:
             loss = super().training_step(model, inputs, num_items_in_batch)
             self._note_loss(loss)
@@ -211,12 +277,13 @@ class SAMMixin:
         # num_items_in_batch already sums over chunks.
         weighted = not loss_units.normalised_by_num_items(self, num_items_in_batch)
         statistics = ChunkStatistics(plan.batchnorms) if len(chunks) > 1 else None
-        clean_total, perturbed_total = 0.0, 0.0
+        clean_total, perturbed_total, run.passes = 0.0, 0.0, 0.0
         for index, (chunk, share) in enumerate(chunks):
             weight = share if weighted else 1.0
             clean, perturbed = self._sam_micro_step(
                 model, chunk, num_items_in_batch, plan, is_last=index == len(chunks) - 1, loss_weight=weight
             )
+            run.passes += share * run.chunk_passes
             clean_total, perturbed_total = clean_total + weight * clean, perturbed_total + perturbed
             if statistics is not None:
                 statistics.add_chunk(share)
@@ -246,9 +313,21 @@ class SAMMixin:
         args, run = self.args, self._current_run()
         rng_state = self.sam_engine.random_state()
 
-        # 1. Ascent pass at w, on the first ⌈f·B⌉ examples with sam_ascent_fraction < 1.
-        subset, share = variants.ascent_subset(inputs, args.sam_ascent_fraction)
-        clean_loss, grads = self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)
+        # 1. Ascent pass at w, on ⌈f·B⌉ examples drawn uniformly with sam_ascent_fraction < 1. The parent's metrics
+        # describe the micro-batch trained on: a subset's records give way to the descent pass's.
+        subset, share = variants.ascent_subset(
+            inputs,
+            args.sam_ascent_fraction,
+            variants.subset_generator(
+                args.seed, self.state.global_step, run.micro_batch, self.accelerator.process_index
+            ),
+            # BatchNorm in train mode cannot normalise one example (a short last batch, a small f·B).
+            min_examples=2 if any(m.training for m in plan.batchnorms) else 1,
+        )
+        with self._records_undone() if share < 1.0 else contextlib.nullcontext():
+            clean_loss, grads = self.sam_engine.ascent_gradient(
+                model, subset, num_items_in_batch, plan.params
+            )
         if args.sam_mode in ("gsam", "looksam"):
             run.window.add(grads, loss_units.as_reported(self, 1.0, num_items_in_batch))  # `.grad`'s units
 
@@ -265,7 +344,7 @@ class SAMMixin:
             nonlocal extra_ascents
             extra_ascents += 1
             self.sam_engine.restore_random_state(rng_state)
-            with running_stats_frozen(plan.batchnorms):
+            with running_stats_frozen(plan.batchnorms), self._records_undone():
                 return self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)[1]
 
         groups = [
@@ -291,7 +370,8 @@ class SAMMixin:
                 self.sam_engine.descent_context(model, is_last, self._sam_backup),
                 running_stats_frozen(plan.batchnorms),
                 self._loss_weighted(loss_weight),
-                self._records_of_the_clean_pass(),
+                self._records_undone() if share == 1.0 else contextlib.nullcontext(),
+                self._inputs_already_prepared(),
             ):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
@@ -305,6 +385,7 @@ class SAMMixin:
             rhos[0] if rhos else 0.0,
         )
         passes = share * (1 + extra_ascents) + 1  # the ascent(s) over the subset, then the descent
+        run.chunk_passes = passes
         run.telemetry.add(args.device, forward_passes=passes, backward_passes=passes)
         if share < 1.0:
             clean_loss = loss_units.in_units_of_the_batch(
@@ -313,8 +394,21 @@ class SAMMixin:
         return clean_loss, perturbed_loss
 
     @contextlib.contextmanager
-    def _records_of_the_clean_pass(self):
-        """Undo what the parent's compute_loss records during the perturbed pass (`sam_clean_pass_state`)."""
+    def _inputs_already_prepared(self):
+        """The stock step prepares its inputs (`_prepare_inputs`); the descent pass gets the batch the ascent pass
+        was given, prepared once: a parent's preparation may not be idempotent (trl generates completions there)."""
+        self._prepare_inputs = lambda inputs: (
+            inputs
+        )  # an instance attribute hides the method for this pass only
+        try:
+            yield
+        finally:
+            del self._prepare_inputs
+
+    @contextlib.contextmanager
+    def _records_undone(self):
+        """Undo what the parent's compute_loss records during a pass (`sam_clean_pass_state`): only one pass of each
+        micro-batch may count its tokens and metrics."""
         saved = {
             name: copy.deepcopy(getattr(self, name))
             for name in self.sam_clean_pass_state
@@ -342,6 +436,15 @@ class SAMMixin:
             self.current_gradient_accumulation_steps = steps
 
     # ------------------------------------------------------------------ telemetry
+    def floating_point_ops(self, inputs) -> int:
+        """The stock count (6 · parameters · tokens: one forward+backward) times the passes the micro-batch just
+        took, so `total_flos` counts SAM's second pass (the Trainer calls this right after `training_step`)."""
+        flos = super().floating_point_ops(inputs)
+        run = self._sam_run
+        if self.args.sam_rho == 0 or run is None or run.state is not self.state:
+            return flos
+        return flos * run.passes
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the `sam/*` metrics to each training log, averaged over the logging window like `loss`.
 

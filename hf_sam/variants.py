@@ -35,16 +35,35 @@ def step_kind(
 
 
 # ---------------------------------------------------------------------- which examples each pass sees
+# Keys that mark a padding-free batch: several sequences concatenated in one row (trl's padding_free, packing).
+PACKED_BATCH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
 def batch_size(inputs: dict, needed_by: str) -> int:
-    """The micro-batch's example count, read from its tensors; a setting that cuts the batch cannot go without."""
-    sizes = [v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.ndim]
+    """The micro-batch's example count: the row count every tensor of the batch agrees on. A setting that cuts the
+    batch cannot go without one, and cannot guess it: a batch whose tensors disagree (packed sequences with their
+    `cu_seq_lens`, paired rows next to per-pair values, images per example) has rows that are not examples."""
+    setting = needed_by.split("=")[0]
+    packed = [k for k in PACKED_BATCH_KEYS if k in inputs]
+    if packed:
+        raise ValueError(
+            f"{needed_by} cuts each micro-batch by examples, but this batch is packed ({', '.join(packed)}: several "
+            f"sequences in one row). Train without padding_free / packing, or drop {setting}."
+        )
+    sizes = {k: v.shape[0] for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.ndim}
     if not sizes:
         # Cutting nothing would silently take plain SAM steps under a setting that promises otherwise.
         raise ValueError(
             f"{needed_by} cuts each micro-batch by examples, but this batch holds no tensor with a batch dimension "
-            f"(keys: {', '.join(inputs)}). Collate the inputs into tensors, or drop {needed_by.split('=')[0]}."
+            f"(keys: {', '.join(inputs)}). Collate the inputs into tensors, or drop {setting}."
         )
-    return max(sizes)
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{k}: {n}" for k, n in sizes.items())
+        raise ValueError(
+            f"{needed_by} cuts each micro-batch by examples, but this batch's tensors disagree on the number of rows "
+            f"({shown}), so its rows are not one example each. Drop {setting} for this model or trainer."
+        )
+    return next(iter(sizes.values()))
 
 
 def examples(inputs: dict, start: int, stop: int, size: int) -> dict:
@@ -72,13 +91,42 @@ def chunks(inputs: dict, group_size: int | None) -> list[tuple[dict, float]]:
     ]
 
 
-def ascent_subset(inputs: dict, fraction: float) -> tuple[dict, float]:
-    """The examples the ascent pass uses (`sam_ascent_fraction`): the first ⌈f·B⌉, and their share of B."""
+def ascent_subset(
+    inputs: dict, fraction: float, generator: torch.Generator | None = None, min_examples: int = 1
+) -> tuple[dict, float]:
+    """The examples the ascent pass uses (`sam_ascent_fraction`): ⌈f·B⌉ of the B drawn uniformly without
+    replacement (at least `min_examples`), kept in batch order, and their share of B.
+
+    Uniform, not the first ⌈f·B⌉: a sampler or collator that sorts (group_by_length) would otherwise always give
+    the ascent the longest examples. The caller seeds `generator` from the run's seed, the step, the micro-batch
+    and the process, so a resumed run draws what the uninterrupted one drew and the processes draw differently."""
     if fraction >= 1.0:
         return inputs, 1.0
     size = batch_size(inputs, needed_by=f"sam_ascent_fraction={fraction}")
-    kept = min(size, math.ceil(fraction * size))
-    return examples(inputs, 0, kept, size), kept / size
+    kept = min(size, max(min_examples, math.ceil(fraction * size)))
+    if kept == size:
+        return inputs, 1.0
+    chosen = torch.randperm(size, generator=generator)[:kept].sort().values
+    return select(inputs, chosen.tolist(), size), kept / size
+
+
+def select(inputs: dict, rows: list[int], size: int) -> dict:
+    """The given rows of a batch of `size`: tensors and lists with one entry per example are indexed; other values
+    are passed on as they are."""
+
+    def pick(v):
+        if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == size:
+            return v[torch.tensor(rows, device=v.device)]
+        if isinstance(v, (list, tuple)) and len(v) == size:
+            return type(v)(v[i] for i in rows)
+        return v
+
+    return {k: pick(v) for k, v in inputs.items()}
+
+
+def subset_generator(seed: int, step: int, micro_batch: int, process: int) -> torch.Generator:
+    """The ascent subset's random numbers: a function of where the draw is, not of what ran before it."""
+    return torch.Generator().manual_seed(hash((seed, step, micro_batch, process)) & (2**63 - 1))
 
 
 # ---------------------------------------------------------------------- GSAM and LookSAM

@@ -37,7 +37,7 @@ from transformers import set_seed
 
 from hf_sam.batchnorm import freeze_batchnorm
 from hf_sam.checkpoints import CheckpointError, check_checkpoint_fits, resolve_resume
-from hf_sam.cli import ConfigError, exit_on, parse_config, resolved_config
+from hf_sam.cli import ConfigError, check_local_paths, exit_on, parse_config, resolved_config
 from hf_sam.data import (
     AugmentationEpochCallback,
     DataError,
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
         return {}
     training = args.training
     with exit_on(RECIPE_ERRORS, output_dir=training.output_dir):  # leaves no empty output_dir behind
+        check_local_paths(args)  # a mistyped folder: now, not as "the Hub is unreachable" after loading data
         set_seed(training.seed)
         # We push once, at the end, with the card.
         push_to_hub, training.push_to_hub = training.push_to_hub, False

@@ -159,6 +159,11 @@ YAML_CASES = {
     "list-for-float": ("sam_rho: [0.1, 0.2]\n", "sam_rho must be a finite number >= 0"),
     "typo-key": ("sam_rhoo: 0.1\n", "unknown key(s) 'sam_rhoo' (did you mean 'sam_rho'?)"),
     "nested": ("sam:\n  rho: 0.1\n", "a recipe is a flat mapping"),
+    "global-batch-0": ("global_batch_size: 0\n", "global_batch_size must be an integer >= 1, got 0"),
+    "accumulation-negative": (
+        "gradient_accumulation_steps: -1\n",
+        "gradient_accumulation_steps must be an integer >= 1, got -1",
+    ),
 }
 
 
@@ -168,6 +173,130 @@ def test_recipe_yaml_bad_value(case, ckpt, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"dataset: digits\nmodel_name_or_path: {ckpt}\n{text}")
     fails(["--config", str(recipe)], message, _populated(tmp_path / "out"))
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """These refusals come from the argument checks: loading the data or the model is already too late."""
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the bad input was not refused before loading")
+
+    for name in ("load_image_classification", "load_model_and_processor", "create_repo"):
+        monkeypatch.setattr(finetune, name, must_not_load)
+
+
+# What yaml reports on a hand-written recipe's usual slips; the line names the file, line, column and fix.
+MALFORMED_YAML_CASES = {
+    "tab-indent": (
+        "seed: 1\n\tsam_rho: 0.1\n",
+        "line 3, column 1: found character '\\t' that cannot start any token; use spaces, not tabs",
+    ),
+    "tab-after-colon": ("seed:\t1\n", "line 2, column 6: found character '\\t'"),
+    "unclosed-bracket": (
+        "label_subset: [a, b\nseed: 1\n",
+        "line 3, column 5: expected ',' or ']', but got ':' (while parsing a flow sequence at line 2, column 15); "
+        "close the bracket",
+    ),
+    "unclosed-brace": ("optim_args: {momentum: 0.9\n", "(while parsing a flow mapping at line 2, column 13)"),
+    "unclosed-quote": ('optim_args: "momentum=0.9\nseed: 1\n', "close the quote"),
+    "indented-key": ("seed: 1\n  sam_rho: 0.1\n", "line 3, column 10: mapping values are not allowed here"),
+    "colon-in-value": ("optim_args: momentum: 0.9\n", "quote a value that holds ': '"),
+    "undefined-alias": ("seed: *s\n", "line 2, column 7: found undefined alias 's'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_YAML_CASES))
+def test_recipe_yaml_malformed(case, tmp_path, no_loading):
+    """yaml would raise a ScannerError / ParserError with a multi-line traceback."""
+    text, message = MALFORMED_YAML_CASES[case]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"dataset: digits\n{text}")
+    code = fails(["--config", str(recipe)], message, tmp_path / "out")
+    assert code.startswith(f"finetune.py: error: {recipe}, line "), code
+    fails(["--config", str(recipe)], message, _populated(tmp_path / "old"))
+
+
+BATCH_CASES = {
+    "train-0": ["--per_device_train_batch_size", "0"],
+    "train-negative": ["--per_device_train_batch_size", "-2"],
+    "eval-0": ["--per_device_eval_batch_size", "0"],
+    "accumulation-0": ["--gradient_accumulation_steps", "0"],
+    "global-0": ["--global_batch_size", "0"],
+    "global-negative": ["--global_batch_size", "-8"],
+    "global-0-and-train-0": ["--global_batch_size", "0", "--per_device_train_batch_size", "0"],
+}
+
+
+@pytest.mark.parametrize("case", list(BATCH_CASES))
+def test_batch_size_not_positive(case, tmp_path, no_loading):
+    """The Trainer only checks the batch size when it builds its data loader, after data and model are loaded
+    (a traceback, and an output_dir created); gradient_accumulation_steps -1 is not checked at all."""
+    argv = BATCH_CASES[case]
+    name, value = argv[-2].lstrip("-"), argv[-1]
+    for out in (tmp_path / "out", _populated(tmp_path / "old")):
+        fails(["--dataset", "digits", "--model_name_or_path", "timm/test_efficientnet", *argv],
+              f"{name} must be an integer >= 1, got {value}.", out)  # fmt: skip
+
+
+# Paths that cannot be a Hub id (`name` or `owner/name`), relative to a fresh cwd and HOME.
+LOCAL_PATH_CASES = ["/tmp/nonexistent_ckpt_of_hf_sam", "./does/not/exist", "../no_such_ckpt", "~/no_such_ckpt",
+                    "outputs/cifar10/run", "ckpt/"]  # fmt: skip
+
+
+@pytest.fixture
+def fresh_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("path", LOCAL_PATH_CASES)
+def test_local_model_path_that_does_not_exist(path, fresh_cwd, no_loading):
+    """Was reported as "not found on the Hub or the Hub is unreachable", after loading the data."""
+    text = fails(["--dataset", "digits", "--model_name_or_path", path],
+                 f"model_name_or_path {path!r} does not exist (cwd: {os.getcwd()})", fresh_cwd / "out")  # fmt: skip
+    assert "not a Hub id" in text and "Hub is unreachable" not in text, text
+
+
+def test_local_model_path_in_the_recipe_and_tilde(fresh_cwd, no_loading):
+    recipe = fresh_cwd / "recipe.yaml"
+    recipe.write_text("dataset: digits\nmodel_name_or_path: /tmp/nonexistent_ckpt_of_hf_sam\n")
+    fails(["--config", str(recipe)], "model_name_or_path '/tmp/nonexistent_ckpt_of_hf_sam' does not exist",
+          _populated(fresh_cwd / "old"))  # fmt: skip
+    # A recipe's `~` is not expanded (nor a flag's `--x=~/...`): say so, with the path meant.
+    (fresh_cwd / "home" / "ckpt").mkdir()
+    fails(["--dataset", "digits", "--model_name_or_path", "~/ckpt"],
+          f"'~' is not expanded here: write {str(fresh_cwd / 'home' / 'ckpt')!r}", fresh_cwd / "out")  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["./no_such_data", "/tmp/nonexistent_data_of_hf_sam", "data/cifar10/train"])
+def test_local_dataset_path_that_does_not_exist(path, fresh_cwd, no_loading):
+    text = fails(["--dataset", path, "--model_name_or_path", "timm/test_efficientnet"],
+                 f"dataset {path!r} does not exist (cwd: {os.getcwd()})", fresh_cwd / "out")  # fmt: skip
+    assert "Hub is unreachable" not in text, text
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [("timm/tf_efficientnet_b7.ra_in1k", False), ("google/vit-base-patch16-224", False), ("bert-base-uncased", False),
+     ("hf-hub:timm/vit_base_patch16_224.augreg_in21k", False), ("uoft-cs/cifar10", False), ("my.org/v1.0", False),
+     ("/abs/ckpt", True), ("./ckpt", True), ("../ckpt", True), ("~/ckpt", True), (".", True), ("ckpt/", True),
+     ("outputs/cifar10/run", True), ("a//b", True), ("C:\\ckpts\\b7", True)],
+)  # fmt: skip
+def test_what_counts_as_a_local_path(name, local):
+    """Only what cannot be a Hub id is a local path; `owner/name` may be either, so it stays a Hub id (its
+    error then says "not found on the Hub or the Hub is unreachable ... or point the recipe at a local copy")."""
+    from hf_sam.hub import is_local_path
+
+    assert is_local_path(name) is local
+
+
+def test_a_hub_id_still_goes_to_the_hub(tmp_path):
+    for hub_id in ("google/vit-base-patch16-224", "hf-hub:timm/vit_base_patch16_224.augreg_in21k"):
+        fails(["--dataset", "digits", "--model_name_or_path", hub_id],
+              f"cannot load model {hub_id!r}: the Hub is unreachable (offline mode)", tmp_path / "out")  # fmt: skip
 
 
 def test_param_filter_matching_nothing_fails_after_loading_but_before_training(ckpt, tmp_path):

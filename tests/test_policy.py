@@ -67,9 +67,14 @@ def test_no_group_or_a_group_as_large_as_the_batch_is_the_batch():
     assert variants.chunks(whole, 4) == [(whole, 1.0)]
 
 
-def test_ascent_subset_takes_the_first_ceil_f_b_examples():
-    subset, share = variants.ascent_subset(batch(5), 0.5)
-    assert subset["labels"].tolist() == [0, 1, 2] and share == 0.6
+def test_ascent_subset_takes_ceil_f_b_examples_in_batch_order_with_their_lists():
+    """Which ⌈f·B⌉ is drawn uniformly (tests/test_ascent_fraction.py::test_the_subset_is_uniform_over_positions);
+    here: how many, in which order, and that tensors and per-example lists are cut alike."""
+    subset, share = variants.ascent_subset(batch(5), 0.5, torch.Generator().manual_seed(0))
+    rows = subset["labels"].tolist()
+    assert len(rows) == 3 and share == 0.6 and rows == sorted(set(rows)) and set(rows) <= set(range(5))
+    assert subset["targets"] == rows and subset["flag"] == 7
+    assert variants.ascent_subset(batch(5), 0.2, min_examples=2)[0]["labels"].numel() == 2
     whole = batch(5)
     assert variants.ascent_subset(whole, 1.0) == (whole, 1.0)
 

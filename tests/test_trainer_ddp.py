@@ -5,6 +5,8 @@ import torch
 from toy import loss_and_grads, make_model, reference_sam_gradient, stack
 from two_processes import torchrun
 
+from hf_sam.variants import ascent_subset, subset_generator
+
 LR, RHO = 0.1, 0.05
 
 
@@ -71,12 +73,15 @@ def test_sync_perturbation_uses_one_global_epsilon(ddp_results):
 
 @pytest.mark.multiprocess
 def test_ascent_fraction_takes_each_ranks_subset_of_its_own_micro_batch(ddp_results):
+    """Each rank draws its own subset (the draw is seeded by the process index too)."""
     ranks = ddp_results["fraction"]
     model = make_model()
     descent = []
-    for r in ranks:
+    for rank, r in enumerate(ranks):
         subset, full = r["calls"][0], r["calls"][1]  # the ascent pass, then the descent pass
-        assert len(subset["target"]) == 2 and torch.equal(subset["features"], full["features"][:2])
+        # the rows this rank draws at step 0 (seed 42, the TrainingArguments default)
+        rows = ascent_subset({"row": torch.arange(4)}, 0.5, subset_generator(42, 0, 0, rank))[0]["row"]
+        assert len(subset["target"]) == 2 and torch.equal(subset["features"], full["features"][rows])
         _, g = loss_and_grads(model, subset)
         norm = torch.sqrt(sum((x**2).sum() for x in g))
         eps = [RHO * x / norm for x in g]

@@ -71,7 +71,7 @@ def main(out_dir: str) -> None:
             os.path.join(out_dir, f"sync{int(sync)}-rank{rank}.pt"),
         )
 
-    # sam_ascent_fraction=0.5: each rank's ε from the first half of its own micro-batch, the descent over all of it.
+    # sam_ascent_fraction=0.5: each rank's ε from a half of its own micro-batch (its own draw), the descent over all of it.
     args = arguments(out_dir, "run-fraction", sam_ascent_fraction=0.5)
     model = make_model()
     trainer = RecordingSAMTrainer(model=model, args=args, train_dataset=rows)
