@@ -28,6 +28,7 @@ from hf_sam.checkpoints import checkpoints_newest_first, remove_if_created_empty
 from hf_sam.configs import SAMTrainingArguments
 from hf_sam.data import EVAL_RESIZES, TRAIN_AUGMENTATIONS, check_label_noise, resolve_spec
 from hf_sam.hub import missing_local_path
+from hf_sam.models import HEAD_INITS
 
 
 class ConfigError(ValueError):
@@ -79,8 +80,17 @@ class ScriptArguments:
     license: str | None = field(
         default=None,
         metadata={
-            "help": "Licence of the finetuned weights for the model card (e.g. the base checkpoint's)."
+            "help": "Licence of the finetuned weights for the model card (e.g. the base checkpoint's); `other` "
+            "needs license_name and license_link."
         },
+    )
+    license_name: str | None = field(
+        default=None,
+        metadata={"help": "With license: other, the licence's id on the card (the Hub asks for it)."},
+    )
+    license_link: str | None = field(
+        default=None,
+        metadata={"help": "With license: other, a URL to the licence's text (the Hub asks for it)."},
     )
 
 
@@ -110,6 +120,15 @@ class ModelArguments:
         metadata={
             "help": "Stochastic depth / drop-connect (timm drop_path_rate; transformers: EfficientNet "
             "drop_connect_rate), active while finetuning. Default: the checkpoint's own."
+        },
+    )
+    head_init: str = field(
+        default="default",
+        metadata={
+            "help": "How the new classifier head is drawn (hf_sam.models.HEAD_INITS): 'released' is the SAM authors' "
+            "EfficientNet head, U(±1/sqrt(K)) for K classes, zero bias; 'zeros' the ViT paper's zero head; "
+            "'default' what transformers / timm draw (N(0, 0.02) for a transformers model).",
+            "choices": list(HEAD_INITS),
         },
     )
     trust_remote_code: bool = field(
@@ -190,6 +209,9 @@ class Args:
     data: DataArguments
     training: SAMTrainingArguments
     argv: list[str]
+    processes: int = 1  # the process count gradient_accumulation_steps was derived for
+    # What a launch would set where this --check_config run differs (use_cpu on a machine without a GPU).
+    as_launched: dict = field(default_factory=dict)
 
 
 def parse_config(argv: list[str] | None = None) -> Args:
@@ -219,15 +241,18 @@ def parse_config(argv: list[str] | None = None) -> Args:
             "`hf auth login` or set HF_TOKEN instead."
         )
     check_only = str(known.check_config).lower() in ("true", "1", "yes")
-    if check_only and not torch.cuda.is_available():
-        # TrainingArguments refuses bf16 without a GPU unless use_cpu: check a GPU recipe as if on CPU.
-        recipe = {**recipe, "use_cpu": True}
     parser.set_defaults(**recipe)
     namespace, rest = parser.parse_known_args(args=argv)  # builds no dataclass yet: no machine check
     if rest:
         flags = [r for r in rest if r.startswith("-")] or rest
         raise ConfigError(f"unknown flag(s) {_with_suggestions([f.lstrip('-') for f in flags], dests)}.")
     values = vars(namespace)
+    as_launched = {}
+    if check_only and not torch.cuda.is_available():
+        # TrainingArguments refuses bf16 without a GPU unless use_cpu: check a GPU recipe as if on CPU, but keep
+        # what the launch itself would use (use_cpu also turns pin_memory off) for the printout.
+        as_launched = {name: values[name] for name in ("use_cpu", "dataloader_pin_memory")}
+        values["use_cpu"] = True
     script, model, data = (_build(group, values) for group in groups[:3])
     _check_batch(values, script.global_batch_size)
     explicit_output_dir = "output_dir" in recipe or any(a.split("=")[0] == "--output_dir" for a in argv)
@@ -238,11 +263,12 @@ def parse_config(argv: list[str] | None = None) -> Args:
     explicit_accumulation = "gradient_accumulation_steps" in recipe or any(
         a.split("=")[0] == "--gradient_accumulation_steps" for a in argv
     )
+    processes = script.num_processes if check_only and script.num_processes else launch_world_size()
     if script.global_batch_size is not None:
         values["gradient_accumulation_steps"] = accumulation_steps(
             script.global_batch_size,
             values["per_device_train_batch_size"],
-            script.num_processes if check_only and script.num_processes else launch_world_size(),
+            processes,
             values["gradient_accumulation_steps"] if explicit_accumulation else None,
         )
     if script.num_processes is not None and not check_only and script.num_processes != launch_world_size():
@@ -258,7 +284,7 @@ def parse_config(argv: list[str] | None = None) -> Args:
         training = _build(SAMTrainingArguments, values)  # now transformers checks the machine
     except ValueError as err:
         raise ConfigError(_environment_message(err)) from None
-    return Args(script, model, data, training, argv)
+    return Args(script, model, data, training, argv, processes, as_launched)
 
 
 def _build(group, values: dict):
@@ -415,6 +441,17 @@ def _check(
             "dataloader_persistent_workers keeps the first epoch's workers, and with them its epoch number: a "
             f"random train_augmentation ({data.train_augmentation}) would repeat that epoch's draws. Set it to false."
         )
+    # The Hub's model-card spec: `license: other` comes with `license_name` and `license_link`, and only then.
+    named = bool(script.license_name) and bool(script.license_link)
+    if script.license == "other" and not named:
+        raise ConfigError(
+            "license: other needs license_name and license_link (the Hub's model-card metadata names and links a "
+            "licence that is not on its list)."
+        )
+    if script.license != "other" and (script.license_name or script.license_link):
+        raise ConfigError(
+            "license_name / license_link go with license: other only; drop them or set license: other."
+        )
     if not training.output_dir:
         raise ConfigError("output_dir is required.")
     _check_output_dir(training.output_dir)
@@ -464,16 +501,36 @@ def resolved_config(args: Args) -> dict:
         out.update(asdict(group))
     script = asdict(args.script)
     for name in ("overwrite_output_dir", "global_batch_size", "weight_decay_all_parameters", "output_dir_per_seed",
-                 "license"):  # fmt: skip
+                 "license", "license_name", "license_link"):  # fmt: skip
         out[name] = script[name]
     training = args.training.to_dict()  # masks *_token fields
     init_fields = {f.name for f in fields(args.training) if f.init}
     out.update({k: v for k, v in training.items() if k in init_fields and not k.endswith("_token")})
+    # transformers 5 mirrors activation_checkpointing* into these deprecated aliases; a recipe re-using this file
+    # should not carry the old names.
+    for alias in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
+        out.pop(alias, None)
     if args.script.global_batch_size is not None:  # derived from it, for each launch's process count
         del out["gradient_accumulation_steps"]
     return {
         k: v if isinstance(v, (str, int, float, bool, list, type(None))) else str(v) for k, v in out.items()
     }
+
+
+def check_report(args: Args) -> str:
+    """What `--check_config` prints: the resolved recipe as a launch on `args.processes` processes would run it
+    (the accumulation derived for that count; not the CPU stand-in this check ran with), the batch arithmetic."""
+    config = {**resolved_config(args), **args.as_launched}
+    t = args.training
+    config["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+    where = f"--num_processes {args.processes}" if args.script.num_processes else "this launch's WORLD_SIZE"
+    batch = t.per_device_train_batch_size * args.processes * t.gradient_accumulation_steps
+    return (
+        yaml.safe_dump(config, sort_keys=False)
+        + f"\n# checked for {args.processes} process(es) ({where}): global batch {batch} = "
+        f"{t.per_device_train_batch_size} per device x {args.processes} process(es) x "
+        f"{t.gradient_accumulation_steps} accumulation step(s)\n{args.script.config or 'flags'}: OK"
+    )
 
 
 def command_line(args: Args) -> str:

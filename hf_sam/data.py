@@ -140,6 +140,19 @@ SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
 ]}
 # fmt: on
 
+# Hub specs without a pinned `revision`, and why. A pin must be a full 40-hex commit: the Hub does not resolve a
+# short one (transformers#13264), and no full hash of these repos could be read offline (../shared/hub-ids.md has
+# only the short ids of their parquet-conversion commits). Pin one with `dataset_revision: <commit>` in a recipe;
+# the model card then records it (model-index `dataset.revision`).
+UNPINNED_REVISIONS: dict[str, str] = {
+    "cifar10": "full hash unknown offline (parquet conversion: commit 0b27149...)",
+    "cifar100": "full hash unknown offline (parquet conversion: commit aadb3af...)",
+    "food101": "full hash unknown offline (parquet conversion: commit 1ac27ab...)",
+    "oxford_pets": "no commit of the repo known offline",
+    "flowers102": "full hash unknown offline (README at commit 544b55c...)",
+    "fgvc_aircraft": "no commit of the repo known offline",
+}
+
 
 @dataclass
 class ImageClassificationData:
@@ -564,9 +577,11 @@ def train_augmentation(
     Resolution, mean/std and interpolation always come from the checkpoint's own preprocessing.
 
     - `random-resized-crop`: the released code's ImageNet training preprocessing, which the paper's appendix C.2
-      applies to the non-CIFAR finetuning datasets: an Inception-style crop (area 8-100% of the image, aspect
-      ratio 3/4-4/3; torchvision's `RandomResizedCrop` for TF's `sample_distorted_bounding_box`) resized to the
-      model's resolution, and a horizontal flip.
+      applies to the non-CIFAR finetuning datasets: an Inception-style crop resized to the model's resolution,
+      and a horizontal flip. The crop is torchvision's `RandomResizedCrop` (area 8-100%, aspect ratio 3/4-4/3
+      drawn log-uniform), standing in for the released TF `sample_distorted_bounding_box`, whose
+      `min_object_covered=0.1` over the whole image gives an area of 10-100%, with the aspect ratio drawn
+      uniformly.
     - `cifar-autoaugment`: the released code's CIFAR pipeline, on the 32x32 image: AutoAugment (CIFAR policy),
       then the basic augmentation of section 3.1 (horizontal flip, reflect-pad 4 + random crop), then the whole
       image resized to the model's resolution (no centre crop; pair it with `eval_resize: full`).
@@ -586,6 +601,8 @@ def train_augmentation(
     interpolation = T.InterpolationMode(preprocessing.interpolation)
     if name == "random-resized-crop":
         pipeline = T.Compose([
+            # Not the released ranges: TF's crop keeps >= 10% of the area (min_object_covered=0.1) and draws the
+            # aspect ratio uniformly; torchvision keeps >= 8% and draws it log-uniform (docs/recipes.md).
             T.RandomResizedCrop(preprocessing.size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                                 interpolation=interpolation),
             T.RandomHorizontalFlip(),

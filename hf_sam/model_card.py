@@ -10,7 +10,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_sam.cli import Args, command_line
 
-CARD_TAGS = ("sam", "image-classification", "hf-sam")
+# Never `sam`: on the Hub that tag means Segment Anything, and a baseline run is not SAM either.
+CARD_TAGS = ("image-classification", "hf-sam")
+SAM_TAG = "sharpness-aware-minimization"  # SAM runs only
 
 
 def finetuning_card(
@@ -27,25 +29,41 @@ def finetuning_card(
     metrics: dict[str, float],
     license: str | None,
     dataset_terms: str | None,
+    sam: bool,
+    license_name: str | None = None,
+    license_link: str | None = None,
+    dataset_revision: str | None = None,
     timm_model: bool,
     training_lines: list[str],
     command: str,
 ) -> ModelCard:
     """A card whose metadata and text say the same thing: the test top-1/top-5 on the split actually evaluated
     (`test_split`, e.g. Food-101's `validation`), how to load the model (transformers and, for timm models,
-    timm), how it was trained, and the dataset's terms."""
+    timm), how it was trained, and the dataset's terms. `sam`: a SAM run (ρ > 0), tagged `SAM_TAG`;
+    `dataset_revision`: the dataset commit evaluated (the model-index's `dataset.revision`)."""
     repo = repo_id or "<repo>"
+    # A leaderboard groups results by (task, dataset, metric type): top-5 gets its own type and k, so that it is
+    # not read as a second, better top-1.
+    metric_kinds = {
+        "test_top1": ("accuracy", "top-1 accuracy", None),
+        "test_top5": ("top_k_accuracy", "top-5 accuracy", {"k": 5}),
+    }
     results = [
         EvalResult(task_type="image-classification", task_name="Image classification",
                    dataset_type=dataset_id or dataset_title, dataset_name=dataset_title, dataset_split=test_split,
-                   metric_type="accuracy", metric_name=name, metric_value=float(metrics[key]))
-        for key, name in (("test_top1", "top-1 accuracy"), ("test_top5", "top-5 accuracy")) if key in metrics
+                   dataset_revision=dataset_revision, metric_type=kind, metric_name=name, metric_args=metric_args,
+                   metric_value=float(metrics[key]))
+        for key, (kind, name, metric_args) in metric_kinds.items() if key in metrics
     ]  # fmt: skip
+    licence_fields = (
+        {"license_name": license_name, "license_link": license_link} if license == "other" else {}
+    )
     data = ModelCardData(
         license=license,
+        **licence_fields,
         base_model=base_model,
         datasets=[dataset_id] if dataset_id else None,
-        tags=list(CARD_TAGS),
+        tags=list(CARD_TAGS) + ([SAM_TAG] if sam else []),
         metrics=["accuracy"],
         library_name="timm" if timm_model else "transformers",
         pipeline_tag="image-classification",
@@ -75,7 +93,8 @@ label = model.pretrained_cfg["label_names"][logits.argmax(-1).item()]
         else ""
     )
     licence = (
-        f"Licence of these weights: `{license}`."
+        f"Licence of these weights: `{license}`"
+        + (f" ({license_name}: {license_link})." if licence_fields else ".")
         if license
         else "No licence was set for these weights (`license`)."
     )
@@ -159,7 +178,7 @@ def write_model_card(
     decay_scope = "every parameter" if args.script.weight_decay_all_parameters else "all but biases and norms"
     training_lines = [
         f"Base checkpoint: `{m.model_name_or_path}`{f' @ {m.model_revision}' if m.model_revision else ''}; new "
-        f"classifier head; BatchNorm statistics frozen: {m.freeze_batchnorm}",
+        f"classifier head ({m.head_init} init); BatchNorm statistics frozen: {m.freeze_batchnorm}",
         f"Dropout {m.drop_rate if m.drop_rate is not None else 'as the checkpoint'}, stochastic depth "
         f"{m.drop_path_rate if m.drop_path_rate is not None else 'as the checkpoint'}",
         f"Dataset: `{source}`; train augmentation: {args.data.train_augmentation}; test resize: {args.data.eval_resize}",
@@ -172,11 +191,14 @@ def write_model_card(
         f"{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}; "
         f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}; seed {t.seed}",
     ]
+    from_hub = spec.hub_id and not os.path.exists(source)
+    dataset_id, _, revision = source.partition("@")  # the loader names what it loaded "<id>@<revision>"
     card = finetuning_card(
         title=run_title(args, spec),
         repo_id=t.hub_model_id,
         base_model=m.model_name_or_path,
-        dataset_id=source.split("@")[0] if spec.hub_id and not os.path.exists(source) else None,
+        dataset_id=dataset_id if from_hub else None,
+        dataset_revision=(revision or None) if from_hub else None,
         dataset_title=spec.title or spec.name,
         test_split=spec.test_split,
         num_train=num_train,
@@ -184,7 +206,10 @@ def write_model_card(
         num_classes=len(label_names),
         metrics=metrics,
         license=args.script.license,
+        license_name=args.script.license_name,
+        license_link=args.script.license_link,
         dataset_terms=spec.terms,
+        sam=t.sam_rho > 0,
         timm_model=timm_model,
         training_lines=training_lines,
         command=command_line(args),

@@ -41,6 +41,7 @@ def load_model_and_processor(
     trust_remote_code: bool = False,
     drop_rate: float | None = None,
     drop_path_rate: float | None = None,
+    head_init: str = "default",
 ) -> tuple[PreTrainedModel, object]:
     """The checkpoint's weights with a new, randomly initialised head of `len(label_names)` classes.
 
@@ -52,10 +53,13 @@ def load_model_and_processor(
     the flag is passed explicitly to every loader, so transformers never prompts and never falls back to a default.
     `drop_rate` / `drop_path_rate` (None: the checkpoint's own) set the dropout before the classifier and the
     stochastic depth (drop-connect) of the model that is built, active in training mode: see `set_dropout`.
+    `head_init` draws the new head (`HEAD_INITS`, `init_head`).
     The checkpoint's weights must fit the architecture of its config: apart from the classifier head, every
     tensor must be in the checkpoint with its shape (otherwise transformers would silently initialise the rest
     at random, and the run would "finetune" an untrained network).
     """
+    if head_init not in HEAD_INITS:
+        raise ModelError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}.")
     # A mistyped local folder would otherwise be reported as a Hub failure.
     if message := missing_local_path("model_name_or_path", model_name_or_path):
         raise ModelError(message)
@@ -102,6 +106,7 @@ def load_model_and_processor(
         raise ModelError(load_failure("model", model_name_or_path, err)) from None
     _check_weights_fit(model, info, model_name_or_path)
     _ensure_new_head(model, info, num_labels)
+    init_head(model, head_init)
     try:
         processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -199,6 +204,31 @@ def _ensure_new_head(model: PreTrainedModel, info: dict, num_labels: int) -> Non
         for module in head.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+
+
+# How the new head is drawn. C.2 says only "randomly initialized"; the papers' own code decides:
+# - released: the SAM authors' EfficientNet (sam_jax/efficientnet/efficientnet.py, `dense_kernel_init_fn`):
+#   variance_scaling(1/3, 'fan_out', 'uniform') = U(±sqrt(3 * (1/3) / K)) = U(±1/√K) for K classes (std
+#   1/√(3K): 0.18 at K = 10, 9x transformers' 0.02), flax Dense's default zero bias.
+# - zeros: the ViT paper (Dosovitskiy et al. 2021, section 3.2) attaches a zero-initialised head.
+# - default: whatever the loader drew (transformers' `_init_weights`, N(0, initializer_range); timm's own).
+HEAD_INITS = ("released", "zeros", "default")
+
+
+def init_head(model: PreTrainedModel, head_init: str) -> None:
+    """Draw the classifier head's Linear layer(s) as `head_init` says (torch's global generator: the run's seed)."""
+    if head_init == "default":
+        return
+    _, head = _head_prefix(model)
+    for layer in (m for m in head.modules() if isinstance(m, torch.nn.Linear)):
+        with torch.no_grad():
+            if head_init == "released":
+                bound = 1 / layer.out_features**0.5  # fan_out of the dense kernel = the number of classes
+                layer.weight.uniform_(-bound, bound)
+            else:
+                layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
 
 
 def make_timm_loadable(folder: str) -> None:

@@ -37,7 +37,7 @@ from transformers import set_seed
 
 from hf_sam.batchnorm import freeze_batchnorm
 from hf_sam.checkpoints import CheckpointError, check_checkpoint_fits, resolve_resume
-from hf_sam.cli import ConfigError, check_local_paths, exit_on, parse_config, resolved_config
+from hf_sam.cli import ConfigError, check_local_paths, check_report, exit_on, parse_config, resolved_config
 from hf_sam.data import (
     AugmentationEpochCallback,
     DataError,
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
     with exit_on(ValueError):  # ours and SAMTrainingArguments' (invalid sam_* values, bf16 without GPU, ...)
         args = parse_config(argv)
     if args.script.check_config:
-        print(yaml.safe_dump(resolved_config(args), sort_keys=False))
-        print(f"{args.script.config or 'flags'}: OK")
+        print(check_report(args))
         return {}
     training = args.training
     with exit_on(RECIPE_ERRORS, output_dir=training.output_dir):  # leaves no empty output_dir behind
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
         )
         model, processor = load_model_and_processor(
             args.model.model_name_or_path, data.label_names, args.model.model_revision, args.model.trust_remote_code,
-            drop_rate=args.model.drop_rate, drop_path_rate=args.model.drop_path_rate,
+            drop_rate=args.model.drop_rate, drop_path_rate=args.model.drop_path_rate, head_init=args.model.head_init,
         )  # fmt: skip
         if resume:
             check_checkpoint_fits(model, resume)

@@ -167,7 +167,8 @@ def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
     data = ModelCard.load(str(out / "README.md")).data
-    assert set(data.tags) >= {"sam", "image-classification", "hf-sam"} and data.base_model == timm_ckpt
+    assert set(data.tags) >= {"sharpness-aware-minimization", "image-classification", "hf-sam"}
+    assert "sam" not in data.tags and data.base_model == timm_ckpt  # `sam` is the Hub's Segment-Anything tag
     assert (data.license, data.library_name, data.model_name) == ("mit", "timm", "scikit-learn digits x "
                                                                   + os.path.basename(timm_ckpt) + ", SAM (ρ = 0.2)")  # fmt: skip
     top1 = next(r for r in data.eval_results if r.metric_name == "top-1 accuracy")
@@ -499,3 +500,79 @@ def test_hub_private_repo_is_respected_and_documented(timm_ckpt, tmp_path, monke
     with pytest.raises(SystemExit):
         parse_config(["--help"])
     assert "--hub_private_repo" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- the card as the Hub reads it
+def _recipe_card(tmp_path, recipe: str, source: str, **flags):
+    """The card `write_model_card` writes for `recipe` (parsed as on 8 GPUs; nothing trained), reloaded by
+    huggingface_hub."""
+    from huggingface_hub import ModelCard
+
+    from hf_sam.model_card import write_model_card
+
+    argv = ["--config", os.path.join(REPO, recipe), "--check_config", "true", "--num_processes", "8",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    args = parse_config(argv)
+    os.makedirs(args.training.output_dir)
+    spec = SPECS[recipe.split("/")[1]]
+    metrics = {"test_top1": 0.9, "test_top5": 0.99}
+    write_model_card(args, spec, source, 8144, 8041, [f"c{i}" for i in range(spec.num_classes)], metrics, True,
+                     engine="DDP", global_epsilon=False)  # fmt: skip
+    return ModelCard.load(str(tmp_path / "out" / "README.md"))
+
+
+def test_card_metadata_as_the_hub_reads_it(tmp_path):
+    """license other + license_name/link; top-5 not a second plain accuracy; the dataset revision; the model-index
+    round trip of huggingface_hub itself; SAM tagged sharpness-aware-minimization, never `sam` (Segment Anything)."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    spec = SPECS["stanford_cars"]
+    card = _recipe_card(
+        tmp_path, "recipes/stanford_cars/efficientnet_b7/sam.yaml", f"{spec.hub_id}@{spec.revision}"
+    )
+    data, meta = card.data, card.data.to_dict()
+    assert meta["license"] == "other" and meta["license_name"] and meta["license_link"].startswith("https://")
+    assert {"sharpness-aware-minimization", "hf-sam", "image-classification"} <= set(data.tags)
+    assert "sam" not in data.tags
+    top1, top5 = (next(r for r in data.eval_results if r.metric_name == f"top-{k} accuracy") for k in (1, 5))
+    assert top1.metric_type == "accuracy" and top5.metric_type != "accuracy" and top5.metric_args == {"k": 5}
+    assert {(r.metric_type, str(r.metric_args)) for r in data.eval_results} == {
+        (top1.metric_type, str(top1.metric_args)), (top5.metric_type, str(top5.metric_args))}  # fmt: skip
+    assert all(r.dataset_revision == spec.revision for r in data.eval_results)
+    assert all((r.dataset_type, r.dataset_split) == (spec.hub_id, "test") for r in data.eval_results)
+    # huggingface_hub's own parser: model-index -> results -> model-index gives the same thing back
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert name == data.model_name and results == data.eval_results
+    assert eval_results_to_model_index(name, results) == meta["model-index"]
+    assert meta["model-index"][0]["results"][0]["dataset"]["revision"] == spec.revision
+
+
+def test_baseline_card_has_no_sam_tag_and_unpinned_revision_is_absent(tmp_path):
+    card = _recipe_card(tmp_path, "recipes/cifar10/efficientnet_b7/baseline.yaml", "uoft-cs/cifar10")
+    assert "sam" not in card.data.tags and "sharpness-aware-minimization" not in card.data.tags
+    assert "hf-sam" in card.data.tags and card.data.to_dict()["license"] == "apache-2.0"
+    assert "license_name" not in card.data.to_dict()
+    assert all(r.dataset_revision is None for r in card.data.eval_results)
+
+
+def test_license_other_needs_its_name_and_link(tmp_path):
+    with pytest.raises(ValueError, match="license: other needs license_name and license_link"):
+        parse_config(["--config", os.path.join(REPO, "recipes/stanford_cars/efficientnet_b7/sam.yaml"),
+                      "--check_config", "true", "--num_processes", "8", "--license_link", ""])  # fmt: skip
+
+
+def test_every_hub_dataset_spec_is_pinned_or_says_why_not():
+    """A pinned revision is a full commit hash (the Hub does not resolve short ones); a spec whose hash is not
+    known here is listed in UNPINNED_REVISIONS with the reason, and docs/recipes.md names it."""
+    docs = open(os.path.join(REPO, "docs", "recipes.md")).read()
+    for spec in SPECS.values():
+        if spec.hub_id is None:
+            continue
+        if spec.revision is not None:
+            assert len(spec.revision) == 40 and all(c in "0123456789abcdef" for c in spec.revision), spec.name
+            assert spec.name not in hf_sam.data.UNPINNED_REVISIONS
+        else:
+            assert hf_sam.data.UNPINNED_REVISIONS.get(spec.name), spec.name
+            assert f"`{spec.name}`" in docs, spec.name

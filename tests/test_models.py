@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -11,7 +12,7 @@ from finetune_helpers import tiny_timm_checkpoint, tiny_vit_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
-from hf_sam.models import ModelError, load_model_and_processor, make_timm_loadable
+from hf_sam.models import ModelError, is_timm, load_model_and_processor, make_timm_loadable
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -90,3 +91,62 @@ def test_make_timm_loadable_strips_the_wrapper_prefix(tmp_path):
 def test_missing_model_is_one_clear_error(tmp_path):
     with pytest.raises(ModelError, match="model_name_or_path '.*nothing-here' does not exist"):
         load_model_and_processor(str(tmp_path / "nothing-here"), NAMES)
+
+
+# ---------------------------------------------------------------------- the new head's initialisation (head_init)
+MANY = [f"class_{i}" for i in range(200)]  # K = 200: enough weights (K x in_features) to test a distribution
+
+
+def _head(model):
+    return model.timm_model.classifier if is_timm(model) else model.classifier
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_released_head_init_is_uniform_one_over_sqrt_k(kind, tmp_path):
+    """The released EfficientNet head: variance_scaling(1/3, 'fan_out', 'uniform'), i.e. U(±sqrt(3 x 1/3 / K))
+    = U(±1/√K) with std 1/√(3K); flax's Dense bias is zeros. The body keeps the checkpoint's weights."""
+    ckpt = (tiny_timm_checkpoint if kind == "timm" else tiny_vit_checkpoint)(str(tmp_path / "ckpt"))
+    model, _ = load_model_and_processor(ckpt, MANY, head_init="released")
+    head, k = _head(model), len(MANY)
+    w = head.weight.detach().double().flatten()
+    bound = 1 / math.sqrt(k)
+    assert head.out_features == k and float(w.abs().max()) <= bound
+    assert float(w.abs().max()) > 0.95 * bound  # fills the range
+    assert abs(float(w.std()) / (1 / math.sqrt(3 * k)) - 1) < 0.05
+    assert abs(float(w.mean())) < 0.1 * bound
+    # uniform, not a normal of the same std (which would put 61% of the mass inside half the bound)
+    assert abs(float((w.abs() < bound / 2).double().mean()) - 0.5) < 0.05
+    assert torch.count_nonzero(head.bias) == 0
+    _assert_body_untouched(model, ckpt)
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_zeros_head_init_and_default(kind, tmp_path):
+    """zeros: the ViT paper's zero head (weights and bias). default: what transformers' resize draws, N(0, 0.02)
+    for a transformers model (its initializer_range) and timm's own init for a timm one."""
+    ckpt = (tiny_timm_checkpoint if kind == "timm" else tiny_vit_checkpoint)(str(tmp_path / "ckpt"))
+    model, _ = load_model_and_processor(ckpt, MANY, head_init="zeros")
+    assert torch.count_nonzero(_head(model).weight) == 0 and torch.count_nonzero(_head(model).bias) == 0
+    _assert_body_untouched(model, ckpt)
+    model, _ = load_model_and_processor(ckpt, MANY)  # head_init="default"
+    std = float(_head(model).weight.detach().std())
+    if kind == "transformers":
+        assert abs(std / model.config.initializer_range - 1) < 0.1
+    else:
+        assert std > 0
+    _assert_body_untouched(model, ckpt)
+
+
+def test_unknown_head_init_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="head_init must be one of"):
+        load_model_and_processor(tiny_vit_checkpoint(str(tmp_path / "vit")), NAMES, head_init="xavier")
+
+
+def _assert_body_untouched(model, ckpt):
+    """Every tensor but the head's equals the checkpoint's, as transformers itself loads it (its key names)."""
+    saved = AutoModelForImageClassification.from_pretrained(ckpt).state_dict()
+    head = "timm_model.classifier." if is_timm(model) else "classifier."
+    body = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(head)}
+    assert body and set(body) == {name for name in saved if not name.startswith(head)}
+    for name, tensor in body.items():
+        assert torch.equal(tensor, saved[name]), name

@@ -7,8 +7,10 @@ import json
 import math
 import os
 import re
+import warnings
 
 import pytest
+import torch
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from finetune_helpers import REPO
@@ -41,6 +43,26 @@ def test_the_issue_grid_exists():
     for dataset, model in pairs:
         folder = os.path.join(REPO, "recipes", dataset, model)
         assert {"sam.yaml", "baseline.yaml", "README.md"} <= set(os.listdir(folder)), folder
+        if dataset in TABLE_8:  # and the compute-matched baseline (section 3.1)
+            assert "baseline_2x.yaml" in os.listdir(folder), folder
+
+
+@pytest.mark.parametrize(
+    "base",
+    [p for p in PAPER_RECIPES if p.endswith(os.sep + "baseline.yaml")],
+    ids=lambda p: os.path.relpath(p, REPO),
+)
+def test_compute_matched_baseline_is_the_baseline_with_twice_the_steps(base):
+    """Section 3.1 gives each non-SAM run twice the epochs (a SAM step is two passes); C.2 is silent. baseline.yaml
+    keeps SAM's step count (equal steps), baseline_2x.yaml doubles it and changes nothing else."""
+    with open(base) as f:
+        equal = yaml.safe_load(f)
+    with open(base.replace("baseline.yaml", "baseline_2x.yaml")) as f:
+        doubled = yaml.safe_load(f)
+    assert {k for k in equal.keys() | doubled.keys() if equal.get(k) != doubled.get(k)} == {"max_steps"}
+    assert doubled["max_steps"] == 2 * equal["max_steps"] and doubled["sam_rho"] == 0
+    comment = _comments(base.replace("baseline.yaml", "baseline_2x.yaml"))["max_steps"]
+    assert "section 3.1" in comment and "C.2 is silent" in comment
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, REPO))
@@ -72,6 +94,8 @@ def test_recipe_parses_and_validates(path):
         assert args.data.eval_resize == ("full" if cifar else "checkpoint")
         released = (0.5, 0.2) if model.startswith("efficientnet") else (0.0, 0.0)
         assert (args.model.drop_rate, args.model.drop_path_rate) == released
+        # released EfficientNet head U(±1/√K); the ViT paper's zero head (3.2)
+        assert args.model.head_init == ("released" if model.startswith("efficientnet") else "zeros")
         global_batch, m = {"efficientnet_b7": (1024, 16), "efficientnet_l2": (512, 4), "vit_b16": (512, 64)}[
             model
         ]
@@ -258,3 +282,86 @@ def test_recipe_readme_matches_the_recipe(sam):
     low, high = estimate["hours_8xA100_sam"]
     assert f"| {low:.1f}-{high:.1f} h |" in readme
     assert "Departures from the paper: none" not in readme
+
+
+def _comments(path: str) -> dict[str, str]:
+    """Each key's inline comment (the recipe's cited source)."""
+    out = {}
+    for line in open(path):
+        if re.match(r"^[a-z_0-9]+:", line):
+            key, _, rest = line.partition(":")
+            out[key] = rest.partition("#")[2].strip()
+    return out
+
+
+C2_AUGMENTATION = (
+    '"We do not use data augmentation for the other datasets, applying the same preprocessing as for the '
+    'Imagenet experiments"'
+)
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: os.path.relpath(p, REPO))
+def test_recipe_comments_cite_the_right_source(path):
+    """C.2 is silent on label smoothing and warm-up (the released flag defaults decide), table 8 is the arXiv v2
+    table, C.2 has no ViT recipe and ViT has no BatchNorm, and the crop's ranges are stated where it is set."""
+    model = path.split(os.sep)[-2]
+    comments, text = _comments(path), re.sub(r"\n#\s+", " ", open(path).read())  # comment lines joined
+    assert "arXiv:2010.01412v2" in text
+    if path.endswith("sam.yaml"):
+        assert 'arXiv:2010.01412v2, table 8 "ρ used for the finetuning experiments"' in comments["sam_rho"]
+    for key in ("label_smoothing_factor", "warmup_steps"):
+        assert "states none" not in comments[key] and comments[key].startswith(
+            "C.2 is silent; released code"
+        ), key
+    assert (
+        "published finetuning command" in comments["label_smoothing_factor"]
+        and "0.1" in comments["label_smoothing_factor"]
+    )
+    assert "1.0" in comments["max_grad_norm"]  # the published command's clipping, beside the flag default
+    if model == "vit_b16":
+        assert (
+            not comments["global_batch_size"].startswith("paper")
+            and "no ViT recipe" in comments["global_batch_size"]
+        )
+        assert "BN and biases" not in comments["weight_decay_all_parameters"]
+        assert "no ViT recipe" in comments["weight_decay"]
+    if "random-resized-crop" in text:
+        assert C2_AUGMENTATION in text and "preprocess_for_train" in text
+        crop = comments["train_augmentation"]
+        assert "10-100%" in crop and "8-100%" in crop and "log-uniform" in crop, crop
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, REPO))
+def test_recipe_uses_no_deprecated_argument(path):
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing: the old name warns on every check."""
+    assert "gradient_checkpointing" not in yaml.safe_load(open(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
+
+
+def test_check_config_prints_what_a_launch_on_the_named_processes_would_use(capsys, monkeypatch):
+    """Checked on a laptop: the printout is the launch's (no use_cpu stand-in), with the accumulation it derives
+    and the process count it was derived for (recipes/README.md promises both)."""
+    from finetune_helpers import load_finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = os.path.join(REPO, "recipes/cifar100/efficientnet_l2/sam.yaml")
+    finetune = load_finetune()
+    for argv, processes, accumulation, where in (
+        (["--num_processes", "8"], 8, 16, "--num_processes 8"),
+        ([], 1, 128, "this launch's WORLD_SIZE"),
+    ):
+        finetune.main(["--config", recipe, "--check_config", "true", *argv])
+        out = capsys.readouterr().out
+        config_text, _, summary = out.partition("\n# checked for")
+        printed = yaml.safe_load(config_text)
+        # the GPU launch's values, not the CPU stand-in the check ran with
+        assert printed["use_cpu"] is False and printed["dataloader_pin_memory"] is True
+        assert printed["gradient_accumulation_steps"] == accumulation and printed["global_batch_size"] == 512
+        assert printed["activation_checkpointing"] is True and "gradient_checkpointing" not in printed
+        assert summary.startswith(
+            f" {processes} process(es) ({where}): global batch 512 = 4 per device x {processes} process(es) x "
+            f"{accumulation} accumulation step(s)"
+        ), summary
+        assert out.rstrip().endswith(f"{recipe}: OK")
