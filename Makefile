@@ -41,7 +41,8 @@ bench: $(STAMP)
 
 experiments: $(STAMP)
 	$(PY) experiments/run_all.py
-	$(PY) experiments/variants.py --readme
+	$(PY) experiments/benefit.py --readme
+	$(PY) experiments/benefit.py --optimizer adamw
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Write a generated table into a README between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers, so the
 README's numbers always come from a script in the repo, never from a hand edit.
 
-The benchmarks write into benchmarks/README.md (the default); experiments/variants.py into experiments/README.md.
+The benchmarks write into benchmarks/README.md (the default); experiments/benefit.py into experiments/README.md.
 """
 
 from __future__ import annotations

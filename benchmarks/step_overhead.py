@@ -147,6 +147,8 @@ VARIANTS = {
     "SAM": (TimedSAMTrainer, SAMTrainingArguments, {"sam_rho": 0.05}),
     # The ascent on a quarter of each micro-batch: (1 + 1/4) passes of work instead of 2.
     "SAM f=0.25": (TimedSAMTrainer, SAMTrainingArguments, {"sam_rho": 0.05, "sam_ascent_fraction": 0.25}),
+    # Momentum-SAM: one pass at w − ρ·v/‖v‖ (ρ as tuned for SGD in docs/variants.md).
+    "momentum": (TimedSAMTrainer, SAMTrainingArguments, {"sam_rho": 0.3, "sam_mode": "momentum"}),
 }
 
 
@@ -195,6 +197,7 @@ def bench_model(name, preset, device, batch_size, rounds, steps, bf16):
         per_device_train_batch_size=batch_size,
         learning_rate=1e-3,
         optim="sgd",
+        optim_args="momentum=0.9",  # every variant, stock included (Momentum-SAM needs a momentum)
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
@@ -206,7 +209,7 @@ def bench_model(name, preset, device, batch_size, rounds, steps, bf16):
     )
     whole = {v: [] for v in VARIANTS}
     fwd_bwd = {v: [] for v in VARIANTS}
-    ratios_whole, ratios_fb, ratios_fraction = [], [], []
+    ratios_whole, ratios_fb, ratios_fraction, ratios_momentum = [], [], [], []
     peak = {}
     for r in range(rounds):
         k = r % len(VARIANTS)
@@ -229,6 +232,7 @@ def bench_model(name, preset, device, batch_size, rounds, steps, bf16):
         ratios_whole.append(round_whole["SAM"] / round_whole["stock"])
         ratios_fb.append(round_fb["SAM"] / round_fb["stock"])
         ratios_fraction.append(round_whole["SAM f=0.25"] / round_whole["stock"])
+        ratios_momentum.append(round_whole["momentum"] / round_whole["stock"])
     eps_time = perturbation_time(model, repeats=10, sync=sync)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
@@ -242,6 +246,7 @@ def bench_model(name, preset, device, batch_size, rounds, steps, bf16):
         "SAM / two-pass": statistics.median(fwd_bwd["SAM"]) / statistics.median(fwd_bwd["two-pass"]),
         "ratio whole step": statistics.median(ratios_whole),
         "f=0.25 ratio whole step": statistics.median(ratios_fraction),
+        "momentum ratio whole step": statistics.median(ratios_momentum),
         "ε work / fwd+bwd": eps_time / statistics.median(fwd_bwd["stock"]),
         "param copy (MB)": param_mb,
     }

@@ -43,6 +43,8 @@ VARIANTS = {
     "ascent on 1/2 of the batch, sam_ascent_fraction=0.5": {"sam_ascent_fraction": 0.5},
     "ascent on 1/4 of the batch, sam_ascent_fraction=0.25": {"sam_ascent_fraction": 0.25},
     "sam_ascent_fraction=0.25, sam_interval=2": {"sam_ascent_fraction": 0.25, "sam_interval": 2},
+    "Momentum-SAM, sam_mode='momentum'": {"sam_mode": "momentum"},
+    "sam_mode='previous_gradient'": {"sam_mode": "previous_gradient"},
 }
 
 
@@ -90,6 +92,7 @@ def main(argv=None) -> None:
         per_device_train_batch_size=args.batch_size,
         learning_rate=1e-3,
         optim="sgd",
+        optim_args="momentum=0.9",  # every variant, stock included (Momentum-SAM needs a momentum)
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
@@ -111,7 +114,7 @@ def main(argv=None) -> None:
 
     lines = [
         f"`python benchmarks/variant_overhead.py` on CPU ({torch.get_num_threads()} threads), {args.model} from config "
-        f"at {image_size} px, batch {args.batch_size}, fp32; {args.rounds} interleaved rounds x {args.steps} steps; "
+        f"at {image_size} px, batch {args.batch_size}, fp32, SGD momentum 0.9; {args.rounds} interleaved rounds x {args.steps} steps; "
         f"ratio = median over rounds of (mean step time / stock Trainer's).",
         "",
         "| variant | step time / stock | forward passes per step | backward passes per step |",

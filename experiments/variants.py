@@ -1,6 +1,10 @@
 """Cost against benefit of each SAM variant, with the toolkit's own SAMTrainer, on real images.
 
-    python experiments/variants.py [--seeds 5] [--epochs 30] [--noise 0.4] [--readme]
+    python experiments/variants.py [--seeds 5] [--epochs 30] [--noise 0.4]
+
+A wide sweep at one fixed ρ and learning rate, nothing tuned: every variant side by side, for a first look. The
+shares of SAM's gain, with hyperparameters chosen on a validation slice and intervals over seeds, are
+`experiments/benefit.py`'s (the table in experiments/README.md).
 
 Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, the only real images on this machine), with
 the split, standardisation and symmetric label noise of the other experiments (`experiments/common.py`: each
@@ -8,8 +12,7 @@ noisy example gets a uniformly drawn *other* class); accuracy is measured on the
 (64-256-256-10), SGD with momentum 0.9, cosine decay, batch 128. Each variant runs with several seeds (mean ± std);
 the plain baseline also runs with twice the epochs, as in the paper's label-noise comparison. Cost: forward and
 backward passes per optimizer step from the trainer's own `sam/forward_passes` accounting, and wall time relative
-to the baseline at the same epochs. Writes `experiments/results/variants.md` and `variants.png`; with `--readme`
-also the table in experiments/README.md.
+to the baseline at the same epochs. Writes `experiments/results/variants.md` and `variants.png`.
 """
 
 from __future__ import annotations
@@ -122,7 +125,6 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--noise", type=float, default=0.4)
     parser.add_argument("--rho", type=float, default=0.1)
-    parser.add_argument("--readme", action="store_true", help="write the table into experiments/README.md")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)  # tiny MLP: threading costs more than it brings
@@ -160,13 +162,6 @@ def main(argv=None) -> None:
     with open(os.path.join(RESULTS, "variants.md"), "w") as f:
         f.write(table + "\n")
     _plot(results, os.path.join(RESULTS, "variants.png"), args)
-    if args.readme:
-        sys.path.insert(
-            0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-        )
-        from readme_block import EXPERIMENTS_README, replace_readme_block
-
-        replace_readme_block("variants_benefit", table, readme=EXPERIMENTS_README)
 
 
 def _plot(results, path, args) -> None:

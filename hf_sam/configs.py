@@ -12,7 +12,9 @@ from transformers import TrainingArguments
 from hf_sam.engines import FSDP2, DeepSpeedZeRO
 from hf_sam.sam import SAM_NORMS, validate_sam_hparams
 
-SAM_MODES = ("sam", "looksam", "gsam")
+SAM_MODES = ("sam", "looksam", "gsam", "momentum", "previous_gradient")
+# One forward+backward per step: ε comes without an ascent pass.
+ONE_PASS_MODES = ("momentum", "previous_gradient")
 SAM_RHO_SCHEDULES = ("constant", "linear_with_lr")
 
 # Optimizers that step inside backward (per-parameter hooks) or fuse backward and step: SAM needs the gradient
@@ -56,7 +58,11 @@ class SAMArguments:
     sam_mode (`str`, defaults to `"sam"`):
         `"sam"`; `"looksam"` (Liu et al. 2022: a SAM step every `sam_interval` steps, and in between one clean
         forward+backward plus the stored part of the SAM gradient orthogonal to the clean one); `"gsam"`
-        (Zhuang et al. 2022: surrogate-gap guided SAM, as the authors' JAX version).
+        (Zhuang et al. 2022: surrogate-gap guided SAM, as the authors' JAX version); `"momentum"` (Momentum-SAM,
+        Becker et al. 2024: one forward+backward per step at w − ρ·v/‖v‖, v the optimizer's momentum, SGD's
+        momentum buffer or Adam's first moment; a plain step before the first; needs an optimizer with momentum);
+        `"previous_gradient"` (one forward+backward per step at w + ρ·g_prev/‖g_prev‖, g_prev the gradient the
+        previous step applied, kept in the checkpoint; a plain step first).
     sam_interval (`int`, defaults to `1`):
         SAM on optimizer steps 0, k, 2k, ...; a plain step (one forward+backward) on the others. LookSAM's k.
     sam_start, sam_end (`float`, defaults to `0.0`, `1.0`):
@@ -132,7 +138,9 @@ class SAMArguments:
     sam_mode: str = field(
         default="sam",
         metadata={
-            "help": "'sam', 'looksam' (reuse between SAM steps) or 'gsam' (surrogate gap).",
+            "help": "'sam', 'looksam' (reuse between SAM steps), 'gsam' (surrogate gap), 'momentum' (Momentum-SAM: "
+            "one pass at w - rho*v/||v||, v the optimizer's momentum) or 'previous_gradient' (one pass at "
+            "w + rho*g/||g||, g the previous step's gradient).",
             "choices": list(SAM_MODES),
         },
     )
@@ -278,6 +286,8 @@ class SAMArguments:
                         f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it needs the full clean "
                         f"and SAM gradients of one ε per micro-batch. Use sam_mode='sam' or leave {name} at {default!r}."
                     )
+        if self.sam_mode in ONE_PASS_MODES:
+            self._check_one_pass_mode()
         if self.sam_ascent_fraction < 1.0:
             for name, value, default, reason in (
                 (
@@ -308,6 +318,38 @@ class SAMArguments:
         if self.sam_ascent_steps > 1 and (self.sam_adaptive or self.sam_norm != "2"):
             raise ValueError(
                 "sam_ascent_steps > 1 projects onto the Euclidean ρ-ball: use it with sam_norm='2' and sam_adaptive=False."
+            )
+
+    def _check_one_pass_mode(self) -> None:
+        """The one-pass variants take no ascent gradient: the settings that shape an ascent do not apply, and
+        Momentum-SAM's optimizer must keep a momentum (the one built from `optim` is checked again once it exists)."""
+        for name, value, default in (
+            ("sam_group_size", self.sam_group_size, None),
+            ("sam_ascent_steps", self.sam_ascent_steps, 1),
+            ("sam_ascent_fraction", self.sam_ascent_fraction, 1.0),
+            ("sam_adaptive", self.sam_adaptive, False),
+            ("sam_norm", self.sam_norm, "2"),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it takes no ascent "
+                    f"gradient (one pass per step). Leave {name} at {default!r}, or use sam_mode='sam'."
+                )
+        if self.sam_mode != "momentum":
+            return
+        optim = str(getattr(self.optim, "value", self.optim)).lower()
+        options = str(self.optim_args or "")
+        momentum = re.search(r"(?:^|,)\s*momentum\s*=\s*([0-9.eE+-]+)", options)
+        no_momentum = (
+            optim.startswith(("schedule_free", "adagrad", "rmsprop", "lomo", "adalomo"))
+            or (optim == "sgd" and (momentum is None or float(momentum.group(1)) == 0.0))
+            or (optim == "adafactor" and "beta1" not in options)
+        )
+        if no_momentum:
+            raise ValueError(
+                f"sam_mode='momentum' perturbs the weights along the optimizer's momentum, but optim={optim!r} "
+                f"(optim_args={self.optim_args!r}) keeps none. Use optim='sgd' with optim_args='momentum=0.9', or "
+                "optim='adamw_torch'."
             )
 
     def _check_sam_compatible(self) -> None:

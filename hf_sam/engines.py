@@ -197,8 +197,8 @@ class FSDP2(ProcessLocal):
         "for all processes (sharded weights). Train with DDP for m-sharpness, or drop sam_group_size.",
         "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under FSDP yet (untested there). Train with "
         "DDP for it, or use sam_interval for a cheaper SAM under FSDP.",
-        "sam_mode": "sam_mode={value!r} is not supported under FSDP yet (its stored and combined gradients are not "
-        "sharded). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP.",
+        "sam_mode": "sam_mode={value!r} is not supported under FSDP yet (its stored gradients or momentum are not "
+        "written for sharded weights). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train with DDP.",
     }
 
     @classmethod
@@ -256,9 +256,9 @@ class DeepSpeedZeRO(ProcessLocal):
         "a micro-batch of the engine's accumulation). Train with DDP for m-sharpness.",
         "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under DeepSpeed yet (untested there). Train "
         "with DDP for it, or use sam_interval for a cheaper SAM under DeepSpeed.",
-        "sam_mode": "sam_mode={value!r} is not supported under DeepSpeed (ZeRO keeps the gradients in its own partitioned "
-        "buffers, which the variant would have to rewrite). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or "
-        "train with DDP.",
+        "sam_mode": "sam_mode={value!r} is not supported under DeepSpeed (ZeRO keeps the gradients and the optimizer's "
+        "momentum in its own partitioned buffers, which the variant would have to read or rewrite). Use sam_mode='sam' "
+        "(with sam_interval for a cheaper SAM), or train with DDP.",
     }
 
     def __init__(self, trainer) -> None:

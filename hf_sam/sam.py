@@ -31,6 +31,7 @@ __all__ = [
     "NonFiniteTrainingError",
     "PerturbationGroup",
     "WeightBackup",
+    "perturb_along_",
     "all_reduce_mean_",
     "compute_perturbation_",
     "dot",
@@ -210,6 +211,52 @@ def perturb_(
         backup.restore_()
         backup.perturb_(params, eps)
     return grad_norm
+
+
+# ---------------------------------------------------------------------- Momentum-SAM (one pass)
+def momentum_state_key(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer-state entry that holds the momentum v Momentum-SAM perturbs along (Becker et al. 2024, whose
+    code reads SGD's `momentum_buffer` and AdamW's first moment `exp_avg`), or a ValueError naming what works."""
+    groups = optimizer.param_groups
+    if isinstance(optimizer, torch.optim.SGD):
+        if all(group.get("momentum", 0) > 0 for group in groups):
+            return "momentum_buffer"
+        reason = "SGD without momentum keeps no momentum buffer"
+    elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)):
+        return "exp_avg"
+    elif type(optimizer).__name__ == "Adafactor" and all(group.get("beta1") is not None for group in groups):
+        return "exp_avg"
+    else:
+        reason = f"{type(optimizer).__name__} keeps no momentum (first-moment) state"
+    raise ValueError(
+        f"sam_mode='momentum' perturbs the weights along the optimizer's momentum, but {reason}. Use SGD with "
+        "momentum (optim='sgd', optim_args='momentum=0.9') or an Adam-type optimizer (optim='adamw_torch'), or "
+        "another sam_mode."
+    )
+
+
+def momentum_direction(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], key: str):
+    """v of each parameter (the optimizer's own state tensors, not copies), or None before the first step. A
+    parameter the optimizer has not stepped yet (no gradient so far) gets v = 0."""
+    state = optimizer.state
+    found = [state[p].get(key) if p in state else None for p in params]
+    if all(v is None for v in found):
+        return None
+    return [torch.zeros_like(p) if v is None else v for p, v in zip(params, found, strict=True)]
+
+
+@torch.no_grad()
+def perturb_along_(
+    backup: WeightBackup, params: list[torch.Tensor], direction: list[torch.Tensor], radius: float
+) -> torch.Tensor:
+    """w ← w + radius·d/‖d‖ (saved in `backup` first): the one-pass variants' perturbation, along a direction
+    that needs no ascent pass. Momentum-SAM passes d = v with radius = −ρ: v is the descent direction the
+    optimizer accumulated (w moves by −lr·v), so w − ρ·v/‖v‖ looks ahead along it; the previous-gradient ascent
+    passes the last step's gradient with radius = ρ. Returns ‖d‖; a non-finite ‖d‖ leaves w alone."""
+    norm = global_norm(direction)
+    if torch.isfinite(norm):
+        backup.perturb_(params, direction, alpha=radius / (float(norm) + NORM_EPS))
+    return norm
 
 
 def _adaptive_scale(group: PerturbationGroup) -> list[torch.Tensor]:
@@ -518,6 +565,7 @@ class SAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eta: float = 0.01,
         norm: str = "2",
+        mode: str = "sam",
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -525,6 +573,15 @@ class SAM(torch.optim.Optimizer):
                 f"got {type(base_optimizer).__name__}."
             )
         validate_sam_hparams(rho, adaptive, eta, norm)
+        if mode not in ("sam", "momentum"):
+            raise ValueError(f"mode must be 'sam' or 'momentum' (Momentum-SAM, one pass), got {mode!r}.")
+        if mode == "momentum" and (adaptive or norm != "2"):
+            raise ValueError(
+                "mode='momentum' perturbs by -rho*v/||v||_2: use it with adaptive=False and norm='2'."
+            )
+        # Momentum-SAM: which state entry holds v (checked now: an optimizer without momentum is refused here).
+        self.mode = mode
+        self.momentum_key = momentum_state_key(base_optimizer) if mode == "momentum" else None
         self.base_optimizer = base_optimizer
         self.defaults = base_optimizer.defaults
         for group in base_optimizer.param_groups:
@@ -562,15 +619,15 @@ class SAM(torch.optim.Optimizer):
     def state(self):  # type: ignore[override]
         return self.base_optimizer.state
 
+    @state.setter
+    def state(self, value) -> None:
+        self.base_optimizer.state = value
+
     @property
     def applied_perturbation(self) -> AppliedPerturbation | None:
         """For weights held in bf16/fp16: what their rounding kept of ε at the first `ascent_step` (also warned once,
         `LowPrecisionPerturbationWarning`); None for float32 weights, which hold w + ε exactly."""
         return self._backup.applied_perturbation
-
-    @state.setter
-    def state(self, value) -> None:
-        self.base_optimizer.state = value
 
     def ascent_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
         """Move the perturbed parameters from w to w + ε. Returns ||g|| (0-dim tensor).
@@ -583,6 +640,8 @@ class SAM(torch.optim.Optimizer):
         """
         perturbed = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
         perturbed = [(group, params) for group, params in perturbed if group["rho"] > 0 and params]
+        if self.mode == "momentum":
+            return self._momentum_ascent_step(perturbed, loss)
         if loss is not None:
             flat = [p for _, params in perturbed for p in params]
             found = iter(torch.autograd.grad(loss, flat, allow_unused=True) if flat else ())
@@ -603,6 +662,35 @@ class SAM(torch.optim.Optimizer):
             # whether or not the caller remembers zero_grad().
             self.zero_grad()
         return grad_norm
+
+    def _momentum_ascent_step(self, perturbed: list, loss) -> torch.Tensor:
+        """mode='momentum': w -> w − ρ·v/‖v‖ with v the base optimizer's momentum (no pass, no gradient), before
+        the step's one forward+backward. Before the base optimizer's first step there is no v: w stays (a plain
+        step). Returns ‖v‖."""
+        if loss is not None:
+            raise ValueError(
+                "mode='momentum' takes no ascent gradient: call sam.ascent_step() before the forward, then "
+                "backpropagate the loss (taken at w - rho*v/||v||) and call sam.descent_step()."
+            )
+        params = [p for _, group_params in perturbed for p in group_params]
+        momentum = momentum_direction(self.base_optimizer, params, self.momentum_key) if params else None
+        if momentum is None:
+            self.last_grad_norm = torch.zeros(())
+            return self.last_grad_norm
+        rhos = [group["rho"] for group, group_params in perturbed for _ in group_params]
+        if len(set(rhos)) > 1:  # per-group ρ: scale each group's v (one norm over all of them, as SAM's ε)
+            norm = global_norm(momentum)
+            eps = torch._foreach_mul(
+                [v.detach() for v in momentum], [-r / (float(norm) + NORM_EPS) for r in rhos]
+            )
+            if torch.isfinite(norm):
+                self._backup.perturb_(params, eps)
+        else:
+            norm = perturb_along_(self._backup, params, momentum, -rhos[0])
+        self.last_grad_norm = norm
+        if not torch.isfinite(norm):
+            self.skipped_ascents += 1
+        return norm
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -65,11 +65,14 @@ class SAMTelemetry:
     def empty(self) -> bool:
         return self._sums is None
 
-    def metrics(self, accelerator, rho_is_scheduled: bool, same_examples: bool = True) -> dict[str, float]:
+    def metrics(
+        self, accelerator, rho_is_scheduled: bool, same_examples: bool = True, two_passes: bool = True
+    ) -> dict[str, float]:
         """The `sam/*` values of the window, summed over processes (one all-reduce), then reset for the next.
 
         `same_examples`: the clean and perturbed losses are over the same examples (not with an ascent subset),
-        so their difference is the sharpness."""
+        so their difference is the sharpness. `two_passes`: False for Momentum-SAM, whose one loss is the logged
+        `loss` (no perturbed loss or sharpness of its own)."""
         processes = accelerator.num_processes
         totals = dict(
             zip(FIELDS, accelerator.reduce(self._sums.clone(), reduction="sum").tolist(), strict=True)
@@ -78,7 +81,7 @@ class SAMTelemetry:
         logs: dict[str, float] = {}
         if totals["finite_ascents"] > 0:
             logs["sam/grad_norm"] = totals["grad_norm"] / totals["finite_ascents"]
-        if totals["sam_steps"] > 0:
+        if totals["sam_steps"] > 0 and two_passes:
             logs["sam/perturbed_loss"] = totals["perturbed_loss"] / totals["sam_steps"]
             if same_examples:
                 logs["sam/sharpness"] = totals["sharpness"] / totals["sam_steps"]

@@ -15,7 +15,7 @@ from transformers import Trainer
 from hf_sam import loss_units, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
 from hf_sam.checkpoints import remove_if_created_empty
-from hf_sam.configs import SAMArguments, SAMTrainingArguments
+from hf_sam.configs import ONE_PASS_MODES, SAMArguments, SAMTrainingArguments
 from hf_sam.engines import (
     Plan,
     check_ascent_subset,
@@ -27,8 +27,11 @@ from hf_sam.engines import (
 from hf_sam.sam import (
     SAM,
     WeightBackup,
+    global_norm,
     looksam_reuse_gradient_,
+    momentum_direction,
     perturb_,
+    perturb_along_,
     perturbation_group,
     scheduled_rho,
 )
@@ -168,7 +171,10 @@ class SAMMixin:
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.args.sam_rho > 0 and self.sam_engine.wraps_optimizer and not isinstance(optimizer, SAM):
             a = self.args
-            self.optimizer = optimizer = SAM(optimizer, a.sam_rho, a.sam_adaptive, a.sam_eta, a.sam_norm)
+            mode = "momentum" if a.sam_mode == "momentum" else "sam"  # the wrapper's own modes
+            self.optimizer = optimizer = SAM(
+                optimizer, a.sam_rho, a.sam_adaptive, a.sam_eta, a.sam_norm, mode
+            )
             # fp16's GradScaler already skips non-finite steps; in fp32/bf16 the wrapper does (and stops after N).
             optimizer.max_nonfinite_steps = (
                 a.sam_max_nonfinite_steps if self.accelerator.scaler is None else 0
@@ -242,6 +248,10 @@ class SAMMixin:
             self.state.global_step, self.state.max_steps, args.sam_start, args.sam_end, args.sam_interval,
             args.sam_mode, has_stored_direction="looksam_gv" in self._sam_state(),
         )  # fmt: skip
+        if kind == variants.SAM_STEP and args.sam_mode in ONE_PASS_MODES and self._direction(model) is None:
+            kind = (
+                variants.PLAIN
+            )  # before the first optimizer step: no momentum, no previous gradient to go along
         last_micro_batch = self.accelerator.sync_gradients
         if last_micro_batch:
             run.telemetry.add(args.device, steps=1, sam_steps=float(kind == variants.SAM_STEP))
@@ -253,8 +263,12 @@ class SAMMixin:
     def _sam_training_step(self, model, inputs, num_items_in_batch, kind: str, last_micro_batch: bool):
         args, run = self.args, self._current_run()
         run.passes = 1.0
+        if kind == variants.SAM_STEP and args.sam_mode in ONE_PASS_MODES:
+            return self._one_pass_sam_step(model, inputs, num_items_in_batch, last_micro_batch)
         if kind != variants.SAM_STEP:
             loss = super().training_step(model, inputs, num_items_in_batch)
+            if args.sam_mode == "previous_gradient" and last_micro_batch:
+                self._store_step_gradient(model)
             self._note_loss(loss)
             if kind == variants.LOOKSAM_REUSE and last_micro_batch:
                 # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
@@ -301,6 +315,70 @@ class SAMMixin:
             clean_loss.device, perturbed_loss=perturbed_total, sharpness=perturbed_total - clean_loss
         )
         return clean_loss
+
+    def _direction(self, model) -> list[torch.Tensor] | None:
+        """The one-pass variants' direction for the plan's parameters, None before the first optimizer step:
+        the base optimizer's momentum v (its own state tensors) or the stored gradient of the previous step."""
+        params = self._perturbation_plan(model).params
+        if self.args.sam_mode == "momentum":
+            wrapper = self._sam_optimizer()
+            return momentum_direction(wrapper.base_optimizer, params, wrapper.momentum_key)
+        stored = self._sam_state().get("previous_gradient")
+        if stored is None or len(stored) != len(params):
+            return None
+        return [
+            g.to(p.device) for g, p in zip(stored, params, strict=True)
+        ]  # a checkpoint may load it elsewhere
+
+    @torch.no_grad()
+    def _store_step_gradient(self, model) -> None:
+        """sam_mode='previous_gradient': after the window's last backward `.grad` holds the step's whole gradient
+        (synced under DDP, before clipping); keep its direction for the next step (a non-finite one is not kept)."""
+        params = self._perturbation_plan(model).params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if not torch.isfinite(global_norm(grads)):
+            return
+        state = self._sam_state()
+        stored = state.get("previous_gradient")
+        if stored is None or len(stored) != len(params):
+            state["previous_gradient"] = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_copy_(stored, grads)
+
+    def _one_pass_sam_step(self, model, inputs, num_items_in_batch, last_micro_batch: bool):
+        """The one-pass variants: one forward+backward per micro-batch at w + ε with ε taken without an ascent pass:
+        sam_mode='momentum' (Momentum-SAM, Becker et al. 2024) ε = −ρ·v/‖v‖, v the optimizer's momentum;
+        sam_mode='previous_gradient' ε = ρ·g_prev/‖g_prev‖, g_prev the gradient the previous step applied.
+
+        The point is set at the window's first micro-batch, so every micro-batch of an optimizer step takes its
+        gradient at the same point (the direction changes only when the optimizer steps), and w is copied back after
+        the last one, before the Trainer clips, steps, saves or evaluates. The direction is replicated under DDP
+        (the same synced gradients went into it), so ε is the same on every process, at no communication."""
+        args, run = self.args, self._current_run()
+        plan = self._perturbation_plan(model)
+        if run.micro_batch == 0:
+            group = plan.slices[0][1]
+            rho = scheduled_rho(
+                args.sam_rho, args.sam_rho_schedule, args.sam_rho_min, group["lr"],
+                group.get("initial_lr", args.learning_rate) or args.learning_rate,
+            )  # fmt: skip
+            radius = -rho if args.sam_mode == "momentum" else rho
+            norm = perturb_along_(self._sam_backup, plan.params, self._direction(model), radius)
+            run.telemetry.add(args.device, sam_micro_batches=1.0, rho=rho)
+            if not torch.isfinite(norm):
+                run.telemetry.add(args.device, skipped_ascents=1.0)
+        finished = False
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            finished = True
+        finally:
+            if last_micro_batch or not finished:
+                self._sam_backup.restore_()  # exact copy back to w
+        if args.sam_mode == "previous_gradient" and last_micro_batch:
+            self._store_step_gradient(model)
+        self._note_loss(loss)
+        run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
+        return loss
 
     def _sam_micro_step(
         self, model, inputs, num_items_in_batch, plan: Plan, is_last: bool, loss_weight: float
@@ -460,6 +538,8 @@ class SAMMixin:
                         rho_is_scheduled=self.args.sam_rho_schedule != "constant",
                         # With an ascent subset the clean loss is over other examples than the perturbed one.
                         same_examples=self.args.sam_ascent_fraction == 1.0,
+                        # The one-pass variants compute one loss, at the perturbed point: the logged `loss` itself.
+                        two_passes=self.args.sam_mode not in ONE_PASS_MODES,
                     )
                 )
         super().log(logs, *args, **kwargs)

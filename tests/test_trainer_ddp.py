@@ -21,6 +21,7 @@ def ddp_results(tmp_path_factory):
     }
     results["fraction"] = [torch.load(out / f"fraction-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     results["items"] = [torch.load(out / f"items-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    results["momentum"] = [torch.load(out / f"momentum-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     return results
 
 
@@ -115,6 +116,24 @@ def test_logged_grad_norm_is_the_mean_loss_norm_under_token_averaging_across_pro
         norms.append(float(torch.sqrt(sum((x**2).sum() for x in g))))
     for r in ranks:
         assert r["grad_norm"][0] == pytest.approx(sum(norms) / 2, rel=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_momentum_sam_looks_ahead_to_the_same_point_on_every_rank(ddp_results):
+    """Three Momentum-SAM steps on two ranks equal the paper's algorithm on the two ranks' batches together (the
+    mean of two equal-sized mean losses), and the replicas stay identical bit for bit."""
+    from test_momentum_sam import hand_msam_sgd
+
+    ranks = ddp_results["momentum"]
+    windows = [
+        [{k: torch.cat([a[k], b[k]]) for k in a}]
+        for a, b in zip(ranks[0]["calls"], ranks[1]["calls"], strict=True)
+    ]
+    assert len(windows) == 3
+    expected, _ = hand_msam_sgd(make_model(), windows, rho=RHO, lr=LR)
+    for p0, p1, want in zip(ranks[0]["params"], ranks[1]["params"], expected[-1], strict=True):
+        assert torch.equal(p0, p1)
+        torch.testing.assert_close(p0, want, atol=1e-6, rtol=0)
 
 
 def test_reference_batches_cover_the_dataset(ddp_results):

@@ -82,6 +82,17 @@ def main(out_dir: str) -> None:
         os.path.join(out_dir, f"fraction-rank{trainer.args.process_index}.pt"),
     )
 
+    # sam_mode="momentum": v is replicated, so every rank looks ahead to the same w − ρ·v/‖v‖ (no communication).
+    args = arguments(out_dir, "run-momentum", sam_mode="momentum", optim_args="momentum=0.9", max_steps=3)
+    model = make_model()
+    trainer = RecordingSAMTrainer(model=model, args=args, train_dataset=rows)
+    trainer.record = {}
+    trainer.train()
+    torch.save(
+        {"calls": trainer.record["calls"], "params": [p.detach() for p in model.parameters()]},
+        os.path.join(out_dir, f"momentum-rank{trainer.args.process_index}.pt"),
+    )
+
     # sam/grad_norm in mean-loss units under DDP: a loss normalised by the items of both processes (times the process
     # count, average_tokens_across_devices), with an unequal number of counted labels on the two ranks.
     rows = [

@@ -1,0 +1,305 @@
+"""What share of SAM's gain each cheaper method keeps, on a setting where the gain is large enough to measure.
+
+    python experiments/benefit.py [--seeds 10] [--tuning-seeds 2] [--workers 2] [--readme] [--only NAME ...]
+
+Setting: scikit-learn's digits (the only real images here) with 40% symmetric label noise on the training labels,
+the experiments' MLP (64-256-256-10), SGD with momentum 0.9, weight decay 5e-4, cosine decay, batch 64, 50 epochs,
+every method through `SAMTrainer` (the product's path). Plain SAM's gain over the baseline is about 20 points
+there, against a seed spread of about 1.5, so a share of 80% can be told from one of 50%.
+
+Hyperparameters are chosen on a validation slice, never on the test split: 20% of the training images are held out
+(with their noisy labels, as a user would have them), every method's grid (the learning rate, and ρ for every
+method that has one) is run on the tuning seeds, and the best mean validation accuracy wins, for each method
+separately. Then each method trains with its chosen setting on the same final seeds (0, 1, ...), and is measured
+on the clean test labels. For each method: test top-1 mean ± std, and its share of SAM's gain,
+(method − baseline) / (SAM − baseline), with a 90% bootstrap interval over the seeds (paired: a resample draws
+the same seeds for the method, the baseline and SAM). Cost: forward+backward passes per step, from the trainer's
+own `sam/forward_passes`, and the wall time against the baseline's in the same run (a rough figure: the CPU step
+benchmark is `benchmarks/variant_overhead.py`).
+
+Writes experiments/results/benefit.json (every run) and benefit.md; with `--readme` also the table in
+experiments/README.md. `--optimizer adamw` runs baseline, SAM and Momentum-SAM with AdamW instead (the tuned ρ of
+the Adam family), into results/benefit_adamw.{json,md}. About 10 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, digits, symmetric_noise  # noqa: E402
+
+NOISE, EPOCHS, BATCH, VALIDATION = 0.4, 50, 64, 0.2
+LEARNING_RATES = (0.01, 0.02, 0.05, 0.1)
+SAM_RHOS = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+# name -> (fixed SAMTrainingArguments fields, the ρ grid; None: no ρ).
+METHODS = {
+    "baseline (SGD)": ({"sam_rho": 0.0}, None),
+    "SAM": ({}, SAM_RHOS),
+    "momentum (MSAM)": ({"sam_mode": "momentum"}, (0.3, 1.0, 3.0, 10.0)),
+    "previous_gradient": ({"sam_mode": "previous_gradient"}, SAM_RHOS),
+    "sam_ascent_fraction=0.25": ({"sam_ascent_fraction": 0.25}, SAM_RHOS),
+    "sam_ascent_fraction=0.5": ({"sam_ascent_fraction": 0.5}, SAM_RHOS),
+    "sam_interval=5": ({"sam_interval": 5}, SAM_RHOS),
+    "LookSAM, k=5": ({"sam_mode": "looksam", "sam_interval": 5}, SAM_RHOS),
+}
+BASELINE, SAM = "baseline (SGD)", "SAM"
+
+# `--optimizer adamw`: the tuned ρ of the Adam family (Momentum-SAM along Adam's first moment), same protocol.
+ADAMW = {
+    "learning_rates": (3e-4, 1e-3, 3e-3),
+    "methods": {
+        "baseline (AdamW)": ({"sam_rho": 0.0}, None),
+        "SAM (AdamW)": ({}, SAM_RHOS),
+        "momentum (MSAM, AdamW)": ({"sam_mode": "momentum"}, (0.1, 0.3, 1.0, 3.0, 10.0)),
+    },
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int = 256, classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
+
+    def forward(self, pixels, labels=None):
+        logits = self.net(pixels)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"logits": logits, "loss": loss}
+
+
+def splits(seed: int):
+    """(training rows, validation x and noisy y, test x and clean y). The noise is drawn per seed over the whole
+    training split; the validation slice is the same images for every seed."""
+    x_train, y_train, x_test, y_test = digits()
+    noisy = symmetric_noise(y_train, NOISE, seed)
+    order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(4321))
+    held = round(VALIDATION * len(y_train))
+    val, fit = order[:held], order[held:]
+    rows = [{"pixels": x_train[i], "labels": noisy[i]} for i in fit.tolist()]
+    return rows, (x_train[val], noisy[val]), (x_test, y_test)
+
+
+def accuracy(model, x, y) -> float:
+    model.eval()
+    with torch.no_grad():
+        return (model(x)["logits"].argmax(-1) == y).float().mean().item()
+
+
+def train(job: tuple[str, float, float | None, int]) -> dict:
+    """One run: (method, learning rate, ρ, seed) -> validation and test accuracy, passes per step, seconds."""
+    from transformers import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    from hf_sam import SAMTrainer, SAMTrainingArguments
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)  # a tiny MLP: intra-op threads cost more than they bring
+    name, lr, rho, seed = job
+    fixed, _ = {**METHODS, **ADAMW["methods"]}[name]
+    adam = name in ADAMW["methods"]
+    rows, (x_val, y_val), (x_test, y_test) = splits(seed)
+    steps = EPOCHS * math.ceil(len(rows) / BATCH)
+    torch.manual_seed(seed)
+    model = MLP()
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = SAMTrainingArguments(
+            output_dir=output_dir,
+            max_steps=steps,
+            per_device_train_batch_size=BATCH,
+            learning_rate=lr,
+            optim="adamw_torch" if adam else "sgd",
+            optim_args=None if adam else "momentum=0.9",
+            lr_scheduler_type="cosine",
+            weight_decay=0.01 if adam else 5e-4,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=steps,  # one log, at the end: the pass accounting of the whole run
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=seed,
+            **{"sam_rho": rho, **fixed},
+        )
+        trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    log = next((e for e in trainer.state.log_history if "sam/forward_passes" in e), None)
+    passes = log["sam/forward_passes"] / trainer.state.global_step if log else 1.0
+    return {
+        "method": name,
+        "lr": lr,
+        "rho": rho,
+        "seed": seed,
+        "validation": accuracy(model, x_val, y_val),
+        "test": accuracy(model, x_test, y_test),
+        "passes": passes,
+        "seconds": seconds,
+    }
+
+
+def grid(name: str) -> list[tuple[float, float | None]]:
+    adam = name in ADAMW["methods"]
+    rhos = (ADAMW["methods"] if adam else METHODS)[name][1] or (0.0,)
+    return [(lr, rho) for lr in (ADAMW["learning_rates"] if adam else LEARNING_RATES) for rho in rhos]
+
+
+def run_jobs(jobs: list, workers: int) -> list[dict]:
+    if workers <= 1:
+        return [train(job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(pool.imap(train, jobs))
+
+
+def share_of_gain(method: list[float], baseline: list[float], sam: list[float], resamples: int = 10_000):
+    """(method − baseline) / (SAM − baseline) over the seeds' means, and its 90% paired bootstrap interval."""
+
+    def share(rows: list[int]) -> float:
+        m, b, s = (statistics.fmean(v[i] for i in rows) for v in (method, baseline, sam))
+        return (m - b) / (s - b) if s != b else math.nan
+
+    n = len(method)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, n, (resamples, n), generator=generator).tolist()
+    shares = sorted(x for x in (share(rows) for rows in draws) if not math.isnan(x))
+    low, high = shares[int(0.05 * len(shares))], shares[int(0.95 * len(shares)) - 1]
+    return share(list(range(n))), low, high
+
+
+def table(
+    chosen: dict,
+    finals: dict[str, list[dict]],
+    seeds: int,
+    tuning_seeds: int,
+    minutes: float,
+    adam: bool = False,
+) -> str:
+    methods = ADAMW["methods"] if adam else METHODS
+    baseline, reference = list(methods)[:2]
+    rates = ADAMW["learning_rates"] if adam else LEARNING_RATES
+    base, sam = ([100 * r["test"] for r in finals[k]] for k in (baseline, reference))
+    base_time = statistics.fmean(r["seconds"] for r in finals[baseline])
+    optimizer = "AdamW (weight decay 0.01)" if adam else "SGD momentum 0.9"
+    command = "python experiments/benefit.py" + (" --optimizer adamw" if adam else "")
+    lines = [
+        f"Digits, {NOISE:.0%} symmetric label noise, MLP, {EPOCHS} epochs of batch {BATCH}, {optimizer}, "
+        f"through `SAMTrainer`. Learning rate (from {', '.join(map(str, rates))}) and ρ chosen per method "
+        f"on a {VALIDATION:.0%} validation slice of the (noisy) training set over {tuning_seeds} tuning seeds; "
+        f"test top-1 on the clean test labels over seeds 0-{seeds - 1} (mean ± std), the same seeds for every "
+        "method. Share of SAM's gain = (method − baseline) / (SAM − baseline), with its 90% paired bootstrap "
+        f"interval over the seeds. `{command}`, {minutes:.0f} min on this CPU.",
+        "",
+        "| method | chosen lr, ρ | test top-1 (%) | share of SAM's gain [90% interval] | passes per step | wall time / baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in finals.items():
+        acc = [100 * r["test"] for r in runs]
+        lr, rho = chosen[name]
+        setting = f"{lr:g}" + (f", {rho:g}" if methods[name][1] else "")
+        if name in (baseline, reference):
+            share_text = "0% (reference)" if name == baseline else "100% (reference)"
+        else:
+            value, low, high = share_of_gain(acc, base, sam)
+            share_text = f"{value:.0%} [{low:.0%}, {high:.0%}]"
+        passes = statistics.fmean(r["passes"] for r in runs)
+        wall = statistics.fmean(r["seconds"] for r in runs) / base_time
+        lines.append(
+            f"| {name} | {setting} | {statistics.fmean(acc):.1f} ± {statistics.stdev(acc):.1f} | {share_text} "
+            f"| {passes:.2f} | {wall:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=10, help="final seeds per method (at least 5)")
+    parser.add_argument(
+        "--tuning-seeds", type=int, default=2, help="seeds per grid point on the validation slice"
+    )
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--readme", action="store_true", help="write the table into experiments/README.md")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="methods to run (baseline and SAM always run)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default="sgd",
+        help="adamw: baseline, SAM and MSAM with AdamW",
+    )
+    args = parser.parse_args(argv)
+    if args.seeds < 5:
+        parser.error(f"--seeds must be at least 5 for an interval over seeds, got {args.seeds}.")
+    adam = args.optimizer == "adamw"
+    if adam and args.readme:
+        parser.error("--readme writes the SGD table; the AdamW one goes to results/benefit_adamw.md only.")
+    methods = ADAMW["methods"] if adam else METHODS
+    always = list(methods)[:2]  # the baseline and SAM: the share's two references
+    names = list(methods) if not args.only else [*always, *[n for n in args.only if n not in always]]
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(methods)}.")
+
+    started = time.perf_counter()
+    tuning_seeds = [1000 + s for s in range(args.tuning_seeds)]  # disjoint from the final seeds
+    jobs = [(n, lr, rho, s) for n in names for lr, rho in grid(n) for s in tuning_seeds]
+    print(f"tuning: {len(jobs)} runs on the validation slice", flush=True)
+    tuning = run_jobs(jobs, args.workers)
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = "benefit_adamw" if adam else "benefit"
+    with open(os.path.join(RESULTS, f"{stem}_tuning.json"), "w") as f:
+        json.dump(tuning, f, indent=1)  # kept at once: the longest part of the run
+    chosen = {}
+    for name in names:
+        scores = {
+            (lr, rho): statistics.fmean(
+                r["validation"] for r in tuning if (r["method"], r["lr"], r["rho"]) == (name, lr, rho)
+            )
+            for lr, rho in grid(name)
+        }
+        chosen[name] = max(scores, key=scores.get)
+        print(
+            f"  {name}: lr {chosen[name][0]}, rho {chosen[name][1]} (validation {scores[chosen[name]]:.3f})"
+        )
+    jobs = [(n, *chosen[n], s) for n in names for s in range(args.seeds)]
+    print(f"final: {len(jobs)} runs", flush=True)
+    results = run_jobs(jobs, args.workers)
+    finals = {n: [r for r in results if r["method"] == n] for n in names}
+    minutes = (time.perf_counter() - started) / 60
+    text = table(chosen, finals, args.seeds, args.tuning_seeds, minutes, adam)
+    print(text)
+    with open(os.path.join(RESULTS, f"{stem}.json"), "w") as f:
+        json.dump(
+            {"chosen": {k: list(v) for k, v in chosen.items()}, "tuning": tuning, "final": results},
+            f,
+            indent=1,
+        )
+    with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
+        f.write(text + "\n")
+    if args.readme:
+        sys.path.insert(
+            0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+        )
+        from readme_block import EXPERIMENTS_README, replace_readme_block
+
+        replace_readme_block("variants_benefit", text, readme=EXPERIMENTS_README)
+
+
+if __name__ == "__main__":
+    main()
