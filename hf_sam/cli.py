@@ -380,12 +380,35 @@ def _read_recipe(path: str) -> dict:
         )
     with open(path) as f:
         try:
-            recipe = yaml.safe_load(f) or {}
+            recipe = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as err:
+            raise ConfigError(f"{path}, {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(_yaml_error(path, err)) from None
     if not isinstance(recipe, dict) or any(isinstance(v, dict) for v in recipe.values()):
         raise ConfigError(f"{path}: a recipe is a flat mapping of field: value (no nesting).")
     return recipe
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice is an error: yaml keeps the last one silently, so a recipe
+    that sets `seed` twice would train with whichever came last."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise _DuplicateKey(
+                    f"line {line}: {key} is set twice (first on line {first[key]}); keep one."
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 # yaml says what it met, not how to fix it: the fix of a hand-written recipe's usual slips, by yaml's wording.

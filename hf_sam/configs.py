@@ -220,7 +220,17 @@ class SAMArguments:
         if self.sam_rho > 0 and self.fsdp:
             FSDP2.check(self, self.fsdp_plugin_args["fsdp_version"])
         if self.sam_rho > 0 and self.deepspeed:
-            DeepSpeedZeRO.check(self, int(self.hf_deepspeed_config.get_value("zero_optimization.stage", 0)))
+            try:
+                DeepSpeedZeRO.check(
+                    self, int(self.hf_deepspeed_config.get_value("zero_optimization.stage", 0))
+                )
+            except ValueError:
+                # TrainingArguments registered this config globally: a refused one must not make every later
+                # from_pretrained build under ZeRO-3's zero.Init.
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
+                raise
 
     def _check_variants(self) -> None:
         """Types, ranges and combinations of the variant fields: one clear error, before any work."""

@@ -566,3 +566,35 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_recipe_yaml_duplicate_key(tmp_path, no_loading):
+    """yaml.safe_load keeps the last of two `seed:` lines silently: a recipe that says two things is refused."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("dataset: digits\nseed: 1\nsam_rho: 0.1\nseed: 2\n")
+    code = fails(
+        ["--config", str(recipe)], "line 4: seed is set twice (first on line 2); keep one", tmp_path / "out"
+    )
+    assert code.startswith(f"finetune.py: error: {recipe}, line 4"), code
+
+
+def test_a_refused_zero3_config_leaves_no_global_zero3_state(tmp_path):
+    """TrainingArguments registers a DeepSpeed config globally (transformers' `is_deepspeed_zero3_enabled`), so a
+    ZeRO-3 config refused by SAM must not go on making every later `from_pretrained` build under zero.Init."""
+    import gc
+
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from hf_sam import SAMTrainingArguments
+
+    errors = []
+    try:
+        SAMTrainingArguments(
+            output_dir=str(tmp_path), sam_rho=0.05, use_cpu=True, report_to=[],
+            deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1},
+        )  # fmt: skip
+    except ValueError as error:
+        errors.append(error)  # kept alive, as a caller's handler may keep it
+    assert errors and "ZeRO-3" in str(errors[0])
+    gc.collect()
+    assert not is_deepspeed_zero3_enabled()
