@@ -53,6 +53,7 @@ class _Run:
         self.window = variants.CleanGradientWindow()  # GSAM / LookSAM
         self.micro_batch = 0  # index of the micro-batch in its accumulation window (the ascent subset's draw)
         self.passes = 1.0  # forward+backward passes of the last micro-batch, example-weighted (total_flos)
+        self.chunk_passes = 1.0  # the same, of the last chunk `_sam_micro_step` took
         self.telemetry = SAMTelemetry(start_step=state.global_step)
 
 
@@ -73,6 +74,15 @@ def _parent_signature(trainer_class: type) -> inspect.Signature:
     raise TypeError(
         f"{trainer_class.__name__}: SAMMixin needs a Trainer subclass whose __init__ takes `args`."
     )
+
+
+def _check_settings(trainer_class: type, model, args) -> None:
+    """The refusals that need the trainer class and the model (not yet the Accelerator)."""
+    check_trainer_class(trainer_class, args)
+    if args.sam_rho > 0 and isinstance(model, torch.nn.Module):
+        if args.sam_param_filter is not None:
+            check_param_filter(model, args.sam_param_filter)
+        check_ascent_subset(model, args)
 
 
 class SAMMixin:
@@ -130,13 +140,7 @@ class SAMMixin:
                 "`TrainingArguments(...)` by `hf_sam.SAMTrainingArguments(...)` (same fields plus sam_*), or mix "
                 "`hf_sam.SAMArguments` into your arguments class: `class MyConfig(SAMArguments, SFTConfig)`."
             )
-        check_trainer_class(type(self), args)
-        if args.sam_rho > 0 and isinstance(
-            model, torch.nn.Module
-        ):  # before Trainer.__init__ creates output_dir
-            if args.sam_param_filter is not None:
-                check_param_filter(model, args.sam_param_filter)
-            check_ascent_subset(model, args)
+        _check_settings(type(self), model, args)  # before Trainer.__init__ creates output_dir
         output_dir_existed = args.output_dir is None or os.path.exists(args.output_dir)
         super().__init__(*bound.args, **bound.kwargs)
         if self.args.sam_rho > 0:
@@ -213,10 +217,7 @@ class SAMMixin:
             return
         args._check_variants()
         args._check_sam_compatible()
-        check_trainer_class(type(self), args)
-        if args.sam_param_filter is not None:
-            check_param_filter(self.model, args.sam_param_filter)
-        check_ascent_subset(self.model, args)
+        _check_settings(type(self), self.model, args)
         self._check_sam_compatible()
 
     def _perturbation_plan(self, model) -> Plan:
@@ -248,14 +249,17 @@ class SAMMixin:
             self.state.global_step, self.state.max_steps, args.sam_start, args.sam_end, args.sam_interval,
             args.sam_mode, has_stored_direction="looksam_gv" in self._sam_state(),
         )  # fmt: skip
-        if kind == variants.SAM_STEP and args.sam_mode in ONE_PASS_MODES and self._direction(model) is None:
-            kind = (
-                variants.PLAIN
-            )  # before the first optimizer step: no momentum, no previous gradient to go along
+        direction = None
+        if kind == variants.SAM_STEP and args.sam_mode in ONE_PASS_MODES:
+            direction = self._direction(model)
+            if direction is None:  # before the first optimizer step: no momentum, no previous gradient yet
+                kind = variants.PLAIN
         last_micro_batch = self.accelerator.sync_gradients
         if last_micro_batch:
             run.telemetry.add(args.device, steps=1, sam_steps=float(kind == variants.SAM_STEP))
         try:
+            if direction is not None:
+                return self._one_pass_sam_step(model, inputs, num_items_in_batch, direction, last_micro_batch)
             return self._sam_training_step(model, inputs, num_items_in_batch, kind, last_micro_batch)
         finally:
             run.micro_batch = 0 if last_micro_batch else run.micro_batch + 1
@@ -263,8 +267,6 @@ class SAMMixin:
     def _sam_training_step(self, model, inputs, num_items_in_batch, kind: str, last_micro_batch: bool):
         args, run = self.args, self._current_run()
         run.passes = 1.0
-        if kind == variants.SAM_STEP and args.sam_mode in ONE_PASS_MODES:
-            return self._one_pass_sam_step(model, inputs, num_items_in_batch, last_micro_batch)
         if kind != variants.SAM_STEP:
             loss = super().training_step(model, inputs, num_items_in_batch)
             if args.sam_mode == "previous_gradient" and last_micro_batch:
@@ -326,9 +328,8 @@ class SAMMixin:
         stored = self._sam_state().get("previous_gradient")
         if stored is None or len(stored) != len(params):
             return None
-        return [
-            g.to(p.device) for g, p in zip(stored, params, strict=True)
-        ]  # a checkpoint may load it elsewhere
+        # A checkpoint may have loaded it onto another device.
+        return [g.to(p.device) for g, p in zip(stored, params, strict=True)]
 
     @torch.no_grad()
     def _store_step_gradient(self, model) -> None:
@@ -345,7 +346,7 @@ class SAMMixin:
         else:
             torch._foreach_copy_(stored, grads)
 
-    def _one_pass_sam_step(self, model, inputs, num_items_in_batch, last_micro_batch: bool):
+    def _one_pass_sam_step(self, model, inputs, num_items_in_batch, direction, last_micro_batch: bool):
         """The one-pass variants: one forward+backward per micro-batch at w + ε with ε taken without an ascent pass:
         sam_mode='momentum' (Momentum-SAM, Becker et al. 2024) ε = −ρ·v/‖v‖, v the optimizer's momentum;
         sam_mode='previous_gradient' ε = ρ·g_prev/‖g_prev‖, g_prev the gradient the previous step applied.
@@ -363,7 +364,7 @@ class SAMMixin:
                 group.get("initial_lr", args.learning_rate) or args.learning_rate,
             )  # fmt: skip
             radius = -rho if args.sam_mode == "momentum" else rho
-            norm = perturb_along_(self._sam_backup, plan.params, self._direction(model), radius)
+            norm = perturb_along_(self._sam_backup, plan.params, direction, radius)
             run.telemetry.add(args.device, sam_micro_batches=1.0, rho=rho)
             if not torch.isfinite(norm):
                 run.telemetry.add(args.device, skipped_ascents=1.0)
@@ -377,6 +378,7 @@ class SAMMixin:
         if args.sam_mode == "previous_gradient" and last_micro_batch:
             self._store_step_gradient(model)
         self._note_loss(loss)
+        run.passes = 1.0
         run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
         return loss
 
@@ -475,9 +477,8 @@ class SAMMixin:
     def _inputs_already_prepared(self):
         """The stock step prepares its inputs (`_prepare_inputs`); the descent pass gets the batch the ascent pass
         was given, prepared once: a parent's preparation may not be idempotent (trl generates completions there)."""
-        self._prepare_inputs = lambda inputs: (
-            inputs
-        )  # an instance attribute hides the method for this pass only
+        # An instance attribute hides the method for this pass only.
+        self._prepare_inputs = lambda inputs: inputs
         try:
             yield
         finally:

@@ -6,7 +6,8 @@ parent's hook would make of it (features doubled), so it needs neither hook."""
 
 import pytest
 import torch
-from test_compat_matrix import LR, RHO, NaiveSAMTrainer, numbers
+from test_compat_matrix import RHO, NaiveSAMTrainer, numbers
+from test_trainer import make_args
 from toy import make_model, make_rows
 from transformers import Trainer, TrainingArguments
 
@@ -50,24 +51,15 @@ class AugmentingSAMTrainer(SAMTrainer):  # the ordering that works: the override
 
 
 def run(tmp_path, trainer_cls, args_cls, rows, **overrides):
-    args = args_cls(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=3,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
+    settings = {
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 3,
         **overrides,
+    }
+    trainer = trainer_cls(
+        model=make_model(), args=make_args(tmp_path, cls=args_cls, **settings), train_dataset=rows
     )
-    trainer = trainer_cls(model=make_model(), args=args, train_dataset=rows)
     trainer.train()
     return trainer
 
