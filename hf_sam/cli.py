@@ -127,8 +127,17 @@ class ModelArguments:
         metadata={
             "help": "How the new classifier head is drawn (hf_sam.models.HEAD_INITS): 'released' is the SAM authors' "
             "EfficientNet head, U(±1/sqrt(K)) for K classes, zero bias; 'zeros' the ViT paper's zero head; "
-            "'default' what transformers / timm draw (N(0, 0.02) for a transformers model).",
+            "'default' what transformers / timm draw (N(0, 0.02) for a transformers model); 'checkpoint' keeps the "
+            "checkpoint's own head (the paper's ImageNet runs; the dataset must have its classes, in its order).",
             "choices": list(HEAD_INITS),
+        },
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Finetune at this resolution (px) instead of the checkpoint's: timm ViT checkpoints only, their "
+            "position embeddings resampled to the new grid (the ViT paper finetunes at 384). The preprocessing "
+            "follows (same crop_pct, mean/std, interpolation). Default: the checkpoint's own resolution."
         },
     )
     trust_remote_code: bool = field(
@@ -459,6 +468,8 @@ def _check(
         value = getattr(model, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1) (a probability), got {value}.")
+    if model.image_size is not None and (isinstance(model.image_size, bool) or model.image_size < 1):
+        raise ConfigError(f"image_size must be a positive number of pixels, got {model.image_size!r}.")
     if data.train_augmentation != "none" and training.dataloader_persistent_workers:
         raise ConfigError(
             "dataloader_persistent_workers keeps the first epoch's workers, and with them its epoch number: a "

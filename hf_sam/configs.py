@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from hf_sam.engines import FSDP2, DeepSpeedZeRO
+from hf_sam.engines import FSDP2, check_deepspeed
 from hf_sam.sam import SAM_NORMS, validate_sam_hparams
 
 SAM_MODES = ("sam", "looksam", "gsam", "momentum", "previous_gradient")
@@ -44,7 +44,7 @@ class SAMArguments:
         `False`: each process computes ε from its own micro-batch gradient (m = per-device batch, the paper's
         multi-accelerator setting). `True`: the ascent gradients are averaged over processes first, one global ε.
         `None` (default): the engine's natural scope — per process under DDP and DeepSpeed ZeRO-1/2, global under
-        FSDP, where every process forwards through the same sharded weights (`False` is refused there).
+        FSDP and ZeRO-3, where every process forwards through the same sharded weights (`False` is refused there).
 
     > ASAM (Kwon et al. 2021)
 
@@ -221,8 +221,12 @@ class SAMArguments:
             FSDP2.check(self, self.fsdp_plugin_args["fsdp_version"])
         if self.sam_rho > 0 and self.deepspeed:
             try:
-                DeepSpeedZeRO.check(
-                    self, int(self.hf_deepspeed_config.get_value("zero_optimization.stage", 0))
+                config = self.hf_deepspeed_config
+                check_deepspeed(
+                    self,
+                    int(config.get_value("zero_optimization.stage", 0)),
+                    fp16=bool(self.fp16 or config.is_true("fp16.enabled")),
+                    zero_config=config.config.get("zero_optimization"),
                 )
             except ValueError:
                 # TrainingArguments registered this config globally: a refused one must not make every later

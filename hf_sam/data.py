@@ -132,9 +132,21 @@ SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
                 first_label="AM General Hummer SUV 2000", title="Stanford Cars",
                 terms="for non-commercial research purposes only (the Stanford Cars terms of use); a model trained "
                       "on it is subject to them"),
-    # Labels are the 100 variants (there is no `label` column); trainval / test as in the paper.
+    # Labels are the 100 variants (there is no `label` column); trainval (train + validation, 3,334 + 3,333) / test
+    # (3,333). The split names and counts were read from the viewer, not the card (hub-ids.md: confidence M).
     DatasetSpec("fgvc_aircraft", "dpdl-benchmark/fgvc_aircraft", image_column="image", label_column="variant",
-                num_classes=100, train_split="train+validation", first_label="707-320", title="FGVC-Aircraft"),
+                num_classes=100, train_split="train+validation", first_label="707-320", title="FGVC-Aircraft",
+                terms="for non-commercial research purposes only (the FGVC-Aircraft terms of use; its images come "
+                      "from airliners.net photographers); a model trained on it is subject to them"),
+    # ImageNet-1k (ILSVRC 2012): gated on the Hub, and no Hub copy of it is recorded here (shared/hub-ids.md), so the
+    # spec names none: supply your copy with `dataset_path` (save_to_disk folder, parquet files or an imagefolder
+    # tree with `train` and `validation` splits), its labels in the standard class order (that of an ImageNet
+    # checkpoint's head; `head_init: checkpoint` keeps that head). The 50,000 `validation` images are the test set of
+    # the paper's table 3.
+    DatasetSpec("imagenet", None, image_column="image", label_column="label", num_classes=1000,
+                test_split="validation", title="ImageNet-1k",
+                terms="for non-commercial research and educational purposes only (the ImageNet terms of access); a "
+                      "model trained on it is subject to them"),
     DatasetSpec("digits", None, image_column="image", label_column="label", num_classes=10, first_label="0",
                 title="scikit-learn digits", builder=digits_dataset),
 ]}
@@ -584,7 +596,10 @@ def train_augmentation(
       uniformly.
     - `cifar-autoaugment`: the released code's CIFAR pipeline, on the 32x32 image: AutoAugment (CIFAR policy),
       then the basic augmentation of section 3.1 (horizontal flip, reflect-pad 4 + random crop), then the whole
-      image resized to the model's resolution (no centre crop; pair it with `eval_resize: full`).
+      image resized to the model's resolution (no centre crop; pair it with `eval_resize: full`). The policy is
+      torchvision's CIFAR-10 one, not the released `policy_cifar`: that samples from 95 sub-policies (policies.py,
+      exp0s + exp1s + exp2s) with a translate constant of 250 px on the 32-px image; torchvision's has 25
+      sub-policies, only 20 of them among the 95, and translates at most 150/331 x 32 = 14.5 px.
     - `autoaugment`, `randaugment`, `trivialaugment`: flip + the torchvision policy at the image's own
       resolution, before the checkpoint's resize + centre crop (not the released code's pipelines).
 

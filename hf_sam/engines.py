@@ -9,6 +9,7 @@ wraps the optimizer, its ε scope, which SAM settings it refuses):
 | `ProcessLocal` (1 / DDP) | the `SAM` wrapper's groups   | `autograd.grad` under `no_sync`          | per process  |
 | `FSDP2`                  | the wrapper's groups (shards)| a real backward into the sharded `.grad` | global       |
 | `DeepSpeedZeRO` (1 / 2)  | the module's parameters      | `autograd.grad` on the unwrapped module  | per process  |
+| `DeepSpeedZeRO3`         | the weights' partitions      | `engine.backward` into the grad partitions | global     |
 
 (`sam_sync_perturbation=True` makes the ε of every engine global: the ascent gradients are averaged first.)
 """
@@ -25,7 +26,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from hf_sam.batchnorm import tracking_batchnorms
-from hf_sam.sam import all_reduce_mean_, perturbation_settings
+from hf_sam.sam import all_reduce_mean_, mark_partitioned, perturbation_settings
 
 
 @dataclass
@@ -60,7 +61,12 @@ def _nothing_to_perturb(mid_run: bool) -> None:
 
 
 # The variants an engine may refuse (its `refused_variants`: one line each, {value} the setting's value).
-_VARIANT_DEFAULTS = {"sam_group_size": None, "sam_ascent_fraction": 1.0, "sam_mode": "sam"}
+_VARIANT_DEFAULTS = {
+    "sam_group_size": None,
+    "sam_ascent_fraction": 1.0,
+    "sam_mode": "sam",
+    "sam_ascent_steps": 1,
+}
 
 
 def _refuse_variants(args, refused: dict[str, str]) -> None:
@@ -271,12 +277,6 @@ class DeepSpeedZeRO(ProcessLocal):
 
     @classmethod
     def check(cls, args, zero_stage: int = 2) -> None:
-        if zero_stage >= 3:
-            raise ValueError(
-                "SAMTrainer does not support DeepSpeed ZeRO-3: it partitions the parameters themselves (the engine "
-                "gathers them inside its forward), so SAM can neither take the ascent gradient outside the engine's "
-                "backward nor perturb the full weights. Use ZeRO stage 1 or 2, or FSDP2 (accelerate_configs/fsdp.yaml)."
-            )
         _refuse_variants(args, cls.refused_variants)
 
     def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
@@ -293,7 +293,9 @@ class DeepSpeedZeRO(ProcessLocal):
             params = [p for p in watched if id(p) in perturbed]
             if not params:
                 _nothing_to_perturb(mid_run=cached is not None)
-            cached = Plan(key, params, [], tracking_batchnorms(model), watched)
+            cached = Plan(
+                key, self._perturbed_tensors(params, watched), [], tracking_batchnorms(model), watched
+            )
         args, lr_group = self.args, optimizer.param_groups[0]
         group = {
             **perturbation_settings(args.sam_rho, args.sam_adaptive, args.sam_eta, args.sam_norm),
@@ -302,6 +304,11 @@ class DeepSpeedZeRO(ProcessLocal):
         }
         cached.slices = [(slice(0, len(cached.params)), group)]
         return cached
+
+    def _perturbed_tensors(
+        self, params: list[torch.Tensor], watched: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        return params  # full weights on every process
 
     def ascent_gradient(self, model, inputs: dict, num_items_in_batch, params) -> tuple[torch.Tensor, list]:
         # The engine's forward hooks its output so that any backward runs ZeRO's gradient reduction; the module
@@ -331,6 +338,138 @@ class DeepSpeedZeRO(ProcessLocal):
 
     def guards_steps(self) -> bool:
         return False  # the engine handles overflow itself (fp16); our wrapper is not there
+
+
+class DeepSpeedZeRO3(DeepSpeedZeRO):
+    """DeepSpeed ZeRO-3: the parameters themselves are partitioned. Each process holds one flat slice of every
+    parameter's working weights (`param.ds_tensor`) and of its gradient (the engine's partitioned buffer, read
+    with `deepspeed.utils.safe_get_local_grad`); the engine all-gathers the full weights inside its forward. So,
+    as under FSDP2, both passes are real backwards through the engine, ε is one for all processes (from the
+    gradient reduce-scattered over them), ‖g‖ is the all-reduce of the squared partition norms, and ε is added to
+    each process's own partition of the working weights, so the next all-gather gathers w + ε."""
+
+    global_epsilon = True
+    refused_variants = {
+        "sam_group_size": "sam_group_size={value} (one ε per chunk of examples) is impossible under DeepSpeed ZeRO-3, "
+        "where ε is one for all processes (partitioned weights). Train with DDP for m-sharpness, or drop "
+        "sam_group_size.",
+        "sam_ascent_fraction": "sam_ascent_fraction={value} is not supported under DeepSpeed ZeRO-3 yet (untested "
+        "there). Train with DDP for it, or use sam_interval for a cheaper SAM under ZeRO-3.",
+        "sam_mode": "sam_mode={value!r} is not supported under DeepSpeed ZeRO-3 (its stored gradients or momentum live "
+        "in the engine's partitioned buffers). Use sam_mode='sam' (with sam_interval for a cheaper SAM), or train "
+        "with DDP.",
+        "sam_ascent_steps": "sam_ascent_steps={value} is not supported under DeepSpeed ZeRO-3 yet: each further ascent "
+        "backward would accumulate into the gradient partition that holds the current ε. Use sam_ascent_steps=1, or "
+        "train with DDP or FSDP2 for a multi-step ascent.",
+    }
+
+    @classmethod
+    def check(cls, args, fp16: bool = False, offload: str | None = None) -> None:
+        if args.sam_sync_perturbation is False:
+            raise ValueError(
+                "sam_sync_perturbation=False (one ε per process) is impossible under DeepSpeed ZeRO-3: each process "
+                "holds one partition of the weights and every process forwards through the same all-gathered w + ε, "
+                "so ε comes from the gradient reduced over all processes. Train with DDP or ZeRO-1/2 for a "
+                "per-process ε, or drop sam_sync_perturbation (ZeRO-3's default is the global ε)."
+            )
+        if fp16:
+            raise ValueError(
+                "SAMTrainer does not support fp16 under DeepSpeed ZeRO-3 yet (its loss scale and overflow skip are "
+                "untested with the ascent pass). Use bf16 (bf16=True), or fp16 with DDP or ZeRO-1/2."
+            )
+        if offload:
+            raise ValueError(
+                f"SAMTrainer does not support ZeRO-3 offload yet ({offload}: the offloaded gradient partitions are "
+                "copied at the accumulation boundary, which the ascent pass would have to follow; untested). Set the "
+                "offload device to 'none', or use ZeRO-2 with offload_optimizer."
+            )
+        _refuse_variants(args, cls.refused_variants)
+
+    def __init__(self, trainer) -> None:
+        super().__init__(trainer)
+        self._accumulated: list[torch.Tensor] | None = None  # the window's gradient partitions, set aside
+        self._zeros: torch.Tensor | None = None
+
+    def _perturbed_tensors(
+        self, params: list[torch.Tensor], watched: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The partitions of the working weights (`ds_tensor`: what `WeightBackup` copies and moves); the parameters
+        they belong to are kept to read their gradient partitions."""
+        self.module_params = params
+        # Every gradient partition the engine accumulates (the window's gradient is set aside for all of them).
+        self.trainable = [p for p in watched if p.requires_grad]
+        self.partition_group = params[0].ds_process_group
+        return mark_partitioned([p.ds_tensor for p in params], self.partition_group)
+
+    def ascent_gradient(self, model, inputs: dict, num_items_in_batch, params) -> tuple[torch.Tensor, list]:
+        """This process's partition of the gradient averaged over processes, from a real backward through the
+        engine (`engine.backward`, which reduce-scatters into the partitioned buffer, without `engine.step`, so the
+        engine does not count it as a micro-batch). The gradient the window has accumulated so far is copied aside
+        first and the buffer zeroed, so the buffer then holds the ascent gradient alone; `descent_context` puts
+        the accumulated gradient back, untouched, before the descent backward adds to it."""
+        from deepspeed.utils import safe_get_local_grad
+
+        first = self.trainer._current_run().micro_batch == 0
+        self._accumulated = None if first else [safe_get_local_grad(p).clone() for p in self.trainable]
+        self._zero_gradient_partitions()
+        loss = self._loss(model, inputs, num_items_in_batch)
+        # Not divided by the accumulation steps: the mean loss's gradient, in the units of the other engines.
+        model.backward(loss, scale_wrt_gas=False)
+        grads = [safe_get_local_grad(p) for p in self.module_params]
+        return loss.detach(), mark_partitioned(grads, self.partition_group)
+
+    def _zero_gradient_partitions(self) -> None:
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        for p in self.trainable:
+            grad = safe_get_local_grad(p)
+            if self._zeros is None or self._zeros.numel() < grad.numel() or self._zeros.dtype != grad.dtype:
+                self._zeros = torch.zeros(max(grad.numel(), 1), dtype=grad.dtype, device=grad.device)
+            safe_set_local_grad(p, self._zeros[: grad.numel()])
+
+    def _release_gathered(self, model) -> None:
+        """Drop every gathered full copy of a parameter (ZeRO-3 keeps small "persistent" parameters gathered between
+        forwards), without writing it back: the next forward gathers the partitions as they are now (w + ε after
+        the perturbation, w after the restore). DeepSpeed's own step releases them the same way."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        gathered = [
+            p
+            for p in self.accelerator.unwrap_model(model).parameters()
+            if p.ds_status == ZeroParamStatus.AVAILABLE
+        ]
+        if gathered:
+            gathered[0].partition(gathered, has_been_updated=False)
+
+    @contextlib.contextmanager
+    def descent_context(self, model, is_last: bool, backup):
+        """Around the stock `training_step` at w + ε: the accumulated gradient partitions back in the buffer (or zeros
+        at the window's first micro-batch), the gathered weights dropped so the descent gathers w + ε, and, as
+        under ZeRO-1/2, w restored from the backup before `engine.step()`."""
+        from deepspeed.utils import safe_set_local_grad
+
+        if self._accumulated is None:
+            self._zero_gradient_partitions()
+        else:
+            for p, grad in zip(self.trainable, self._accumulated, strict=True):
+                safe_set_local_grad(p, grad)
+            self._accumulated = None
+        self._release_gathered(model)
+        engine_step = model.step
+
+        def step_from_w(*args, **kwargs):
+            backup.restore_()  # the SAM gradient is complete: back to w, then the engine's step
+            self._release_gathered(model)
+            return engine_step(*args, **kwargs)
+
+        model.step = step_from_w
+        try:
+            yield
+        finally:
+            del model.step  # the engine's own method again
+            if backup.perturbed:  # the descent failed before the engine's step
+                backup.restore_()
+                self._release_gathered(model)
 
 
 # Trainer classes whose training_step generates, or trains several models: the two-pass step cannot wrap them.
@@ -430,8 +569,23 @@ def select_engine(trainer) -> ProcessLocal:
     if getattr(trainer.accelerator, "is_fsdp2", False):
         return FSDP2(trainer)
     if trainer.is_deepspeed_enabled:
-        return DeepSpeedZeRO(trainer)
+        zero3 = trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return DeepSpeedZeRO3(trainer) if zero3 else DeepSpeedZeRO(trainer)
     return ProcessLocal(trainer)
+
+
+def check_deepspeed(args, zero_stage: int, fp16: bool = False, zero_config: dict | None = None) -> None:
+    """The refusals of the DeepSpeed engine the ZeRO stage selects (`zero_config`: the `zero_optimization` section)."""
+    if zero_stage == 3:
+        offloaded = [
+            f"{key}.device={section.get('device')!r}"
+            for key in ("offload_optimizer", "offload_param")
+            if isinstance(section := (zero_config or {}).get(key), dict)
+            and section.get("device") not in (None, "none")
+        ]
+        DeepSpeedZeRO3.check(args, fp16=fp16, offload=", ".join(offloaded) or None)
+    else:
+        DeepSpeedZeRO.check(args, zero_stage)
 
 
 def check_engine(trainer) -> None:
@@ -440,7 +594,13 @@ def check_engine(trainer) -> None:
     args = trainer.args
     distributed_type = trainer.accelerator.distributed_type
     if distributed_type == DistributedType.DEEPSPEED or trainer.is_deepspeed_enabled:
-        DeepSpeedZeRO.check(args, trainer.accelerator.state.deepspeed_plugin.zero_stage)
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        check_deepspeed(
+            args,
+            plugin.zero_stage,
+            fp16=trainer.accelerator.mixed_precision == "fp16",
+            zero_config=plugin.deepspeed_config.get("zero_optimization"),
+        )
     if distributed_type == DistributedType.FSDP or trainer.is_fsdp_enabled:
         FSDP2.check(args, trainer.accelerator.state.fsdp_plugin.fsdp_version)
     if args.n_gpu > 1:

@@ -36,11 +36,13 @@ def finetuning_card(
     timm_model: bool,
     training_lines: list[str],
     command: str,
+    architecture: str | None = None,
 ) -> ModelCard:
     """A card whose metadata and text say the same thing: the test top-1/top-5 on the split actually evaluated
     (`test_split`, e.g. Food-101's `validation`), how to load the model (transformers and, for timm models,
     timm), how it was trained, and the dataset's terms. `sam`: a SAM run (ρ > 0), tagged `SAM_TAG`;
-    `dataset_revision`: the dataset commit evaluated (the model-index's `dataset.revision`)."""
+    `dataset_revision`: the dataset commit evaluated (the model-index's `dataset.revision`); `architecture`: the
+    model's (timm name or transformers model_type), which says what the settings follow (`conventions`)."""
     repo = repo_id or "<repo>"
     # A leaderboard groups results by (task, dataset, metric type): top-5 gets its own type and k, so that it is
     # not read as a second, better top-1.
@@ -104,7 +106,7 @@ label = model.pretrained_cfg["label_names"][logits.argmax(-1).item()]
 
 `{base_model}` finetuned on {dataset_title} (`{dataset_id or dataset_title}`; {num_classes} classes,
 {num_train:,} training images) with hf-sam (Sharpness-Aware Minimization in the
-Hugging Face Trainer), following the SAM paper's finetuning recipe (Foret et al. 2021, appendix C.2).
+Hugging Face Trainer), {conventions(architecture or base_model)}
 
 ## Results
 
@@ -147,6 +149,28 @@ Full configuration: `resolved_config.yaml`; test metrics: `test_results.json`.
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def conventions(architecture: str) -> str:
+    """What the run's settings follow, from its architecture (a timm name, a transformers model_type or a
+    checkpoint id): the SAM paper's C.2 for EfficientNets; for ViTs, which the SAM paper never finetunes, the ViT
+    paper's finetuning conventions; for anything else, only the settings listed under Training."""
+    name = os.path.basename(os.path.normpath(architecture)).lower()
+    if "efficientnet" in name:
+        return (
+            "following the SAM paper's finetuning recipe (Foret et al. 2021, appendix C.2), with the authors' "
+            "released code where C.2 is silent."
+        )
+    if "vit" in name:
+        return (
+            "following the ViT paper's finetuning conventions where hf-sam's ViT recipes take them (Dosovitskiy et "
+            "al. 2021, table 4 and appendix B.1.1), with ρ from the SAM paper's table 8 (arXiv:2010.01412v2), which "
+            "was tuned for EfficientNets. The SAM paper (Foret et al. 2021) has no ViT finetuning experiment, so this "
+            "is not a reproduction of it; SAM's results on ViTs are in Chen, Hsieh & Gong, \"When Vision "
+            'Transformers Outperform ResNets without Pretraining or Strong Data Augmentations" (ICLR 2022), whose '
+            "tables this run does not reproduce either. The settings used are listed under Training."
+        )
+    return "with the settings listed under Training."
+
+
 def run_title(args: Args, spec) -> str:
     """'<dataset> x <base model>, SAM (rho = ...)' or '..., baseline (plain optimizer)'."""
     base = os.path.basename(os.path.normpath(args.model.model_name_or_path))
@@ -158,9 +182,11 @@ def run_title(args: Args, spec) -> str:
 def write_model_card(
     args: Args, spec, source: str, num_train: int, num_test: int, label_names: list[str],
     metrics: dict[str, float], timm_model: bool, *, engine: str, global_epsilon: bool,
+    architecture: str | None = None,
 ) -> str:  # fmt: skip
     """`README.md` in `output_dir` for a finished run of `args` on the dataset `spec` (loaded from `source`);
-    `engine` and `global_epsilon` as the trainer ran (`trainer.sam_engine.name`, `.global_epsilon`)."""
+    `engine` and `global_epsilon` as the trainer ran (`trainer.sam_engine.name`, `.global_epsilon`);
+    `architecture` as `hf_sam.models.architecture` names it (default: read from `model_name_or_path`)."""
     t, m = args.training, args.model
     global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
     scope = (
@@ -176,9 +202,16 @@ def write_model_card(
     optim = t.optim.value if hasattr(t.optim, "value") else t.optim
     schedule = t.lr_scheduler_type.value if hasattr(t.lr_scheduler_type, "value") else t.lr_scheduler_type
     decay_scope = "every parameter" if args.script.weight_decay_all_parameters else "all but biases and norms"
+    head = (
+        "the checkpoint's own classifier head (head_init checkpoint)"
+        if m.head_init == "checkpoint"
+        else f"new classifier head ({m.head_init} init)"
+    )
+    resolution = f"{m.image_size} px (position embeddings resampled)" if m.image_size else "the checkpoint's"
+    length = f"max_steps {t.max_steps}" if t.max_steps > 0 else f"{t.num_train_epochs:g} epochs"
     training_lines = [
-        f"Base checkpoint: `{m.model_name_or_path}`{f' @ {m.model_revision}' if m.model_revision else ''}; new "
-        f"classifier head ({m.head_init} init); BatchNorm statistics frozen: {m.freeze_batchnorm}",
+        f"Base checkpoint: `{m.model_name_or_path}`{f' @ {m.model_revision}' if m.model_revision else ''}; "
+        f"{head}; BatchNorm statistics frozen: {m.freeze_batchnorm}; resolution {resolution}",
         f"Dropout {m.drop_rate if m.drop_rate is not None else 'as the checkpoint'}, stochastic depth "
         f"{m.drop_path_rate if m.drop_path_rate is not None else 'as the checkpoint'}",
         f"Dataset: `{source}`; train augmentation: {args.data.train_augmentation}; test resize: {args.data.eval_resize}",
@@ -188,7 +221,7 @@ def write_model_card(
         f"{t.warmup_steps} warm-up steps, weight decay {t.weight_decay} on {decay_scope}, gradient clipping "
         f"{t.max_grad_norm or 'none'}, label smoothing {t.label_smoothing_factor}",
         f"Global batch {global_batch} = {t.per_device_train_batch_size} per device x {t.world_size} processes x "
-        f"{t.gradient_accumulation_steps} accumulation; max_steps {t.max_steps}; {engine}; "
+        f"{t.gradient_accumulation_steps} accumulation; {length}; {engine}; "
         f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}; seed {t.seed}",
     ]
     from_hub = spec.hub_id and not os.path.exists(source)
@@ -213,6 +246,7 @@ def write_model_card(
         timm_model=timm_model,
         training_lines=training_lines,
         command=command_line(args),
+        architecture=architecture or m.model_name_or_path,
     )
     card.save(os.path.join(t.output_dir, "README.md"))
     return str(card)

@@ -13,6 +13,7 @@ dict (timm cannot parse the `null` the wrapper writes by default).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -34,6 +35,15 @@ def is_timm(model_or_config) -> bool:
     return getattr(config, "model_type", None) == "timm_wrapper"
 
 
+def architecture(model_or_config) -> str:
+    """The architecture's name: timm's (`vit_base_patch16_224`, `tf_efficientnet_b7`) or transformers' model_type
+    (`vit`, `efficientnet`); the model card says from it which finetuning conventions the run follows."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if is_timm(config):
+        return str(getattr(config, "architecture", None) or "timm")
+    return str(getattr(config, "model_type", None) or type(model_or_config).__name__)
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     label_names: list[str],
@@ -42,18 +52,22 @@ def load_model_and_processor(
     drop_rate: float | None = None,
     drop_path_rate: float | None = None,
     head_init: str = "default",
+    image_size: int | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """The checkpoint's weights with a new, randomly initialised head of `len(label_names)` classes.
 
     The head is new even when the checkpoint's head has the same size (paper, appendix C.2: "except the last
-    dense layer ... that is randomly initialized"); the label names go into the config (`id2label`, and
-    `label_names` for timm).
+    dense layer ... that is randomly initialized"), unless `head_init="checkpoint"`, which keeps the checkpoint's
+    own head (C.2's ImageNet runs) and refuses a dataset with another number of classes; the label names go into
+    the config (`id2label`, and `label_names` for timm).
 
     Code shipped with a checkpoint (`auto_map` in its config.json) runs only with `trust_remote_code=True`;
     the flag is passed explicitly to every loader, so transformers never prompts and never falls back to a default.
     `drop_rate` / `drop_path_rate` (None: the checkpoint's own) set the dropout before the classifier and the
     stochastic depth (drop-connect) of the model that is built, active in training mode: see `set_dropout`.
-    `head_init` draws the new head (`HEAD_INITS`, `init_head`).
+    `head_init` draws the new head (`HEAD_INITS`, `init_head`). `image_size` finetunes at another resolution than
+    the checkpoint's (`set_image_size`: timm ViTs, whose position embeddings are resampled), and the returned
+    processor resizes to it.
     The checkpoint's weights must fit the architecture of its config: apart from the classifier head, every
     tensor must be in the checkpoint with its shape (otherwise transformers would silently initialise the rest
     at random, and the run would "finetune" an untrained network).
@@ -87,13 +101,14 @@ def load_model_and_processor(
         config.model_args = {k: v for k, v in (config.model_args or {}).items() if k != "num_classes"}
     set_dropout(config, drop_rate, drop_path_rate, model_name_or_path)
     try:
-        model, info = AutoModelForImageClassification.from_pretrained(
-            model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            **kwargs,
-        )
+        with _loaded_whole():
+            model, info = AutoModelForImageClassification.from_pretrained(
+                model_name_or_path,
+                config=config,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **kwargs,
+            )
     except ValueError as err:  # e.g. a text model's config: no image-classification class for it
         if "trust_remote_code" in str(err):
             raise ModelError(_remote_code_refused(model_name_or_path)) from None
@@ -105,8 +120,11 @@ def load_model_and_processor(
     except OSError as err:
         raise ModelError(load_failure("model", model_name_or_path, err)) from None
     _check_weights_fit(model, info, model_name_or_path)
-    _ensure_new_head(model, info, num_labels)
-    init_head(model, head_init)
+    if head_init == "checkpoint":
+        _check_head_kept(model, info, num_labels, model_name_or_path)
+    else:
+        _ensure_new_head(model, info, num_labels)
+        init_head(model, head_init)
     try:
         processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -116,7 +134,57 @@ def load_model_and_processor(
             f"{model_name_or_path!r} has no image processor / preprocessing config ({type(err).__name__}); "
             "save one next to the weights (`image_processor.save_pretrained(folder)`)."
         ) from None
+    if image_size is not None:
+        processor = set_image_size(model, processor, image_size, model_name_or_path)
     return model, processor
+
+
+@contextlib.contextmanager
+def _loaded_whole():
+    """Load the checkpoint whole, even when a DeepSpeed ZeRO-3 launch is set up. transformers then builds every
+    `from_pretrained` model partitioned (`deepspeed.zero.Init`), and a partitioned parameter holds no weights: timm's
+    init divides by a fan-in of 0, the resized head cannot be drawn, and the loading checks read nothing. Loaded
+    whole (as under DDP), the model is partitioned by DeepSpeed when the Trainer starts its engine; the cost is one
+    full copy per process while loading."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref()  # the TrainingArguments' config object
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
+def set_image_size(model: PreTrainedModel, processor, image_size: int, model_name_or_path: str):
+    """Finetune a timm ViT at `image_size` px (the ViT paper, appendix B.1.1, finetunes at 384): timm's
+    `set_input_size` resamples the pretrained position embeddings to the new patch grid (bicubic; the ViT paper,
+    section 3.2, interpolates them in 2D), and the config records the size (`model_args.img_size`, which rebuilds
+    the model at that size when transformers or timm reload it; `pretrained_cfg.input_size`, which the
+    preprocessing reads). Returns the processor for the new size: the checkpoint's interpolation, mean/std and
+    `crop_pct`, so the test images are resized to image_size / crop_pct and centre-cropped to image_size."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ModelError(f"image_size must be a positive number of pixels, got {image_size!r}.")
+    timm_model = getattr(model, "timm_model", None)
+    if not is_timm(model) or not hasattr(timm_model, "set_input_size"):
+        raise ModelError(
+            f"image_size is supported for timm ViT checkpoints (timm `set_input_size`), not for {model_name_or_path!r} "
+            f"({type(timm_model or model).__name__}); leave image_size unset to use the checkpoint's resolution."
+        )
+    patch = getattr(getattr(timm_model, "patch_embed", None), "patch_size", (1, 1))
+    if image_size % patch[0] or image_size % patch[1]:
+        raise ModelError(f"image_size {image_size} is not a multiple of the patch size {tuple(patch)}.")
+    timm_model.set_input_size(img_size=(image_size, image_size))
+    config = model.config
+    config.model_args = {**(config.model_args or {}), "img_size": image_size}
+    config.pretrained_cfg = {**config.pretrained_cfg, "input_size": [3, image_size, image_size]}
+    timm_model.pretrained_cfg = {**timm_model.pretrained_cfg, "input_size": (3, image_size, image_size)}
+    return type(processor)(
+        pretrained_cfg=config.pretrained_cfg, architecture=getattr(config, "architecture", None)
+    )
 
 
 # transformers config attributes that hold (drop_rate, drop_path_rate), per model_type; None: no such layer.
@@ -192,6 +260,22 @@ def _head_prefix(model: PreTrainedModel) -> tuple[str, torch.nn.Module]:
     return "classifier", model.classifier
 
 
+def _check_head_kept(model: PreTrainedModel, info: dict, num_labels: int, model_name_or_path: str) -> None:
+    """`head_init: checkpoint`: the head must be the checkpoint's own, loaded with its weights."""
+    prefix, head = _head_prefix(model)
+    fresh = {key for key, *_ in info.get("mismatched_keys", [])} | set(info.get("missing_keys", []))
+    if any(key.startswith(prefix) for key in fresh):
+        sizes = [m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        saved = next(
+            (shapes[0] for key, *shapes in info.get("mismatched_keys", []) if key.startswith(prefix)), None
+        )
+        raise ModelError(
+            f"head_init: checkpoint keeps {model_name_or_path!r}'s own classifier, but the dataset has {num_labels} "
+            f"classes (head {tuple(saved) if saved is not None else 'not in the checkpoint'}; built: {sizes}). Use a "
+            "dataset with the checkpoint's classes, in its order, or another head_init."
+        )
+
+
 def _ensure_new_head(model: PreTrainedModel, info: dict, num_labels: int) -> None:
     """Re-initialise the head if it was loaded from the checkpoint (same number of classes)."""
     prefix, head = _head_prefix(model)
@@ -212,12 +296,14 @@ def _ensure_new_head(model: PreTrainedModel, info: dict, num_labels: int) -> Non
 #   1/√(3K): 0.18 at K = 10, 9x transformers' 0.02), flax Dense's default zero bias.
 # - zeros: the ViT paper (Dosovitskiy et al. 2021, section 3.2) attaches a zero-initialised head.
 # - default: whatever the loader drew (transformers' `_init_weights`, N(0, initializer_range); timm's own).
-HEAD_INITS = ("released", "zeros", "default")
+# - checkpoint: no new head: the checkpoint's own classifier and its weights (C.2's ImageNet runs: "We do not
+#   randomly initialize the last layer ... but instead use the weights included in the checkpoint").
+HEAD_INITS = ("released", "zeros", "default", "checkpoint")
 
 
 def init_head(model: PreTrainedModel, head_init: str) -> None:
     """Draw the classifier head's Linear layer(s) as `head_init` says (torch's global generator: the run's seed)."""
-    if head_init == "default":
+    if head_init in ("default", "checkpoint"):
         return
     _, head = _head_prefix(model)
     for layer in (m for m in head.modules() if isinstance(m, torch.nn.Linear)):

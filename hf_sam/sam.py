@@ -36,6 +36,7 @@ __all__ = [
     "compute_perturbation_",
     "dot",
     "global_norm",
+    "mark_partitioned",
     "gsam_gradient_",
     "looksam_orthogonal_component",
     "looksam_reuse_gradient_",
@@ -286,39 +287,65 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
+# The attribute that marks a tensor as this process's flat partition of a larger one (DeepSpeed ZeRO-3's working
+# weights and gradient partitions): its value is the process group the partitions are spread over.
+PARTITION_GROUP = "_sam_partition_group"
+
+
+def mark_partitioned(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Mark `tensors` as this process's partitions of tensors spread over `group` (ZeRO-3), so that `global_norm`
+    counts each element once over the group (its squares are all-reduced) instead of taking the local norm."""
+    for t in tensors:
+        setattr(t, PARTITION_GROUP, group)
+    return tensors
+
+
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """‖x‖₂ over a list of tensors (one fused norm per tensor, then the norm of the norms), in float32 at least.
 
-    Sharded tensors (FSDP2's DTensors on a 1-D mesh) count once: the squared norms of the local shards are
-    all-reduced over the shard group, so every rank gets the full-model norm, not its shard's.
+    Sharded tensors (FSDP2's DTensors on a 1-D mesh) and partitions (`mark_partitioned`, ZeRO-3) count once: the
+    squared norms of the local parts are all-reduced over their process group, so every rank gets the full-model
+    norm, not its own part's.
     """
-    sharded = [t for t in tensors if _is_dtensor(t)]
-    if not sharded:
+    split, group, replicated = [], None, []
+    for t in tensors:
+        if _is_dtensor(t):
+            mesh = t.device_mesh
+            if mesh.ndim != 1 or not all(p.is_shard() for p in t.placements):
+                _unsupported_layout()
+            part_group, local = mesh.get_group(), t.to_local()
+        elif (part_group := getattr(t, PARTITION_GROUP, None)) is not None:
+            local = t
+        else:
+            replicated.append(t)
+            continue
+        if group is None:
+            group = part_group
+        elif part_group is not group:
+            _unsupported_layout()
+        split.append(local)
+    if not split:
         norms = _norms(tensors)
         device = norms[0].device  # a model spread over devices (device_map): gather the norms on one
         return torch.linalg.vector_norm(
             torch.stack([n.to(device, torch.promote_types(n.dtype, torch.float32)) for n in norms])
-        )
-    mesh = sharded[0].device_mesh
-    if mesh.ndim != 1 or any(
-        t.device_mesh != mesh or not all(p.is_shard() for p in t.placements) for t in sharded
-    ):
-        raise NotImplementedError(
-            "SAM supports sharded parameters on one 1-D device mesh (FSDP2 `fully_shard`); HSDP and tensor "
-            "parallel layouts are not supported yet."
         )
 
     def squares(group: list[torch.Tensor]) -> torch.Tensor:
         norms = _norms(group) if group else []
         return torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros(())
 
-    shard_squares = squares([t.to_local() for t in sharded])
-    torch.distributed.all_reduce(
-        shard_squares, group=mesh.get_group()
-    )  # the all-reduce of squared local norms
-    replicated = [t for t in tensors if not _is_dtensor(t)]
-    total = shard_squares + (squares(replicated).to(shard_squares.device) if replicated else 0.0)
+    split_squares = squares(split)
+    torch.distributed.all_reduce(split_squares, group=group)  # the all-reduce of squared local norms
+    total = split_squares + (squares(replicated).to(split_squares.device) if replicated else 0.0)
     return total.sqrt()
+
+
+def _unsupported_layout():
+    raise NotImplementedError(
+        "SAM supports sharded parameters on one 1-D device mesh (FSDP2 `fully_shard`) or one ZeRO-3 partition group; "
+        "HSDP and tensor parallel layouts are not supported yet."
+    )
 
 
 def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -108,7 +108,7 @@ class SAMMixin:
        precision stay the Trainer's;
     4. w restored by copy before returning; the Trainer then clips, steps, schedules, saves and evaluates at w.
 
-    How each pass runs under DDP, FSDP2 and DeepSpeed ZeRO-1/2 is the engine's (`hf_sam.engines`, chosen in
+    How each pass runs under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 is the engine's (`hf_sam.engines`, chosen in
     `__init__` as `self.sam_engine`); ε itself is `hf_sam.sam.perturb_`, the one path from g to w + ε.
 
     The variants of `SAMTrainingArguments` (interval, late-phase window, LookSAM, GSAM, m-sharpness groups,

@@ -51,7 +51,7 @@ from hf_sam.data import (
 from hf_sam.finetuning import RecipeTrainer, top_k_accuracy
 from hf_sam.hub import HubError, create_repo, upload_run
 from hf_sam.model_card import write_model_card
-from hf_sam.models import ModelError, is_timm, load_model_and_processor, make_timm_loadable
+from hf_sam.models import ModelError, architecture, is_timm, load_model_and_processor, make_timm_loadable
 
 RECIPE_ERRORS = (ConfigError, CheckpointError, DataError, ModelError, HubError)  # one `error:` line each
 
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
         model, processor = load_model_and_processor(
             args.model.model_name_or_path, data.label_names, args.model.model_revision, args.model.trust_remote_code,
             drop_rate=args.model.drop_rate, drop_path_rate=args.model.drop_path_rate, head_init=args.model.head_init,
+            image_size=args.model.image_size,
         )  # fmt: skip
         if resume:
             check_checkpoint_fits(model, resume)
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
             write_model_card(
                 args, spec, data.source, len(data.train), len(data.test), data.label_names, metrics,
                 is_timm(model), engine=engine.name, global_epsilon=engine.global_epsilon,
+                architecture=architecture(model),
             )  # fmt: skip
 
         # -------------------------------------------------------------- push

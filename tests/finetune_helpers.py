@@ -106,6 +106,8 @@ REAL_IMAGE_SIZES = {
     "flowers102": [(500, 667), (754, 500)],
     "stanford_cars": [(640, 480), (1024, 683)],
     "food101": [(512, 512), (512, 384)],
+    "fgvc_aircraft": [(1024, 683), (800, 533)],  # photographs of about a megapixel, landscape
+    "imagenet": [(500, 375), (375, 500)],  # ILSVRC JPEGs, typically a few hundred pixels a side
 }
 
 

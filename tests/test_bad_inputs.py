@@ -132,9 +132,9 @@ SAM_CASES = {
         "sam_sync_perturbation=False (one ε per process) is impossible under FSDP",
     ),  # fmt: skip
     "fsdp+gsam": (["--sam_mode", "gsam", "--fsdp"], "sam_mode='gsam' is not supported under FSDP"),
-    "deepspeed-zero3": (
-        ["--deepspeed", '{"zero_optimization": {"stage": 3}}'],
-        "SAMTrainer does not support DeepSpeed ZeRO-3",
+    "deepspeed-zero3+per-process-epsilon": (
+        ["--deepspeed", '{"zero_optimization": {"stage": 3}}', "--sam_sync_perturbation", "false"],
+        "sam_sync_perturbation=False (one ε per process) is impossible under DeepSpeed ZeRO-3",
     ),  # fmt: skip
     "augmentation-unknown": (
         ["--train_augmentation", "mixup"],
@@ -592,6 +592,7 @@ def test_a_refused_zero3_config_leaves_no_global_zero3_state(tmp_path):
         SAMTrainingArguments(
             output_dir=str(tmp_path), sam_rho=0.05, use_cpu=True, report_to=[],
             deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1},
+            sam_group_size=2,
         )  # fmt: skip
     except ValueError as error:
         errors.append(error)  # kept alive, as a caller's handler may keep it

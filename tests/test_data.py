@@ -33,7 +33,31 @@ def test_specs_hold_the_hub_facts():
         "test": "data/test-*.parquet",
     }
     assert SPECS["flowers102"].hub_id == "dpdl-benchmark/oxford_flowers102"
-    assert {s.num_classes for s in SPECS.values()} == {10, 100, 101, 37, 102, 196}
+    assert {s.num_classes for s in SPECS.values()} == {10, 100, 101, 37, 102, 196, 1000}
+    # FGVC Aircraft: trainval / test, 100 variants, and its non-commercial terms (the card repeats them)
+    aircraft = SPECS["fgvc_aircraft"]
+    assert (aircraft.train_split, aircraft.test_split, aircraft.num_classes) == (
+        "train+validation",
+        "test",
+        100,
+    )
+    assert "non-commercial research" in aircraft.terms
+
+
+def test_imagenet_spec_takes_your_copy(tmp_path):
+    """ImageNet-1k is gated and no Hub copy is recorded: the spec names none, and says to set dataset_path; given a
+    local copy with `train` / `validation`, it loads 1000 classes and evaluates on `validation`."""
+    spec = SPECS["imagenet"]
+    assert (spec.hub_id, spec.test_split, spec.num_classes) == (None, "validation", 1000)
+    assert "non-commercial research and educational" in spec.terms
+    with pytest.raises(
+        DataError, match="dataset 'imagenet' has no Hub id: set `dataset_path` to a local copy"
+    ):
+        load_image_classification(spec)
+    folder = fixture_for_spec(spec, str(tmp_path / "imagenet"), per_split=2)
+    data = load_image_classification(spec, local_path=folder)
+    assert len(data.label_names) == 1000 and (len(data.train), len(data.test)) == (2, 2)
+    assert data.source == folder  # no revision for a local copy
 
 
 def test_digits_builtin():

@@ -78,8 +78,15 @@ def run(tmp_path, *argv) -> dict:
 def test_every_dataset_spec_runs_two_steps(name, hub, timm_ckpt, tmp_path):
     spec = SPECS[name]
     calls = hub(spec) if spec.hub_id else None
+    # a spec without Hub id or builder (ImageNet) reads the user's copy
+    yours = (
+        []
+        if spec.hub_id or spec.builder
+        else ["--dataset_path", fixture_for_spec(spec, str(tmp_path / "yours"))]
+    )
     metrics = run(
         tmp_path,
+        *yours,
         "--dataset",
         name,
         "--model_name_or_path",
@@ -503,9 +510,9 @@ def test_hub_private_repo_is_respected_and_documented(timm_ckpt, tmp_path, monke
 
 
 # ---------------------------------------------------------------------- the card as the Hub reads it
-def _recipe_card(tmp_path, recipe: str, source: str, **flags):
+def _recipe_card(tmp_path, recipe: str, source: str, architecture: str | None = None, **flags):
     """The card `write_model_card` writes for `recipe` (parsed as on 8 GPUs; nothing trained), reloaded by
-    huggingface_hub."""
+    huggingface_hub; `architecture` as `hf_sam.models.architecture` would name the model (default: from the id)."""
     from huggingface_hub import ModelCard
 
     from hf_sam.model_card import write_model_card
@@ -519,7 +526,7 @@ def _recipe_card(tmp_path, recipe: str, source: str, **flags):
     spec = SPECS[recipe.split("/")[1]]
     metrics = {"test_top1": 0.9, "test_top5": 0.99}
     write_model_card(args, spec, source, 8144, 8041, [f"c{i}" for i in range(spec.num_classes)], metrics, True,
-                     engine="DDP", global_epsilon=False)  # fmt: skip
+                     engine="DDP", global_epsilon=False, architecture=architecture)  # fmt: skip
     return ModelCard.load(str(tmp_path / "out" / "README.md"))
 
 
@@ -555,6 +562,76 @@ def test_baseline_card_has_no_sam_tag_and_unpinned_revision_is_absent(tmp_path):
     assert "hf-sam" in card.data.tags and card.data.to_dict()["license"] == "apache-2.0"
     assert "license_name" not in card.data.to_dict()
     assert all(r.dataset_revision is None for r in card.data.eval_results)
+
+
+def test_card_says_what_the_run_followed(tmp_path):
+    """An EfficientNet run followed the SAM paper's C.2; a ViT run did not (the SAM paper has no ViT experiment): its
+    card names the ViT paper's conventions, cites Chen, Hsieh & Gong for SAM on ViTs, and says it reproduces neither;
+    the architecture decides, also for a local checkpoint folder whose name says nothing."""
+    efficientnet = _recipe_card(
+        tmp_path / "b7", "recipes/oxford_pets/efficientnet_b7/sam.yaml", "timm/oxford-iiit-pet"
+    )
+    assert (
+        "following the SAM paper's finetuning recipe (Foret et al. 2021, appendix C.2)" in efficientnet.text
+    )
+    vit = _recipe_card(tmp_path / "vit", "recipes/oxford_pets/vit_b16/sam.yaml", "timm/oxford-iiit-pet")
+    text = " ".join(vit.text.split())
+    assert "appendix C.2" not in text and "SAM paper's finetuning recipe" not in text
+    assert (
+        "the ViT paper's finetuning conventions" in text
+        and "Dosovitskiy et al. 2021, table 4 and appendix B.1.1" in text
+    )
+    assert "has no ViT finetuning experiment, so this is not a reproduction of it" in text
+    assert (
+        'Chen, Hsieh & Gong, "When Vision Transformers Outperform ResNets without Pretraining or Strong Data Augmentations" (ICLR 2022)'
+        in text
+    )
+    assert (
+        "resolution 384 px (position embeddings resampled)" in text
+        and "new classifier head (zeros init)" in text
+    )
+    local = _recipe_card(tmp_path / "local", "recipes/oxford_pets/vit_b16/sam.yaml", "timm/oxford-iiit-pet",
+                         architecture="vit_base_patch16_224", model_name_or_path=str(tmp_path))  # fmt: skip
+    assert "the ViT paper's finetuning conventions" in " ".join(local.text.split())
+    other = _recipe_card(tmp_path / "other", "recipes/oxford_pets/vit_b16/sam.yaml", "timm/oxford-iiit-pet",
+                         architecture="resnet50", model_name_or_path=str(tmp_path))  # fmt: skip
+    assert "C.2" not in other.text and "ViT paper" not in other.text
+    assert "with the settings listed under Training." in other.text
+
+
+def test_non_commercial_dataset_cards_name_their_terms(tmp_path):
+    """FGVC Aircraft (like Stanford Cars) and ImageNet: license other with a name and a link, and the terms in the text."""
+    for recipe, source in (("recipes/fgvc_aircraft/efficientnet_l2/sam.yaml", "dpdl-benchmark/fgvc_aircraft"),
+                           ("recipes/imagenet/efficientnet_b7/baseline.yaml", "/data/imagenet")):  # fmt: skip
+        card = _recipe_card(tmp_path / recipe.split("/")[1], recipe, source)
+        meta, spec = card.data.to_dict(), SPECS[recipe.split("/")[1]]
+        assert (
+            meta["license"] == "other"
+            and meta["license_name"]
+            and meta["license_link"].startswith("https://")
+        )
+        assert spec.terms in card.text and "non-commercial research" in spec.terms
+    assert (
+        "the checkpoint's own classifier head (head_init checkpoint)" in card.text
+        and "; 10 epochs;" in card.text
+    )
+
+
+def test_vit_image_size_runs_end_to_end(tmp_path):
+    """`image_size` through recipes/finetune.py: the model trains and evaluates at that size, and the saved config
+    (what transformers and timm rebuild from) records it."""
+    from hf_sam.models import save_timm_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "vit")
+    save_timm_checkpoint(timm.create_model("test_vit", pretrained=False, num_classes=5), ckpt, crop_pct=0.9,
+                         mean=(0.5,) * 3, std=(0.5,) * 3)  # fmt: skip
+    metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", ckpt, "--image_size", "48",
+                  "--head_init", "zeros", "--train_augmentation", "random-resized-crop", "--max_test_samples", "4")  # fmt: skip
+    assert 0.0 <= metrics["test_top1"] <= 1.0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 48, 48] and config["model_args"]["img_size"] == 48
+    assert timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).pos_embed.shape[1] == 1 + 3 * 3
 
 
 def test_license_other_needs_its_name_and_link(tmp_path):

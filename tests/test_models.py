@@ -150,3 +150,103 @@ def _assert_body_untouched(model, ckpt):
     assert body and set(body) == {name for name in saved if not name.startswith(head)}
     for name, tensor in body.items():
         assert torch.equal(tensor, saved[name]), name
+
+
+def test_checkpoint_head_init_keeps_the_checkpoints_head(tmp_path):
+    """head_init: checkpoint (C.2's ImageNet runs: "use the weights included in the checkpoint"): the head keeps the
+    checkpoint's weights, for a timm and a transformers checkpoint; a dataset with another class count is refused."""
+    timm_ckpt = tiny_timm_checkpoint(str(tmp_path / "timm"), num_classes=3)
+    model, _ = load_model_and_processor(timm_ckpt, NAMES, head_init="checkpoint")
+    saved = load_file(f"{timm_ckpt}/model.safetensors")
+    assert torch.equal(model.timm_model.classifier.weight, saved["classifier.weight"])
+    assert torch.equal(model.timm_model.classifier.bias, saved["classifier.bias"])
+    assert model.config.id2label == dict(enumerate(NAMES))
+    vit = tiny_vit_checkpoint(str(tmp_path / "vit"), num_classes=3)
+    model, _ = load_model_and_processor(vit, NAMES, head_init="checkpoint")
+    assert torch.equal(model.classifier.weight, load_file(f"{vit}/model.safetensors")["classifier.weight"])
+    for ckpt in (timm_ckpt, vit):
+        with pytest.raises(
+            ModelError, match="head_init: checkpoint keeps .*own classifier, but the dataset has 200"
+        ):
+            load_model_and_processor(ckpt, MANY, head_init="checkpoint")
+
+
+# ---------------------------------------------------------------------- image_size (the ViT recipes' 384 px)
+def _tiny_timm_vit(folder: str) -> str:
+    """timm's test_vit (patch 16, 160 px), saved in the Hub's timm layout with ViT's preprocessing."""
+    from hf_sam.models import save_timm_checkpoint
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=5)
+    save_timm_checkpoint(model, folder, crop_pct=0.9, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return folder
+
+
+def test_image_size_resamples_the_position_embeddings_and_reloads_at_that_size(tmp_path):
+    """image_size: the pretrained position embeddings resampled to the new patch grid (timm's resample_abs_pos_embed,
+    the ViT paper's 2D interpolation), the processor at the new size with the checkpoint's crop_pct and mean/std, and a
+    saved model that transformers and timm both rebuild at that size, giving the same logits."""
+    from timm.layers import resample_abs_pos_embed
+
+    ckpt = _tiny_timm_vit(str(tmp_path / "ckpt"))
+    model, processor = load_model_and_processor(ckpt, NAMES, head_init="zeros", image_size=64)
+    saved = load_file(f"{ckpt}/model.safetensors")
+    assert saved["pos_embed"].shape == (1, 1 + 10 * 10, 64)  # 160 px / 16 = 10 x 10 patches + the class token
+    expected = resample_abs_pos_embed(
+        saved["pos_embed"], new_size=(4, 4), old_size=(10, 10), num_prefix_tokens=1
+    )
+    torch.testing.assert_close(model.timm_model.pos_embed.detach(), expected, rtol=0, atol=0)
+    for name, tensor in model.timm_model.state_dict().items():  # nothing else changed
+        if name != "pos_embed" and not name.startswith("head."):
+            assert torch.equal(tensor, saved[name]), name
+    assert (processor.data_config["input_size"], processor.data_config["crop_pct"]) == ((3, 64, 64), 0.9)
+    assert processor.data_config["mean"] == (0.5,) * 3
+    pixels = processor(images=[torch.zeros(3, 90, 120)], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 64, 64) and model(pixel_values=pixels).logits.shape == (1, 3)
+    model.save_pretrained(tmp_path / "out")
+    make_timm_loadable(str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_args"]["img_size"] == 64 and config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected_logits = model.eval()(pixel_values=x).logits
+        by_transformers = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()(
+            pixel_values=x
+        )
+        by_timm = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()(x)
+    torch.testing.assert_close(by_transformers.logits, expected_logits, rtol=0, atol=0)
+    torch.testing.assert_close(by_timm, expected_logits, rtol=0, atol=0)
+
+
+def test_image_size_is_refused_where_it_cannot_be_honoured(tmp_path):
+    with pytest.raises(ModelError, match="image_size is supported for timm ViT checkpoints"):
+        load_model_and_processor(tiny_timm_checkpoint(str(tmp_path / "cnn")), NAMES, image_size=64)
+    with pytest.raises(ModelError, match="image_size is supported for timm ViT checkpoints"):
+        load_model_and_processor(tiny_vit_checkpoint(str(tmp_path / "hf_vit")), NAMES, image_size=64)
+    with pytest.raises(ModelError, match="not a multiple of the patch size"):
+        load_model_and_processor(_tiny_timm_vit(str(tmp_path / "vit")), NAMES, image_size=70)
+
+
+def test_a_zero3_launch_loads_the_checkpoint_whole_and_keeps_its_config(tmp_path):
+    """Under a ZeRO-3 launch transformers would build the checkpoint partitioned (zero.Init), where timm's init divides
+    by a fan-in of 0 and the new head cannot be drawn; the recipe loads it whole, and the registered ZeRO-3 config
+    is back afterwards for the Trainer (the launch itself: tests/test_deepspeed_zero3.py)."""
+    pytest.importorskip("deepspeed")
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"))
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        model, _ = load_model_and_processor(checkpoint, [str(i) for i in range(4)], head_init="released")
+        assert is_deepspeed_zero3_enabled()  # the Trainer still sees the launch's ZeRO-3 config
+    finally:
+        unset_hf_deepspeed_config()
+    assert not any(hasattr(p, "ds_id") for p in model.parameters())  # whole, not partitioned
+    head = model.timm_model.get_classifier().weight
+    assert head.shape == (4, head.shape[1]) and float(head.abs().max()) <= 0.5 + 1e-6  # U(±1/√K), K = 4
+    registered  # kept alive until here: the registry holds a weak reference

@@ -1,11 +1,12 @@
 """Every paper recipe end to end with its real shapes, on CPU: the recipe's real architecture built from config
 (timm's registry entry for its Hub checkpoint: no weights), at its real resolution, fed a local stand-in dataset with
 the real dataset's columns, label feature and image sizes, through `recipes/finetune.py` with the recipe's own
-settings (augmentation, dropout, drop-connect, Nesterov, clipping, weight-decay scope, gradient checkpointing),
-for two SAM steps at batch 1. Only what a CPU cannot do is overridden: bf16 (off), the batch (1, with
+settings (augmentation, dropout, drop-connect, Nesterov, clipping, weight-decay scope, gradient checkpointing, the
+ViT recipes' 384 px, ImageNet's kept head), for two SAM steps at batch 1. Only what a CPU cannot do is overridden: bf16 (off), the batch (1, with
 global_batch_size 1), the steps (2), checkpoints and dataloader workers (none).
 
-Slow (`make test-slow`): EfficientNet-L2 at 475 px is 480M parameters.
+Slow (`make test-slow`): EfficientNet-L2 at 475 px is 480M parameters. One recipe folder at a time:
+`-m slow -k fgvc_aircraft` (the ids are the folders, e.g. `recipes/fgvc_aircraft/efficientnet_b7`).
 """
 
 from __future__ import annotations
@@ -71,15 +72,29 @@ def test_recipe_runs_two_sam_steps_with_its_real_shapes(recipe, checkpoints, tmp
     assert len(sharpness) == 2 and all(abs(s) < 1e3 for s in sharpness)  # two real SAM steps, finite
     config = json.loads((out / "config.json").read_text())
     resolution = tuple(config["pretrained_cfg"]["input_size"][1:])
-    assert (
-        resolution
-        == {"efficientnet_b7": (600, 600), "efficientnet_l2": (475, 475), "vit_b16": (224, 224)}[
-            recipe.split(os.sep)[-2]
-        ]
-    )
+    # the checkpoint's resolution; the ViT recipes finetune at 384 px (ViT paper, B.1.1), and the saved model says so
+    expected = {"efficientnet_b7": (600, 600), "efficientnet_l2": (475, 475), "vit_b16": (384, 384)}
+    assert resolution == expected[recipe.split(os.sep)[-2]]
+    if parsed.model.image_size:
+        assert config["model_args"]["img_size"] == parsed.model.image_size
     assert shapes and all(s == (1, 3, *resolution) for s in shapes), (
         shapes
     )  # train and test at full resolution
     assert config["num_classes"] == SPECS[dataset].num_classes and 0.0 <= metrics["test_top1"] <= 1.0
     rates = {k: config["model_args"].get(k, 0.0) for k in ("drop_rate", "drop_path_rate")}
     assert rates == {"drop_rate": parsed.model.drop_rate, "drop_path_rate": parsed.model.drop_path_rate}
+    if (
+        parsed.model.head_init == "checkpoint"
+    ):  # ImageNet (C.2): the checkpoint's own head, trained on, not redrawn
+        from safetensors.torch import load_file
+
+        head = {
+            k: v
+            for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()
+            if k.startswith("classifier.")
+        }
+        saved = load_file(str(out / "model.safetensors"))
+        assert head and all(saved[k].shape == v.shape for k, v in head.items())
+    card = (out / "README.md").read_text()
+    if spec_terms := SPECS[dataset].terms:
+        assert spec_terms in card

@@ -408,7 +408,31 @@ def test_non_finite_ascent_gradient_skips_the_perturbation_and_is_counted(tmp_pa
         ({"optim": "adalomo"}, "adalomo"),
         ({"optim": "galore_adamw_layerwise", "optim_target_modules": ["fc1"]}, "galore_adamw_layerwise"),
         ({"optim": "apollo_adamw_layerwise", "optim_target_modules": ["fc1"]}, "apollo_adamw_layerwise"),
-        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "does not support DeepSpeed ZeRO-3"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "sam_sync_perturbation": False},
+            "impossible under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "sam_group_size": 2},
+            "impossible under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "sam_mode": "gsam"},
+            "not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "sam_ascent_fraction": 0.5},
+            "not supported under DeepSpeed ZeRO-3",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "sam_ascent_steps": 2},
+            "not supported under DeepSpeed ZeRO-3",
+        ),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}, "fp16": True}, "fp16 under DeepSpeed ZeRO-3"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}},
+            "ZeRO-3 offload yet \\(offload_optimizer.device='cpu'",
+        ),
         (
             {"deepspeed": {"zero_optimization": {"stage": 2}}, "sam_mode": "gsam"},
             "not supported under DeepSpeed",

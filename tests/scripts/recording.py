@@ -36,14 +36,24 @@ class RecordingSAMTrainer(SAMTrainer):
 
 
 class RecordWeights(TrainerCallback):
-    """After every optimizer step: the full weights in `record["full"]` (gathered from FSDP2 shards: a collective,
-    every rank runs it) and this rank's own part in `record["local"]` (the shard; the whole tensor otherwise)."""
+    """After every optimizer step: the full weights in `record["full"]` (gathered from FSDP2 shards or ZeRO-3
+    partitions: a collective, every rank runs it) and this rank's own part in `record["local"]` (the shard or the
+    partition; the whole tensor otherwise)."""
 
     def __init__(self, record: dict):
         self.record = record
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         params = list(model.named_parameters())
+        if any(
+            hasattr(p, "ds_id") for _, p in params
+        ):  # DeepSpeed ZeRO-3: gather the partitions (a collective)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                self.record["full"].append({n: p.detach().clone() for n, p in params})
+            self.record["local"].append({n: p.ds_tensor.detach().clone() for n, p in params})
+            return
         self.record["full"].append({n: _full(p).detach().clone() for n, p in params})
         self.record["local"].append({n: _local(p).detach().clone() for n, p in params})
 
@@ -70,6 +80,7 @@ def toy_arguments(output_dir: str, **overrides) -> SAMTrainingArguments:
         "lr_scheduler_type": "constant",
         "save_strategy": "steps",
         "save_steps": 1,
+        "sam_rho": 0.05,
         **overrides,
     }
     return SAMTrainingArguments(
@@ -79,7 +90,6 @@ def toy_arguments(output_dir: str, **overrides) -> SAMTrainingArguments:
         optim_args="momentum=0.9",
         max_grad_norm=0.0,
         train_sampling_strategy="sequential",
-        sam_rho=0.05,
         report_to=[],
         logging_steps=1,
         use_cpu=True,
@@ -88,10 +98,11 @@ def toy_arguments(output_dir: str, **overrides) -> SAMTrainingArguments:
     )
 
 
-def toy_trainer(args: SAMTrainingArguments) -> RecordingSAMTrainer:
-    """The toy model on 16 rows, recording into `trainer.record`."""
+def toy_trainer(args: SAMTrainingArguments, trainer_class: type = RecordingSAMTrainer) -> RecordingSAMTrainer:
+    """The toy model on 16 rows, recording into `trainer.record` (`trainer_class`: the stock Trainer for the ρ = 0
+    comparisons; it records the weights only)."""
     record = new_record()
-    trainer = RecordingSAMTrainer(
+    trainer = trainer_class(
         model=make_model(), args=args, train_dataset=make_rows(16), callbacks=[RecordWeights(record)]
     )
     trainer.record = record
@@ -102,6 +113,7 @@ def save_record(trainer: RecordingSAMTrainer) -> None:
     """After training: this rank's record, as `<output_dir>-rank<r>.pt` next to the run's output folder."""
     record = trainer.record
     record["world"] = trainer.args.world_size
-    record["backup_numel"] = sum(b.numel() for b in trainer._sam_backup._backup)  # SAM's extra copy of w
+    backup = getattr(trainer, "_sam_backup", None)
+    record["backup_numel"] = sum(b.numel() for b in backup._backup) if backup else 0  # SAM's extra copy of w
     record["log_history"] = trainer.state.log_history
     torch.save(record, f"{os.path.normpath(trainer.args.output_dir)}-rank{trainer.args.process_index}.pt")
