@@ -242,7 +242,11 @@ def test_accelerate_configs():
     assert zero2.distributed_type.value == "DEEPSPEED" and zero2.deepspeed_config["zero_stage"] == 2
     zero3 = ClusterConfig.from_yaml_file(os.path.join(folder, "deepspeed_zero3.yaml"))
     assert zero3.distributed_type.value == "DEEPSPEED" and zero3.deepspeed_config["zero_stage"] == 3
-    assert zero3.deepspeed_config["offload_optimizer_device"] == zero3.deepspeed_config["offload_param_device"] == "none"
+    assert (
+        zero3.deepspeed_config["offload_optimizer_device"]
+        == zero3.deepspeed_config["offload_param_device"]
+        == "none"
+    )
 
 
 def test_results_table_is_filled_only_from_runs(tmp_path):
