@@ -7,7 +7,7 @@ u = g/‖g‖, the steepest: ρ‖g‖. Momentum-SAM takes u = −v/‖v‖ (v t
 by ρ‖g‖·cos(g, −v): if −v were an ascent direction, ρ_MSAM ≈ ρ_SAM / cos(g, −v) would match a SAM ρ_SAM.
 Whether it is, is measured here (on this benchmark it is not: cos < 0, −v is a descent direction at w, so
 Momentum-SAM's ρ is not a rescaled SAM ρ and has to be tuned on its own). This script trains the benefit
-benchmark's model and data (`experiments/benefit.py`: digits at 40% label noise, the MLP, SGD momentum 0.9, batch
+benchmark's model and data (`experiments/benefit.py`: digits at 30% pair-flip label noise, the MLP, SGD momentum 0.9, batch
 64, 50 epochs, cosine decay) with the `SAM` wrapper in mode="momentum", and at every step also takes the gradient
 at w on the step's batch (an extra pass, for the measurement only) to record cos(g(w), −v) and the first-order loss
 increase of the perturbation, ρ⟨g, −v̂⟩, next to SAM's ρ_SAM‖g‖. Writes experiments/results/momentum_direction.md.
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
         "--rho", type=float, default=3.0, help="Momentum-SAM's ρ (the benefit benchmark's choice)"
     )
     parser.add_argument(
-        "--sam-rho", type=float, default=0.5, help="SAM's ρ to compare with (its choice there)"
+        "--sam-rho", type=float, default=0.7, help="SAM's ρ to compare with (its choice there)"
     )
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, default=3)
