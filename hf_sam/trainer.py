@@ -14,7 +14,6 @@ from transformers import Trainer
 
 from hf_sam import loss_units, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
-from hf_sam.checkpoints import remove_if_created_empty
 from hf_sam.configs import ONE_PASS_MODES, SAMArguments, SAMTrainingArguments
 from hf_sam.engines import (
     Plan,
@@ -74,6 +73,15 @@ def _parent_signature(trainer_class: type) -> inspect.Signature:
     raise TypeError(
         f"{trainer_class.__name__}: SAMMixin needs a Trainer subclass whose __init__ takes `args`."
     )
+
+
+def remove_if_created_empty(path: str | None, existed: bool) -> None:
+    """Remove the folder `path` if it did not exist before (`existed` False) and is empty now: made by
+    `Trainer.__init__` before a set-up check failed, it should leave no trace. Anything else is left alone."""
+    if path is None or existed:
+        return
+    with contextlib.suppress(OSError):  # not empty, not a folder, already gone: not ours to remove
+        os.rmdir(path)
 
 
 def _check_settings(trainer_class: type, model, args) -> None:

@@ -47,7 +47,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune  # noqa: E402  (recipes/ is not a package: the demo runs from its own folder)
 
-from hf_sam.data import (  # noqa: E402
+from hf_sam.finetune.data import (  # noqa: E402
     SPECS,
     add_label_noise,
     digits_dataset,
@@ -55,7 +55,7 @@ from hf_sam.data import (  # noqa: E402
     make_transform,
     preprocessing_from_processor,
 )
-from hf_sam.models import save_timm_checkpoint  # noqa: E402
+from hf_sam.finetune.models import save_timm_checkpoint  # noqa: E402
 from hf_sam.sharpness import hessian_eigenvalues, m_sharpness  # noqa: E402
 
 RECIPES = "recipes/digits/test_efficientnet"

@@ -16,13 +16,13 @@ before environment errors (bf16 without a bf16 GPU).
 Writes into `output_dir`: the model (safetensors + config with label names + preprocessing config; a timm
 model in a layout both `transformers` and `timm.create_model` read), `test_results.json` (top-1 / top-5 on
 the test split), `train_results.json`, `resolved_config.yaml` and a model card (`README.md`). With
-`push_to_hub: true` and `hub_model_id`, the files a user loads (`hf_sam.hub.PUSHED_FILES`: weights, configs,
+`push_to_hub: true` and `hub_model_id`, the files a user loads (`hf_sam.finetune.hub.PUSHED_FILES`: weights, configs,
 card, test results, resolved recipe; no checkpoints, no `training_args.bin`) are uploaded at the end, to a private
 repository with `hub_private_repo: true`.
 
-This script is the run's steps; what they use is in `hf_sam`: the arguments and their checks in `hf_sam.cli`,
-resumable checkpoints in `hf_sam.checkpoints`, the trainer and metric in `hf_sam.finetuning`, the card in
-`hf_sam.model_card`, the push in `hf_sam.hub`.
+This script is the run's steps; what they use is in `hf_sam`: the arguments and their checks in `hf_sam.finetune.cli`,
+resumable checkpoints in `hf_sam.finetune.checkpoints`, the trainer and metric in `hf_sam.finetune.finetuning`, the card in
+`hf_sam.finetune.model_card`, the push in `hf_sam.finetune.hub`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,16 @@ import yaml
 from transformers import set_seed
 
 from hf_sam.batchnorm import freeze_batchnorm
-from hf_sam.checkpoints import CheckpointError, check_checkpoint_fits, resolve_resume
-from hf_sam.cli import ConfigError, check_local_paths, check_report, exit_on, parse_config, resolved_config
-from hf_sam.data import (
+from hf_sam.finetune.checkpoints import CheckpointError, check_checkpoint_fits, resolve_resume
+from hf_sam.finetune.cli import (
+    ConfigError,
+    check_local_paths,
+    check_report,
+    exit_on,
+    parse_config,
+    resolved_config,
+)
+from hf_sam.finetune.data import (
     AugmentationEpochCallback,
     DataError,
     add_label_noise,
@@ -48,10 +55,16 @@ from hf_sam.data import (
     resolve_spec,
     set_transforms,
 )
-from hf_sam.finetuning import RecipeTrainer, top_k_accuracy
-from hf_sam.hub import HubError, create_repo, upload_run
-from hf_sam.model_card import write_model_card
-from hf_sam.models import ModelError, architecture, is_timm, load_model_and_processor, make_timm_loadable
+from hf_sam.finetune.finetuning import RecipeTrainer, top_k_accuracy
+from hf_sam.finetune.hub import HubError, create_repo, upload_run
+from hf_sam.finetune.model_card import write_model_card
+from hf_sam.finetune.models import (
+    ModelError,
+    architecture,
+    is_timm,
+    load_model_and_processor,
+    make_timm_loadable,
+)
 
 RECIPE_ERRORS = (ConfigError, CheckpointError, DataError, ModelError, HubError)  # one `error:` line each
 

@@ -13,8 +13,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from hf_sam.data import DatasetSpec
-from hf_sam.models import save_timm_checkpoint
+from hf_sam.finetune.data import DatasetSpec
+from hf_sam.finetune.models import save_timm_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -288,7 +288,7 @@ def test_local_dataset_path_that_does_not_exist(path, fresh_cwd, no_loading):
 def test_what_counts_as_a_local_path(name, local):
     """Only what cannot be a Hub id is a local path; `owner/name` may be either, so it stays a Hub id (its
     error then says "not found on the Hub or the Hub is unreachable ... or point the recipe at a local copy")."""
-    from hf_sam.hub import is_local_path
+    from hf_sam.finetune.hub import is_local_path
 
     assert is_local_path(name) is local
 

@@ -26,7 +26,7 @@ import torch
 from finetune_helpers import REPO, load_finetune, tiny_timm_checkpoint
 from safetensors.torch import load_file
 
-from hf_sam.checkpoints import CheckpointError, checkpoint_problem, resolve_resume
+from hf_sam.finetune.checkpoints import CheckpointError, checkpoint_problem, resolve_resume
 
 finetune = load_finetune()
 
@@ -274,7 +274,7 @@ def test_half_written_newest_checkpoint_is_skipped_with_a_warning(
     from transformers.trainer_utils import get_last_checkpoint
 
     assert get_last_checkpoint(str(out)).endswith("checkpoint-3")  # what the stock helper would resume
-    with caplog.at_level(logging.WARNING, logger="hf_sam.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="hf_sam.finetune.checkpoints"):
         chosen = resolve_resume("true", str(out), with_optimizer=True, warn=True)
     assert chosen == str(out / "checkpoint-2")
     assert (

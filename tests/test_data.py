@@ -9,7 +9,7 @@ from finetune_helpers import fake_image, fixture_for_spec, tiny_timm_checkpoint,
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from hf_sam.data import (
+from hf_sam.finetune.data import (
     SPECS,
     TRAIN_AUGMENTATIONS,
     DataError,
@@ -150,7 +150,7 @@ def _timm_preprocessing(tmp_path, size=32, crop_pct=0.875):
     """A timm checkpoint whose eval transform crops (crop_pct < 1), bicubic, non-trivial mean/std."""
     import timm
 
-    from hf_sam.models import save_timm_checkpoint
+    from hf_sam.finetune.models import save_timm_checkpoint
 
     folder = str(tmp_path / f"timm_{size}_{crop_pct}")
     save_timm_checkpoint(timm.create_model("test_efficientnet", pretrained=False), folder,
@@ -167,7 +167,7 @@ def _reference_normalise(image: Image.Image, size, mean, std) -> torch.Tensor:
 
 
 def test_pad_and_random_crop_is_a_reflect_padded_crop():
-    from hf_sam.data import PadAndRandomCrop
+    from hf_sam.finetune.data import PadAndRandomCrop
 
     rng = np.random.default_rng(0)
     array = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
@@ -219,7 +219,7 @@ def test_cifar_autoaugment_is_policy_then_flip_and_crop_then_whole_image_resize(
 
 
 def test_full_resize_evaluates_the_whole_image(tmp_path):
-    from hf_sam.data import full_resize
+    from hf_sam.finetune.data import full_resize
 
     pre = _timm_preprocessing(tmp_path, size=64, crop_pct=0.875)
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
@@ -246,7 +246,7 @@ def test_random_resized_crop_takes_the_checkpoint_resolution_and_varies(tmp_path
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     """Each example's random augmentation depends on (seed, epoch, index) only: not on the order or batch it is
     read in, not on the global RNG (which it leaves untouched), and it changes with the epoch and the seed."""
-    from hf_sam.data import INDEX_COLUMN
+    from hf_sam.finetune.data import INDEX_COLUMN
 
     spec = SPECS["cifar10"]
     folder = fixture_for_spec(spec, str(tmp_path / "c"), per_split=6)

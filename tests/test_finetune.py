@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification
 from two_processes import launch_recipe
 
-import hf_sam.data
-import hf_sam.hub
-from hf_sam.cli import parse_config, steps_per_epoch
-from hf_sam.data import SPECS
+import hf_sam.finetune.data
+import hf_sam.finetune.hub
+from hf_sam.finetune.cli import parse_config, steps_per_epoch
+from hf_sam.finetune.data import SPECS
 
 finetune = load_finetune()
 FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
@@ -64,7 +64,7 @@ def hub(monkeypatch, tmp_path):
             disk = datasets.load_from_disk(folder)
             return datasets.concatenate_datasets([disk[s] for s in split.split("+")])
 
-        monkeypatch.setattr(hf_sam.data, "load_dataset", fake_load_dataset)
+        monkeypatch.setattr(hf_sam.finetune.data, "load_dataset", fake_load_dataset)
         return calls
 
     return install
@@ -149,7 +149,7 @@ def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
             pushed = [f for f in everything if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
             uploads.append(("upload", repo_id, sorted(pushed), sorted(everything)))
 
-    monkeypatch.setattr(hf_sam.hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_sam.finetune.hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETtokenSHOULDNOTLEAK")
     metrics = run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--sam_rho", "0.2",
                   "--push_to_hub", "true", "--hub_model_id", "me/digits-sam", "--label_subset", "3", "1", "4",
@@ -194,13 +194,15 @@ def test_push_folder_card_and_reload(timm_ckpt, tmp_path, monkeypatch):
     assert hf_model.config.id2label == {0: "3", 1: "1", 2: "4"}
     assert timm_model.pretrained_cfg["label_names"] == ["3", "1", "4"]
     # The pushed weights are the evaluated ones: re-evaluating the reloaded model gives the recorded top-1.
-    data = hf_sam.data.load_image_classification(SPECS["digits"], label_subset=["3", "1", "4"])
+    data = hf_sam.finetune.data.load_image_classification(SPECS["digits"], label_subset=["3", "1", "4"])
     from transformers import AutoImageProcessor
 
-    hf_sam.data.set_transforms(
-        data, hf_sam.data.preprocessing_from_processor(AutoImageProcessor.from_pretrained(str(out))), "none"
+    hf_sam.finetune.data.set_transforms(
+        data,
+        hf_sam.finetune.data.preprocessing_from_processor(AutoImageProcessor.from_pretrained(str(out))),
+        "none",
     )
-    batch = hf_sam.data.collate([data.test[i] for i in range(len(data.test))])
+    batch = hf_sam.finetune.data.collate([data.test[i] for i in range(len(data.test))])
     with torch.no_grad():
         hf_logits = hf_model(pixel_values=batch["pixel_values"]).logits
         timm_logits = timm_model(batch["pixel_values"])
@@ -401,7 +403,7 @@ def test_steps_per_epoch_is_what_the_trainer_takes(timm_ckpt, tmp_path):
 
 
 def test_dropout_rates_reach_the_timm_model(timm_ckpt):
-    from hf_sam.models import load_model_and_processor
+    from hf_sam.finetune.models import load_model_and_processor
 
     model, _ = load_model_and_processor(
         timm_ckpt, [str(i) for i in range(5)], drop_rate=0.5, drop_path_rate=0.2
@@ -427,7 +429,7 @@ def test_dropout_rates_reach_the_timm_model(timm_ckpt):
 def test_dropout_rates_reach_transformers_models(tmp_path, vit_ckpt):
     from transformers import EfficientNetConfig, EfficientNetForImageClassification, ViTImageProcessor
 
-    from hf_sam.models import ModelError, load_model_and_processor
+    from hf_sam.finetune.models import ModelError, load_model_and_processor
 
     config = EfficientNetConfig(image_size=32, width_coefficient=0.1, depth_coefficient=0.1, num_labels=3,
                                 hidden_dim=64)  # fmt: skip
@@ -500,7 +502,7 @@ def test_hub_private_repo_is_respected_and_documented(timm_ckpt, tmp_path, monke
         def upload_folder(self, **kwargs):
             pass
 
-    monkeypatch.setattr(hf_sam.hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_sam.finetune.hub, "HfApi", FakeApi)
     run(tmp_path, "--dataset", "digits", "--model_name_or_path", timm_ckpt, "--max_train_samples", "4",
         "--max_test_samples", "4", "--push_to_hub", "true", "--hub_model_id", "me/x", "--hub_private_repo", "true")  # fmt: skip
     assert created == [True]
@@ -512,10 +514,10 @@ def test_hub_private_repo_is_respected_and_documented(timm_ckpt, tmp_path, monke
 # ---------------------------------------------------------------------- the card as the Hub reads it
 def _recipe_card(tmp_path, recipe: str, source: str, architecture: str | None = None, **flags):
     """The card `write_model_card` writes for `recipe` (parsed as on 8 GPUs; nothing trained), reloaded by
-    huggingface_hub; `architecture` as `hf_sam.models.architecture` would name the model (default: from the id)."""
+    huggingface_hub; `architecture` as `hf_sam.finetune.models.architecture` would name the model (default: from the id)."""
     from huggingface_hub import ModelCard
 
-    from hf_sam.model_card import write_model_card
+    from hf_sam.finetune.model_card import write_model_card
 
     argv = ["--config", os.path.join(REPO, recipe), "--check_config", "true", "--num_processes", "8",
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
@@ -620,7 +622,7 @@ def test_non_commercial_dataset_cards_name_their_terms(tmp_path):
 def test_vit_image_size_runs_end_to_end(tmp_path):
     """`image_size` through recipes/finetune.py: the model trains and evaluates at that size, and the saved config
     (what transformers and timm rebuild from) records it."""
-    from hf_sam.models import save_timm_checkpoint
+    from hf_sam.finetune.models import save_timm_checkpoint
 
     torch.manual_seed(0)
     ckpt = str(tmp_path / "vit")
@@ -649,7 +651,7 @@ def test_every_hub_dataset_spec_is_pinned_or_says_why_not():
             continue
         if spec.revision is not None:
             assert len(spec.revision) == 40 and all(c in "0123456789abcdef" for c in spec.revision), spec.name
-            assert spec.name not in hf_sam.data.UNPINNED_REVISIONS
+            assert spec.name not in hf_sam.finetune.data.UNPINNED_REVISIONS
         else:
-            assert hf_sam.data.UNPINNED_REVISIONS.get(spec.name), spec.name
+            assert hf_sam.finetune.data.UNPINNED_REVISIONS.get(spec.name), spec.name
             assert f"`{spec.name}`" in docs, spec.name

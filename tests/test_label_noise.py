@@ -9,9 +9,9 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Value
 from finetune_helpers import REPO, load_finetune, tiny_timm_checkpoint
 
-from hf_sam.cli import parse_config
-from hf_sam.data import SPECS, DataError, add_label_noise, load_image_classification, resolve_spec
-from hf_sam.model_card import write_model_card
+from hf_sam.finetune.cli import parse_config
+from hf_sam.finetune.data import SPECS, DataError, add_label_noise, load_image_classification, resolve_spec
+from hf_sam.finetune.model_card import write_model_card
 
 finetune = load_finetune()
 RECIPE = os.path.join(REPO, "recipes/digits/test_efficientnet/noisy_sam.yaml")

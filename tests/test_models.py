@@ -12,7 +12,7 @@ from finetune_helpers import tiny_timm_checkpoint, tiny_vit_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
 
-from hf_sam.models import ModelError, is_timm, load_model_and_processor, make_timm_loadable
+from hf_sam.finetune.models import ModelError, is_timm, load_model_and_processor, make_timm_loadable
 
 NAMES = ["cat", "dog", "bird"]
 
@@ -174,7 +174,7 @@ def test_checkpoint_head_init_keeps_the_checkpoints_head(tmp_path):
 # ---------------------------------------------------------------------- image_size (the ViT recipes' 384 px)
 def _tiny_timm_vit(folder: str) -> str:
     """timm's test_vit (patch 16, 160 px), saved in the Hub's timm layout with ViT's preprocessing."""
-    from hf_sam.models import save_timm_checkpoint
+    from hf_sam.finetune.models import save_timm_checkpoint
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=5)

@@ -15,8 +15,8 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from finetune_helpers import REPO
 
-import hf_sam.cli
-from hf_sam.cli import ConfigError, parse_config, steps_per_epoch
+import hf_sam.finetune.cli
+from hf_sam.finetune.cli import ConfigError, parse_config, steps_per_epoch
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "*", "*", "*.yaml")))
 TABLE_8 = {
@@ -187,16 +187,16 @@ def test_global_batch_gives_the_same_math_for_any_process_count(monkeypatch):
     recipe = os.path.join(REPO, "recipes/oxford_pets/efficientnet_b7/sam.yaml")
     for processes, accumulation in ((1, 64), (2, 32), (8, 8), (64, 1)):
         # What WORLD_SIZE would say:
-        monkeypatch.setattr(hf_sam.cli, "launch_world_size", lambda n=processes: n)
+        monkeypatch.setattr(hf_sam.finetune.cli, "launch_world_size", lambda n=processes: n)
         args = parse_config(["--config", recipe, "--check_config", "true"])
         t = args.training
         assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (16, accumulation)
         assert t.per_device_train_batch_size * processes * t.gradient_accumulation_steps == 1024
     for processes in (3, 128):
-        monkeypatch.setattr(hf_sam.cli, "launch_world_size", lambda n=processes: n)
+        monkeypatch.setattr(hf_sam.finetune.cli, "launch_world_size", lambda n=processes: n)
         with pytest.raises(ConfigError, match=f"x {processes} process\\(es\\).*divides 64"):
             parse_config(["--config", recipe, "--check_config", "true"])
-    monkeypatch.setattr(hf_sam.cli, "launch_world_size", lambda: 8)
+    monkeypatch.setattr(hf_sam.finetune.cli, "launch_world_size", lambda: 8)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=4 contradicts global_batch_size"):
         parse_config(["--config", recipe, "--check_config", "true", "--gradient_accumulation_steps", "4"])
     args = parse_config(["--config", recipe, "--check_config", "true", "--gradient_accumulation_steps", "8"])
@@ -565,3 +565,16 @@ def test_recipes_readme_names_the_missing_rows_and_the_vit_conventions():
     assert (
         "[imagenet](imagenet/efficientnet_b7/README.md) | efficientnet_b7 | 15.14 ± 0.03 | 15.3 |" in readme
     )
+
+
+def test_the_library_does_not_import_the_recipe_application():
+    """`hf_sam/finetune/` serves recipes/finetune.py; the library (and its diagnostics) stand without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hf_sam, hf_sam.sharpness, hf_sam.sharpness_cli, hf_sam.engines, hf_sam.variants\n"
+        "assert not [m for m in sys.modules if m.startswith('hf_sam.finetune')], sorted(sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -18,8 +18,8 @@ import os
 import pytest
 from finetune_helpers import REPO, load_finetune, real_architecture_checkpoint, real_size_fixture_for_spec
 
-from hf_sam.cli import parse_config
-from hf_sam.data import SPECS
+from hf_sam.finetune.cli import parse_config
+from hf_sam.finetune.data import SPECS
 
 finetune = load_finetune()
 SAM_RECIPES = sorted(

@@ -10,8 +10,8 @@ import pytest
 import torch
 from finetune_helpers import load_finetune, tiny_timm_checkpoint
 
-import hf_sam.hub
-import hf_sam.models
+import hf_sam.finetune.hub
+import hf_sam.finetune.models
 
 finetune = load_finetune()
 FAST = ["--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--use_cpu", "true",
@@ -55,7 +55,7 @@ def test_checkpoints_are_safetensors_and_resume_unpickles_nothing(ckpt, tmp_path
 def test_trust_remote_code_is_passed_explicitly_to_every_loader(ckpt, tmp_path, monkeypatch):
     calls = []
     for name in ("AutoConfig", "AutoModelForImageClassification", "AutoImageProcessor"):
-        cls = getattr(hf_sam.models, name)
+        cls = getattr(hf_sam.finetune.models, name)
 
         class Recording(cls):  # same behaviour, records the keyword arguments
             @classmethod
@@ -63,13 +63,13 @@ def test_trust_remote_code_is_passed_explicitly_to_every_loader(ckpt, tmp_path, 
                 calls.append((_name, kw.get("trust_remote_code", "<not passed>")))
                 return _cls.from_pretrained(*a, **kw)
 
-        monkeypatch.setattr(hf_sam.models, name, Recording)
+        monkeypatch.setattr(hf_sam.finetune.models, name, Recording)
     finetune.main([*FAST, "--model_name_or_path", ckpt, "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
                    "--save_strategy", "no"])  # fmt: skip
     assert {n for n, _ in calls} == {"AutoConfig", "AutoModelForImageClassification", "AutoImageProcessor"}
     assert all(flag is False for _, flag in calls), calls
     calls.clear()
-    hf_sam.models.load_model_and_processor(ckpt, ["a", "b"], trust_remote_code=True)
+    hf_sam.finetune.models.load_model_and_processor(ckpt, ["a", "b"], trust_remote_code=True)
     assert calls and all(flag is True for _, flag in calls), calls
 
 
@@ -134,7 +134,7 @@ def test_hub_token_never_reaches_logs_cards_configs_or_checkpoints(ckpt, tmp_pat
         def upload_folder(self, repo_id, folder_path, commit_message, allow_patterns):
             uploads.append(folder_path)
 
-    monkeypatch.setattr(hf_sam.hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hf_sam.finetune.hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", TOKEN)
     verbosity = transformers.logging.get_verbosity()

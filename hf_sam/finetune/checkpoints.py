@@ -1,20 +1,18 @@
 """Checkpoints of a finetuning run: which `checkpoint-<step>` folders it can resume from, and whether one fits
 the model. `Trainer._save_checkpoint` writes in place, so a process killed while saving leaves a folder that
 `transformers.trainer_utils.get_last_checkpoint` would pick (it only looks at names); here a checkpoint counts
-only when it is complete. Also the clean-up of an `output_dir` that a failed set-up created
-(`remove_if_created_empty`).
+only when it is complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import zipfile
 
-from hf_sam.models import TIMM_PREFIX
+from hf_sam.finetune.models import TIMM_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +148,3 @@ def check_checkpoint_fits(model, checkpoint: str) -> None:
             f"tensors differ in name or shape (e.g. {', '.join(differ[:3])}). Resume with the run's own "
             "model_name_or_path and dataset, or from that run's output_dir."
         )
-
-
-def remove_if_created_empty(path: str | None, existed: bool) -> None:
-    """Remove the folder `path` if it did not exist before (`existed` False) and is empty now: made by
-    `Trainer.__init__` before a set-up check failed, it should leave no trace. Anything else is left alone."""
-    if path is None or existed:
-        return
-    with contextlib.suppress(OSError):  # not empty, not a folder, already gone: not ours to remove
-        os.rmdir(path)

@@ -24,11 +24,12 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from hf_sam.checkpoints import checkpoints_newest_first, remove_if_created_empty, resolve_resume
 from hf_sam.configs import SAMTrainingArguments
-from hf_sam.data import EVAL_RESIZES, TRAIN_AUGMENTATIONS, check_label_noise, resolve_spec
-from hf_sam.hub import missing_local_path
-from hf_sam.models import HEAD_INITS
+from hf_sam.finetune.checkpoints import checkpoints_newest_first, resolve_resume
+from hf_sam.finetune.data import EVAL_RESIZES, TRAIN_AUGMENTATIONS, check_label_noise, resolve_spec
+from hf_sam.finetune.hub import missing_local_path
+from hf_sam.finetune.models import HEAD_INITS
+from hf_sam.trainer import remove_if_created_empty
 
 
 class ConfigError(ValueError):
@@ -125,7 +126,7 @@ class ModelArguments:
     head_init: str = field(
         default="default",
         metadata={
-            "help": "How the new classifier head is drawn (hf_sam.models.HEAD_INITS): 'released' is the SAM authors' "
+            "help": "How the new classifier head is drawn (hf_sam.finetune.models.HEAD_INITS): 'released' is the SAM authors' "
             "EfficientNet head, U(±1/sqrt(K)) for K classes, zero bias; 'zeros' the ViT paper's zero head; "
             "'default' what transformers / timm draw (N(0, 0.02) for a transformers model); 'checkpoint' keeps the "
             "checkpoint's own head (the paper's ImageNet runs; the dataset must have its classes, in its order).",
@@ -153,7 +154,7 @@ class ModelArguments:
 class DataArguments:
     dataset: str | None = field(
         default=None,
-        metadata={"help": "A spec name (hf_sam.data.SPECS), a Hub dataset id or a local folder."},
+        metadata={"help": "A spec name (hf_sam.finetune.data.SPECS), a Hub dataset id or a local folder."},
     )
     dataset_path: str | None = field(
         default=None, metadata={"help": "Read the spec's dataset from this local copy instead of the Hub."}
@@ -175,7 +176,7 @@ class DataArguments:
     train_augmentation: str = field(
         default="none",
         metadata={
-            "help": "Train-time augmentation (hf_sam.data.train_augmentation): 'random-resized-crop' is the released "
+            "help": "Train-time augmentation (hf_sam.finetune.data.train_augmentation): 'random-resized-crop' is the released "
             "code's ImageNet training crop + flip, 'cifar-autoaugment' its CIFAR pipeline. Random ones are a "
             "function of (seed, epoch, example index).",
             "choices": list(TRAIN_AUGMENTATIONS),
@@ -503,7 +504,7 @@ def _check(
 
 
 def check_local_paths(args: Args) -> None:
-    """A model or dataset that can only be a local path (`hf_sam.hub.is_local_path`) must exist: the loaders take
+    """A model or dataset that can only be a local path (`hf_sam.finetune.hub.is_local_path`) must exist: the loaders take
     a mistyped one for a Hub id ("the Hub is unreachable"), the model's only after loading the data. Checked as the
     run starts, not by `parse_config`: a recipe may name a folder that an earlier step writes (the demo's
     pretrained checkpoint), and `--check_config` validates a recipe on any machine."""

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-from hf_sam.hub import load_failure, missing_local_path
+from hf_sam.finetune.hub import load_failure, missing_local_path
 
 TIMM_PREFIX = "timm_model."
 

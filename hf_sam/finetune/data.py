@@ -29,7 +29,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, l
 from PIL import Image
 from transformers import TrainerCallback
 
-from hf_sam.hub import load_failure, missing_local_path
+from hf_sam.finetune.hub import load_failure, missing_local_path
 
 TRAIN_AUGMENTATIONS = (
     "none",

@@ -8,7 +8,7 @@ import os
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hf_sam.cli import Args, command_line
+from hf_sam.finetune.cli import Args, command_line
 
 # Never `sam`: on the Hub that tag means Segment Anything, and a baseline run is not SAM either.
 CARD_TAGS = ("image-classification", "hf-sam")
@@ -186,7 +186,7 @@ def write_model_card(
 ) -> str:  # fmt: skip
     """`README.md` in `output_dir` for a finished run of `args` on the dataset `spec` (loaded from `source`);
     `engine` and `global_epsilon` as the trainer ran (`trainer.sam_engine.name`, `.global_epsilon`);
-    `architecture` as `hf_sam.models.architecture` names it (default: read from `model_name_or_path`)."""
+    `architecture` as `hf_sam.finetune.models.architecture` names it (default: read from `model_name_or_path`)."""
     t, m = args.training, args.model
     global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
     scope = (
