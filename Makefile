@@ -42,7 +42,7 @@ bench: $(STAMP)
 experiments: $(STAMP)
 	$(PY) experiments/run_all.py
 	$(PY) experiments/benefit.py --readme
-	$(PY) experiments/benefit.py --optimizer adamw
+	$(PY) experiments/benefit.py --optimizer adamw --tuning-seeds 5
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
