@@ -46,14 +46,13 @@ import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, digits  # noqa: E402
+from common import RESULTS, digits, train_through_sam_trainer  # noqa: E402
+from common import DictMLP as MLP  # noqa: E402
 
 NOISE, EPOCHS, BATCH, VALIDATION = 0.3, 50, 64, 0.2
 # The baseline's grid reaches lower than the others': at a fixed number of epochs a small lr is an implicit early
@@ -88,19 +87,6 @@ ADAMW = {
 }
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int = 256, classes: int = 10):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
-        )
-
-    def forward(self, pixels, labels=None):
-        logits = self.net(pixels)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return {"logits": logits, "loss": loss}
-
-
 def pair_noise(labels: torch.Tensor, rate: float, seed: int, classes: int = 10) -> torch.Tensor:
     """Pair-flip label noise (Han et al. 2018, "Co-teaching"): a random `rate` fraction of the examples, drawn
     uniformly, get the label of the next class, c -> (c + 1) mod 10. Unlike symmetric noise the wrong labels
@@ -133,10 +119,7 @@ def accuracy(model, x, y) -> float:
 
 def train(job: tuple[str, float, float | None, int]) -> dict:
     """One run: (method, learning rate, ρ, seed) -> validation and test accuracy, passes per step, seconds."""
-    from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
-
-    from hf_sam import SAMTrainer, SAMTrainingArguments
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)  # a tiny MLP: intra-op threads cost more than they bring
@@ -144,34 +127,21 @@ def train(job: tuple[str, float, float | None, int]) -> dict:
     fixed, _ = {**METHODS, **ADAMW["methods"]}[name]
     adam = name in ADAMW["methods"]
     rows, (x_val, y_val), (x_test, y_test) = splits(seed)
-    steps = EPOCHS * math.ceil(len(rows) / BATCH)
     torch.manual_seed(seed)
     model = MLP()
-    with tempfile.TemporaryDirectory() as output_dir:
-        args = SAMTrainingArguments(
-            output_dir=output_dir,
-            max_steps=steps,
-            per_device_train_batch_size=BATCH,
-            learning_rate=lr,
-            optim="adamw_torch" if adam else "sgd",
-            optim_args=None if adam else "momentum=0.9",
-            lr_scheduler_type="cosine",
-            weight_decay=0.01 if adam else 5e-4,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=steps,  # one log, at the end: the pass accounting of the whole run
-            disable_tqdm=True,
-            use_cpu=True,
-            seed=seed,
-            **{"sam_rho": rho, **fixed},
-        )
-        trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
-        trainer.remove_callback(PrinterCallback)
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-    log = next((e for e in trainer.state.log_history if "sam/forward_passes" in e), None)
-    passes = log["sam/forward_passes"] / trainer.state.global_step if log else 1.0
+    passes, seconds = train_through_sam_trainer(
+        model,
+        rows,
+        EPOCHS * math.ceil(len(rows) / BATCH),
+        per_device_train_batch_size=BATCH,
+        learning_rate=lr,
+        optim="adamw_torch" if adam else "sgd",
+        optim_args=None if adam else "momentum=0.9",
+        lr_scheduler_type="cosine",
+        weight_decay=0.01 if adam else 5e-4,
+        seed=seed,
+        **{"sam_rho": rho, **fixed},
+    )
     return {
         "method": name,
         "lr": lr,

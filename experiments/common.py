@@ -95,6 +95,48 @@ def make_model(run: Run) -> nn.Module:
     )
 
 
+class DictMLP(nn.Module):
+    """The experiments' MLP (64-256-256-10) in the form the Trainer trains: `pixels`, `labels` in, a dict with the
+    logits and the mean cross-entropy out (the SAMTrainer experiments: benefit.py, variants.py)."""
+
+    def __init__(self, hidden: int = 256, classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
+
+    def forward(self, pixels, labels=None):
+        logits = self.net(pixels)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"logits": logits, "loss": loss}
+
+
+def train_through_sam_trainer(
+    model: nn.Module, rows: list[dict], steps: int, **arguments
+) -> tuple[float, float]:
+    """Train `model` on `rows` for `steps` optimizer steps with `SAMTrainer` (the product's path), `arguments` the
+    `SAMTrainingArguments` fields of the run; one log at the last step carries the pass accounting of the whole run.
+    Returns (forward+backward passes per step, from `sam/forward_passes`; seconds of `train()`)."""
+    import tempfile
+
+    from transformers import PrinterCallback
+
+    from hf_sam import SAMTrainer, SAMTrainingArguments
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = SAMTrainingArguments(
+            output_dir=output_dir, max_steps=steps, logging_steps=steps, report_to=[], save_strategy="no",
+            disable_tqdm=True, use_cpu=True, **arguments,
+        )  # fmt: skip
+        trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    log = next((e for e in trainer.state.log_history if "sam/forward_passes" in e), None)
+    return (log["sam/forward_passes"] / trainer.state.global_step if log else 1.0), seconds
+
+
 def train(run: Run) -> dict:
     """Train one model; return its clean test accuracy (and sharpness measurements with `run.measure`)."""
     start = time.perf_counter()

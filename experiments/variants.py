@@ -22,18 +22,14 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
-from torch import nn
-from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-from hf_sam import SAMTrainer, SAMTrainingArguments
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import digits, symmetric_noise  # noqa: E402
+from common import DictMLP as MLP  # noqa: E402
+from common import digits, symmetric_noise, train_through_sam_trainer  # noqa: E402
 
 BATCH = 128
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -55,21 +51,6 @@ VARIANTS = {
 }
 
 
-class MLP(nn.Module):
-    def __init__(self, hidden: int = 256, classes: int = 10):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes)
-        )
-
-    def forward(self, pixels, labels=None):
-        logits = self.net(pixels)
-        return {
-            "logits": logits,
-            "loss": nn.functional.cross_entropy(logits, labels) if labels is not None else None,
-        }
-
-
 def load_noisy_digits(noise: float, seed: int):
     """The same split, standardisation and symmetric noise as the other experiments (`experiments/common.py`)."""
     x_train, y_train, x_test, y_test = digits()
@@ -86,31 +67,19 @@ def run(name: str, seed: int, epochs: int, noise: float, rho: float):
     rows, x_test, y_test = load_noisy_digits(noise, seed)
     torch.manual_seed(seed)
     model = MLP()
-    args = SAMTrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        num_train_epochs=epochs,
+    passes, seconds = train_through_sam_trainer(
+        model,
+        rows,
+        epochs * math.ceil(len(rows) / BATCH),
         per_device_train_batch_size=BATCH,
         learning_rate=0.1,
         optim="sgd",
         optim_args="momentum=0.9",
         lr_scheduler_type="cosine",
         weight_decay=5e-4,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=epochs * math.ceil(len(rows) / BATCH),
-        disable_tqdm=True,
-        use_cpu=True,
         seed=seed,
-        **overrides,  # one log, at the last step: it carries the pass accounting of the whole run
+        **overrides,
     )
-    trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    log = next((e for e in trainer.state.log_history if "sam/forward_passes" in e), None)
-    steps = trainer.state.global_step
-    passes = log["sam/forward_passes"] / steps if log else 1.0
     model.eval()
     with torch.no_grad():
         accuracy = (model(x_test)["logits"].argmax(-1) == y_test).float().mean().item()

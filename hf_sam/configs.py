@@ -215,19 +215,25 @@ class SAMArguments:
         if self.sam_rho > 0:
             self._check_sam_compatible()
         super().__post_init__()
-        # The engines' refusals (`hf_sam.engines`), here when the arguments name the engine; `SAMMixin` checks
-        # again once Accelerate knows it (e.g. from `accelerate launch`).
+        # The engines' refusals (`hf_sam.engines`), here when the arguments or an `accelerate launch` DeepSpeed
+        # config (TrainingArguments builds its plugin from the environment) name the engine; `SAMMixin` checks again
+        # once Accelerate knows it.
         if self.sam_rho > 0 and self.fsdp:
             FSDP2.check(self, self.fsdp_plugin_args["fsdp_version"])
-        if self.sam_rho > 0 and self.deepspeed:
+        plugin = getattr(self, "deepspeed_plugin", None)
+        if self.sam_rho > 0 and (self.deepspeed or plugin is not None):
             try:
-                config = self.hf_deepspeed_config
-                check_deepspeed(
-                    self,
-                    int(config.get_value("zero_optimization.stage", 0)),
-                    fp16=bool(self.fp16 or config.is_true("fp16.enabled")),
-                    zero_config=config.config.get("zero_optimization"),
-                )
+                if self.deepspeed:
+                    config = self.hf_deepspeed_config
+                    stage = int(config.get_value("zero_optimization.stage", 0))
+                    fp16, zero_config = config.is_true("fp16.enabled"), config.config.get("zero_optimization")
+                else:
+                    stage, fp16 = (
+                        plugin.zero_stage,
+                        False,
+                    )  # a launch config's fp16: the Trainer-time check sees it
+                    zero_config = plugin.deepspeed_config.get("zero_optimization")
+                check_deepspeed(self, stage, fp16=bool(self.fp16 or fp16), zero_config=zero_config)
             except ValueError:
                 # TrainingArguments registered this config globally: a refused one must not make every later
                 # from_pretrained build under ZeRO-3's zero.Init.

@@ -276,7 +276,7 @@ class DeepSpeedZeRO(ProcessLocal):
         return f"DeepSpeed ZeRO-{self.zero_stage}"
 
     @classmethod
-    def check(cls, args, zero_stage: int = 2) -> None:
+    def check(cls, args) -> None:
         _refuse_variants(args, cls.refused_variants)
 
     def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
@@ -327,7 +327,9 @@ class DeepSpeedZeRO(ProcessLocal):
         engine_step = model.step
 
         def step_from_w(*args, **kwargs):
-            backup.restore_()  # the SAM gradient is complete: back to w, then the engine's step
+            self._restore_weights(
+                model, backup
+            )  # the SAM gradient is complete: back to w, then the engine's step
             return engine_step(*args, **kwargs)
 
         model.step = step_from_w
@@ -335,6 +337,11 @@ class DeepSpeedZeRO(ProcessLocal):
             yield
         finally:
             del model.step  # the engine's own method again
+            if backup.perturbed:  # the descent failed before the engine's step
+                self._restore_weights(model, backup)
+
+    def _restore_weights(self, model, backup) -> None:
+        backup.restore_()
 
     def guards_steps(self) -> bool:
         return False  # the engine handles overflow itself (fp16); our wrapper is not there
@@ -389,6 +396,10 @@ class DeepSpeedZeRO3(DeepSpeedZeRO):
         super().__init__(trainer)
         self._accumulated: list[torch.Tensor] | None = None  # the window's gradient partitions, set aside
         self._zeros: torch.Tensor | None = None
+        # Set with each plan (`_perturbed_tensors`): the perturbed parameters, every trainable one, their group.
+        self.module_params: list[torch.Tensor] = []
+        self.trainable: list[torch.Tensor] = []
+        self.partition_group = None
 
     def _perturbed_tensors(
         self, params: list[torch.Tensor], watched: list[torch.Tensor]
@@ -445,7 +456,7 @@ class DeepSpeedZeRO3(DeepSpeedZeRO):
     def descent_context(self, model, is_last: bool, backup):
         """Around the stock `training_step` at w + ε: the accumulated gradient partitions back in the buffer (or zeros
         at the window's first micro-batch), the gathered weights dropped so the descent gathers w + ε, and, as
-        under ZeRO-1/2, w restored from the backup before `engine.step()`."""
+        under ZeRO-1/2, w restored from the backup before `engine.step()` (and the gathered copies dropped again)."""
         from deepspeed.utils import safe_set_local_grad
 
         if self._accumulated is None:
@@ -455,21 +466,12 @@ class DeepSpeedZeRO3(DeepSpeedZeRO):
                 safe_set_local_grad(p, grad)
             self._accumulated = None
         self._release_gathered(model)
-        engine_step = model.step
-
-        def step_from_w(*args, **kwargs):
-            backup.restore_()  # the SAM gradient is complete: back to w, then the engine's step
-            self._release_gathered(model)
-            return engine_step(*args, **kwargs)
-
-        model.step = step_from_w
-        try:
+        with super().descent_context(model, is_last, backup):
             yield
-        finally:
-            del model.step  # the engine's own method again
-            if backup.perturbed:  # the descent failed before the engine's step
-                backup.restore_()
-                self._release_gathered(model)
+
+    def _restore_weights(self, model, backup) -> None:
+        backup.restore_()
+        self._release_gathered(model)  # the gathered copies still hold w + ε
 
 
 # Trainer classes whose training_step generates, or trains several models: the two-pass step cannot wrap them.
@@ -585,7 +587,7 @@ def check_deepspeed(args, zero_stage: int, fp16: bool = False, zero_config: dict
         ]
         DeepSpeedZeRO3.check(args, fp16=fp16, offload=", ".join(offloaded) or None)
     else:
-        DeepSpeedZeRO.check(args, zero_stage)
+        DeepSpeedZeRO.check(args)
 
 
 def check_engine(trainer) -> None:

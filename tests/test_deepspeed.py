@@ -97,8 +97,15 @@ def test_deepspeed_bf16_runs_within_bf16_rounding_of_fp32(runs):
     """DeepSpeed bf16 (the module in bf16, fp32 master weights in ZeRO): the ascent runs on the bf16 module with the
     inputs the Trainer cast to bf16; norms, the loss increase at w + ε (so ε was applied) and weights agree with
     the fp32 run to bf16 precision."""
-    for rank in (0, 1):
-        bf16, fp32 = runs[("zero2-bf16", rank)], runs[("zero2", rank)]
+    assert_bf16_within_rounding(
+        [runs[("zero2-bf16", r)] for r in (0, 1)], [runs[("zero2", r)] for r in (0, 1)]
+    )
+
+
+def assert_bf16_within_rounding(bf16_ranks: list[dict], fp32_ranks: list[dict]) -> None:
+    """Each rank's bf16 run against its fp32 run: ascent norms, the loss increase at w + ε (so ε was applied) and the
+    final weights within bf16 rounding; the bf16 weights equal across ranks."""
+    for bf16, fp32 in zip(bf16_ranks, fp32_ranks, strict=True):
         assert bf16["grad_norms"] == pytest.approx(fp32["grad_norms"], rel=2e-2)
         sharpness = [[e["sam/sharpness"] for e in r["log_history"] if "loss" in e] for r in (bf16, fp32)]
         assert len(sharpness[0]) == 2 and min(sharpness[1]) > 0.01
@@ -106,7 +113,7 @@ def test_deepspeed_bf16_runs_within_bf16_rounding_of_fp32(runs):
         for name, weight in bf16["full"][-1].items():
             assert weight.dtype == torch.bfloat16
             torch.testing.assert_close(weight.float(), fp32["full"][-1][name], atol=4e-3, rtol=1e-2)
-            assert torch.equal(weight, runs[("zero2-bf16", 0)]["full"][-1][name])
+            assert torch.equal(weight, bf16_ranks[0]["full"][-1][name])
 
 
 @pytest.mark.multiprocess

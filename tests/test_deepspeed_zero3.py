@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_deepspeed import LR, RHO, reference
+from test_deepspeed import LR, RHO, assert_bf16_within_rounding, reference
 from toy import loss_and_grads, make_model, reference_sam_gradient
 from two_processes import torchrun
 
@@ -155,16 +155,7 @@ def test_zero3_adaptive_sam_is_taken_on_the_partitions(runs):
 @pytest.mark.multiprocess
 def test_zero3_bf16_runs_within_bf16_rounding_of_fp32(runs):
     """bf16 working weights (what the forward gathers and SAM perturbs) over fp32 master weights in the engine."""
-    for rank in (0, 1):
-        bf16, fp32 = runs[("bf16", rank)], runs[("partitioned", rank)]
-        assert bf16["grad_norms"] == pytest.approx(fp32["grad_norms"], rel=2e-2)
-        sharpness = [[e["sam/sharpness"] for e in r["log_history"] if "loss" in e] for r in (bf16, fp32)]
-        assert len(sharpness[0]) == 2 and min(sharpness[1]) > 0.01
-        assert sharpness[0] == pytest.approx(sharpness[1], rel=0.1)
-        for name, weight in bf16["full"][-1].items():
-            assert weight.dtype == torch.bfloat16
-            torch.testing.assert_close(weight.float(), fp32["full"][-1][name], atol=4e-3, rtol=1e-2)
-            assert torch.equal(weight, runs[("bf16", 0)]["full"][-1][name])
+    assert_bf16_within_rounding(_ranks(runs, "bf16"), _ranks(runs, "partitioned"))
 
 
 @pytest.mark.multiprocess

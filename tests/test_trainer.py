@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -451,6 +452,35 @@ def test_non_finite_ascent_gradient_skips_the_perturbation_and_is_counted(tmp_pa
 def test_invalid_configurations_raise_a_clear_error(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, {},
+         "ZeRO-3 offload yet \\(offload_optimizer.device='cpu'"),
+        ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, {"sam_sync_perturbation": False}, "impossible under DeepSpeed ZeRO-3"),
+        ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, {"sam_mode": "gsam"}, "not supported under DeepSpeed"),
+    ],
+)  # fmt: skip
+def test_a_deepspeed_launch_config_is_refused_with_the_arguments(
+    tmp_path, monkeypatch, env, overrides, message
+):
+    """Under `accelerate launch` with a DeepSpeed config the plugin comes from the environment, not from
+    `deepspeed=`: its refusals must still come when the arguments are built (a recipe parses them before it loads
+    any model or data), and leave no ZeRO-3 config registered for a later `from_pretrained`."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    errors = []
+    try:
+        make_args(tmp_path, sam_rho=0.05, **overrides)
+    except ValueError as error:
+        errors.append(error)
+    assert errors and re.search(message, str(errors[0])), errors
+    assert not is_deepspeed_zero3_enabled()
 
 
 def test_sam_norm_accepts_the_spellings_users_write(tmp_path):
