@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from hf_sam.sharpness import LossFn, hessian_eigenvalues, m_sharpness, model_loss
+from hf_sam.sharpness import LossFn, check_attention, hessian_eigenvalues, m_sharpness, model_loss
 
 logger = logging.get_logger(__name__)
 
@@ -74,6 +74,8 @@ class SharpnessCallback(TrainerCallback):
             raise ValueError(
                 "SharpnessCallback needs the full weights on one process: not DeepSpeed or FSDP."
             )
+        if trainer.model is not None:
+            check_attention(trainer.model)  # refused now, not hours into the run at the first measurement
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.num_examples = num_examples
@@ -138,10 +140,20 @@ class SharpnessCallback(TrainerCallback):
         ]
 
     def _measure(self, state, model) -> None:
+        """One measurement; a failure is logged and training goes on (a diagnostic never ends a run)."""
         self._last_measured_step = state.global_step
         if not state.is_world_process_zero:
             return
         model = model if model is not None else self.trainer.model
+        try:
+            self._measure_and_log(state, model)
+        except (RuntimeError, ValueError) as error:
+            logger.warning(
+                f"SharpnessCallback: the measurement at step {state.global_step} failed and was skipped; training "
+                f"goes on. {type(error).__name__}: {error}"
+            )
+
+    def _measure_and_log(self, state, model) -> None:
         start = time.perf_counter()
         spectrum = hessian_eigenvalues(
             model,

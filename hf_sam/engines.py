@@ -19,14 +19,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
+from transformers.utils import logging
 
 from hf_sam.batchnorm import tracking_batchnorms
 from hf_sam.sam import all_reduce_mean_, mark_partitioned, perturbation_settings
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -605,6 +609,7 @@ def check_engine(trainer) -> None:
         )
     if distributed_type == DistributedType.FSDP or trainer.is_fsdp_enabled:
         FSDP2.check(args, trainer.accelerator.state.fsdp_plugin.fsdp_version)
+    check_launch(trainer)
     if args.n_gpu > 1:
         raise ValueError(
             f"SAMTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process): its "
@@ -619,6 +624,33 @@ def check_engine(trainer) -> None:
             "SAMTrainer does not support context or sequence parallelism yet: the ascent pass would skip the "
             "input sharding the Trainer applies to each micro-batch. Train without parallelism_config's cp/sp "
             "sizes (DDP, FSDP2 or DeepSpeed ZeRO-1/2 work), or set sam_rho=0."
+        )
+
+
+def check_launch(trainer) -> None:
+    """A launch that runs something other than what it asked for. `accelerate launch` (or torchrun) started several
+    processes, but Accelerate runs each alone (on a machine without GPUs, a MULTI_GPU config without
+    `use_cpu=True`): they would train independently into one output_dir, and ε's scope would mean nothing. And a
+    FSDP launch that Accelerate did not turn into FSDP (no GPUs) trains with DDP's per-process ε instead of the
+    global one the FSDP engine takes: said in one line."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    accelerator = trainer.accelerator
+    if world_size > 1 and accelerator.num_processes == 1:
+        fix = (
+            "set use_cpu=True in the training arguments (the recipes do)"
+            if not torch.cuda.is_available()
+            else "check that each process sees its GPU (CUDA_VISIBLE_DEVICES)"
+        )
+        raise ValueError(
+            f"The launch started {world_size} processes (WORLD_SIZE={world_size}), but each runs alone "
+            "(Accelerate runs one process here): they would train independently into the "
+            f"same output_dir. To train on {world_size} processes, {fix}."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning(
+            f"The launch asked for FSDP, but Accelerate runs {accelerator.distributed_type} here (FSDP needs "
+            "GPUs): SAMTrainer takes DDP's ε (per process unless sam_sync_perturbation=True), not the FSDP "
+            "engine's global one."
         )
 
 

@@ -8,9 +8,6 @@ accumulated batch; these functions mirror that decision.
 
 from __future__ import annotations
 
-import inspect
-import re
-
 import torch
 from transformers.utils import logging
 
@@ -67,17 +64,61 @@ def in_units_of_the_batch(trainer, loss, subset: dict, inputs: dict, num_items_i
     return loss * items / subset_items.clamp(min=1)
 
 
-def declare_per_batch_mean_loss(trainer) -> None:
-    """`sam_fix_loss_normalization`: e.g. EfficientNet, ResNet, ConvNeXt: `forward(**kwargs)` makes the Trainer
-    believe the model normalises by `num_items_in_batch`, but their loss is a per-micro-batch mean, so the stock
-    Trainer's gradient comes out multiplied by the accumulation steps (and processes). Declare the truth."""
-    if trainer.model_accepts_loss_kwargs and loss_ignores_num_items_in_batch(trainer.model):
+def probe_loss_units(loss_at, num_items) -> bool | None:
+    """Does a loss ignore `num_items_in_batch`? Asked of its behaviour, not its source: `loss_at(n)` is the loss of
+    one fixed batch given the count n. A loss normalised by the count halves when the count doubles; one that
+    ignores it (BERT-style classifiers, T5, BART, EfficientNet: a per-batch mean) does not change. None when a
+    zero or non-finite loss cannot tell."""
+    with torch.no_grad():
+        once, twice = loss_at(num_items), loss_at(num_items * 2)
+    once, twice = once.detach().double(), twice.detach().double()
+    if not (torch.isfinite(once) and torch.isfinite(twice)) or once == 0:
+        return None
+    return bool(torch.allclose(once, twice, rtol=1e-4, atol=0.0))
+
+
+def declare_per_batch_mean_loss(trainer, model, inputs: dict, num_items_in_batch) -> None:
+    """`sam_fix_loss_normalization`: a model whose `forward` takes `**kwargs` makes the Trainer believe that its loss
+    is normalised by `num_items_in_batch`; when the loss ignores it (a per-micro-batch mean: BERT, RoBERTa,
+    DeBERTa, ModernBERT, ELECTRA, T5, BART, EfficientNet, ResNet...), the stock Trainer's gradient comes out
+    multiplied by the accumulation steps (and by the processes with `average_tokens_across_devices`), and SAM's
+    chunks and telemetry would be in the wrong units. Asked once per run, at its first micro-batch, of the loss the
+    step itself computes (`compute_loss`, so a subclass's own loss is asked too): two forwards without gradients,
+    every module in eval mode, the random state and the parent's records put back. The processes agree on one
+    answer. A loss found to ignore the count is declared a per-batch mean (`model_accepts_loss_kwargs = False`)."""
+    if (
+        not trainer.model_accepts_loss_kwargs
+        or num_items_in_batch is None
+        or trainer.compute_loss_func is not None
+        or getattr(trainer, "loss_is_scaled_for_ga", None) is not None  # the user declared it
+    ):
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        ignores = probe_loss_units(lambda count: trainer._forward_only(model, inputs, count), num_items_in_batch)
+    finally:
+        for module, training in modes:
+            module.training = training
+    votes = torch.tensor([float(ignores is False), float(ignores is True)], device=trainer.args.device)
+    if trainer.accelerator.num_processes > 1:
+        votes = trainer.accelerator.reduce(votes, reduction="sum")
+    depends, ignored = votes.tolist()
+    if depends > 0:
+        return
+    name = type(trainer.accelerator.unwrap_model(model)).__name__
+    if ignored == 0:
         logger.warning_once(
-            f"{type(trainer.model).__name__}'s loss ignores num_items_in_batch: SAMTrainer averages its micro-batch "
-            "losses over the accumulation steps (sam_fix_loss_normalization=True; False keeps the stock "
-            "Trainer's scaling, which multiplies this model's gradients by the accumulation steps)."
+            f"SAMTrainer could not tell whether {name}'s loss uses num_items_in_batch (a zero or non-finite loss at "
+            "the first micro-batch): the stock Trainer's scaling is kept. Set `model.accepts_loss_kwargs` to say."
         )
-        trainer.model_accepts_loss_kwargs = False
+        return
+    logger.warning_once(
+        f"{name}'s loss ignores num_items_in_batch: SAMTrainer averages its micro-batch losses over the "
+        "accumulation steps (sam_fix_loss_normalization=True; False keeps the stock Trainer's scaling, which "
+        "multiplies this model's gradients by the accumulation steps)."
+    )
+    trainer.model_accepts_loss_kwargs = False
 
 
 def items_in(inputs: dict, trainer) -> torch.Tensor | None:
@@ -91,25 +132,3 @@ def items_in(inputs: dict, trainer) -> torch.Tensor | None:
     else:
         return None
     return labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else None
-
-
-def loss_ignores_num_items_in_batch(model: torch.nn.Module) -> bool:
-    """True for transformers models whose `forward(**kwargs)` computes a loss without passing kwargs on.
-
-    Read from the source of `forward`: it calls `self.loss_function(...)` and none of those calls forwards
-    `**kwargs` or `num_items_in_batch` (EfficientNet, ResNet, ConvNeXt, MobileNet, RegNet...). Anything we cannot
-    read is left to the Trainer's own judgement.
-    """
-    while hasattr(model, "module"):  # DDP / compile wrappers
-        model = model.module
-    model = getattr(model, "_orig_mod", model)
-    if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-        model = model.get_base_model()
-    if hasattr(model, "accepts_loss_kwargs"):
-        return False
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return False
-    calls = re.findall(r"self\.loss_function\((.*?)\)\n", source, flags=re.S)
-    return bool(calls) and not any("**kwargs" in c or "num_items_in_batch" in c for c in calls)

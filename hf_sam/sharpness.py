@@ -155,15 +155,36 @@ def _scalar_loss(loss_fn: LossFn, model: torch.nn.Module, batch: Any) -> torch.T
     return loss.reshape(())
 
 
+# Attention kernels without a double backward (Hessian-vector products need one); PyTorch's SDPA is measured
+# through its math backend, which has one.
+_NO_DOUBLE_BACKWARD = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_attention(model: torch.nn.Module) -> None:
+    """Refuse, in one line, a model whose attention kernel cannot be differentiated twice."""
+    config = getattr(model, "config", None)
+    kernel = getattr(config, "_attn_implementation", None)
+    if kernel in _NO_DOUBLE_BACKWARD or (isinstance(kernel, str) and "flash" in kernel):
+        raise ValueError(
+            f"The sharpness measurements need a second derivative, which attn_implementation={kernel!r} does not "
+            "have. Load the model with attn_implementation='sdpa' (measured through PyTorch's math kernel) or "
+            "'eager'."
+        )
+
+
 @contextmanager
 def measurement_mode(model: torch.nn.Module):
-    """Every module in eval mode (BatchNorm on running statistics, no dropout), gradients enabled; each module's
-    own `training` flag is restored afterwards (not a blanket `model.train()`: frozen-BN recipes keep some
-    BatchNorm layers in eval mode on purpose)."""
+    """Every module in eval mode (BatchNorm on running statistics, no dropout), gradients enabled, and
+    `scaled_dot_product_attention` on its math backend (the only one with a double backward: the fused CPU and
+    GPU kernels raise in a Hessian-vector product); each module's own `training` flag is restored afterwards (not
+    a blanket `model.train()`: frozen-BN recipes keep some BatchNorm layers in eval mode on purpose)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    check_attention(model)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         for module, training in modes:

@@ -1,4 +1,5 @@
-"""Compare the sharpness of image-classification checkpoints on the same examples.
+"""Compare the sharpness of image-classification checkpoints on the same examples (image classifiers only: for
+any other model, call `hf_sam.sharpness.hessian_eigenvalues` and `m_sharpness` with your own batches).
 
     python -m hf_sam.sharpness_cli --model runs/baseline --model runs/sam --dataset data/pets_train \\
         --num-examples 512 --batch-size 64 --top-k 5 [--json]
@@ -60,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seeds the example draw and the Lanczos start")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bars of the measurements, on stderr (default: on; --no-progress for none)",
+    )
     return parser
 
 
@@ -109,7 +115,12 @@ def resolve_columns(data, image_column: str | None, label_column: str | None) ->
         typed = [c for c in columns if isinstance(data.features[c], feature_type)]
         named = [c for c in fallbacks if c in columns]
         if not typed + named:
-            raise CLIError(f"cannot tell which column to use; pass {flag} (columns: {', '.join(columns)}).")
+            what = "no image column" if flag == "--image-column" else "no label column I can tell"
+            raise CLIError(
+                f"sharpness_cli measures image classifiers, and the dataset has {what}; pass {flag} "
+                f"(columns: {', '.join(columns)}). For a text or other model, call hf_sam.sharpness's "
+                "hessian_eigenvalues and m_sharpness on your own batches (README, 'Sharpness you can measure')."
+            )
         return (typed + named)[0]
 
     image = pick(image_column, datasets.Image, ("image", "img", "pixel_values"), "--image-column")
@@ -118,11 +129,28 @@ def resolve_columns(data, image_column: str | None, label_column: str | None) ->
 
 
 # ---------------------------------------------------------------------- models
-def load_checkpoint(name: str, device: str):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+def check_checkpoint(name: str) -> None:
+    """Before any data is read: the checkpoint exists and is an image classifier (its config, not its weights)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     if not os.path.isdir(name) and not _HUB_ID.match(name):
         raise CLIError(f"--model {name!r}: no such checkpoint directory (and not a Hub model id).")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load checkpoint {name!r}: {str(error).splitlines()[0]}") from error
+    if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        raise CLIError(
+            f"--model {name!r} is a {type(config).__name__} checkpoint, not an image classifier: sharpness_cli "
+            "measures image classifiers. For a text or other model, call hf_sam.sharpness's hessian_eigenvalues "
+            "and m_sharpness on your own batches (README, 'Sharpness you can measure')."
+        )
+
+
+def load_checkpoint(name: str, device: str):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
     try:
         try:
             # Hessian-vector products need double backward, which fused attention kernels (SDPA) lack.
@@ -213,10 +241,17 @@ def format_table(results: list[dict], top_k: int) -> str:
     label = f"m-sharpness (m={first['m']}, ρ={first['rho']:g}, {first['ascent_steps']} step(s))"
     rows.append((label, [f"{r['m_sharpness']:.4g} ± {r['m_sharpness_std']:.2g}" for r in results]))
     rows.append(("seconds", [f"{r['seconds']:.1f}" for r in results]))
-    header = ["metric"] + [r["model"] for r in results]
+    header = ["metric"] + column_names([r["model"] for r in results])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([name, *values]) + " |" for name, values in rows]
     return "\n".join(lines) + f"\n\n{first['examples']} examples; λmax/λk is NaN when λk ≤ 0."
+
+
+def column_names(models: list[str]) -> list[str]:
+    """The table's headers: each checkpoint's last path component (`runs/sam/` -> `sam`), or its whole name where
+    two would read the same."""
+    short = [os.path.basename(os.path.normpath(m)) or m for m in models]
+    return short if len(set(short)) == len(short) else list(models)
 
 
 def _fmt(value: float) -> str:
@@ -225,14 +260,15 @@ def _fmt(value: float) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
-    if not args.progress:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # the "Loading weights" bars would bury the table
+    hf_logging.disable_progress_bar()  # the "Loading weights" bars would bury the measurements' own
     try:
         for flag, value in (("--num-examples", args.num_examples), ("--batch-size", args.batch_size)):
             if value < 1:
                 raise CLIError(f"{flag} must be >= 1, got {value}.")
+        for name in args.model:
+            check_checkpoint(name)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         data = load_examples(args.dataset, args.split, args.num_examples, args.seed)
         image_column, label_column = resolve_columns(data, args.image_column, args.label_column)

@@ -7,6 +7,13 @@ process count or resume: the trainer adds quantities already in those units (see
 from __future__ import annotations
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# The look-ahead guard: the loss at w + ε against the loss at w, on optimizer steps 1, 2, 4, 8, ... (a cost of
+# log₂(steps) comparisons, one extra forward each for the one-pass modes), warned once per run past this ratio.
+LOOK_AHEAD_LOSS_RATIO = 1.5
 
 # The sums kept between two logs, on this process.
 FIELDS = (
@@ -95,6 +102,26 @@ class SAMTelemetry:
         logs["sam/forward_passes"] = _whole_if_integral(totals["forward_passes"] / processes)
         logs["sam/backward_passes"] = _whole_if_integral(totals["backward_passes"] / processes)
         return logs
+
+
+def is_look_ahead_check_step(global_step: int) -> bool:
+    """The optimizer steps whose first micro-batch compares the losses at w and w + ε: 1, 2, 4, 8, ..."""
+    return global_step > 0 and global_step & (global_step - 1) == 0
+
+
+def warn_if_look_ahead_too_far(clean: float, perturbed: float, rho: float, mode: str, step: int) -> bool:
+    """Warn (and return True) when the loss at the point the gradient is taken is far above the loss at w: ρ is
+    too large for this model, and training may stall with nothing else to say why (ρ = 3, the digits MLP's
+    Momentum-SAM value, keeps a BERT trained with AdamW at the majority class)."""
+    if not (clean > 0 and perturbed > LOOK_AHEAD_LOSS_RATIO * clean):
+        return False
+    where = "look-ahead point w − ρ·v/‖v‖" if mode == "momentum" else "perturbed point w + ε"
+    logger.warning(
+        f"At step {step} the loss at the {where} is {perturbed / clean:.1f}x the loss at w ({perturbed:.4g} against "
+        f"{clean:.4g}): sam_rho={rho:g} is too large for this model, and training may stall. Lower sam_rho: "
+        "transformers trained with AdamW take ρ ≈ 0.05 (see docs/variants.md, 'Choosing ρ')."
+    )
+    return True
 
 
 def _whole_if_integral(value: float) -> int | float:

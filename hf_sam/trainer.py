@@ -34,7 +34,12 @@ from hf_sam.sam import (
     perturbation_group,
     scheduled_rho,
 )
-from hf_sam.telemetry import SAMTelemetry, report_skipped_step
+from hf_sam.telemetry import (
+    SAMTelemetry,
+    is_look_ahead_check_step,
+    report_skipped_step,
+    warn_if_look_ahead_too_far,
+)
 
 
 class _Run:
@@ -54,6 +59,7 @@ class _Run:
         self.passes = 1.0  # forward+backward passes of the last micro-batch, example-weighted (total_flos)
         self.chunk_passes = 1.0  # the same, of the last chunk `_sam_micro_step` took
         self.telemetry = SAMTelemetry(start_step=state.global_step)
+        self.look_ahead_warned = False  # the look-ahead guard warns once per run
 
 
 def _parent_signature(trainer_class: type) -> inspect.Signature:
@@ -158,12 +164,11 @@ class SAMMixin:
                 if self.args.should_save:  # the process whose Trainer.__init__ made it: leave no trace
                     remove_if_created_empty(args.output_dir, output_dir_existed)
                 raise
-        if self.args.sam_fix_loss_normalization:
-            loss_units.declare_per_batch_mean_loss(self)
         self.sam_engine = select_engine(self)
         # The Trainer path's one owner of "restore w" (the wrapper's own backup stays empty: custom loops only).
         self._sam_backup = WeightBackup()
         self._sam_run: _Run | None = None
+        self._loss_units_checked_for = None  # the TrainerState of the run whose loss units were asked
 
     # ------------------------------------------------------------------ set-up checks
     def _check_sam_compatible(self) -> None:
@@ -249,6 +254,9 @@ class SAMMixin:
 
     # ------------------------------------------------------------------ the step
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.sam_fix_loss_normalization and self._loss_units_checked_for is not self.state:
+            self._loss_units_checked_for = self.state
+            loss_units.declare_per_batch_mean_loss(self, model, inputs, num_items_in_batch)
         if self.args.sam_rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
         args, run = self.args, self._current_run()
@@ -320,6 +328,8 @@ class SAMMixin:
             if g_v is not None:
                 self._sam_state()["looksam_gv"] = g_v
         clean_loss = loss_units.as_reported(self, clean_total, num_items_in_batch)
+        if self._look_ahead_check_due():
+            self._check_look_ahead(clean_loss, perturbed_total)
         self._note_loss(perturbed_total)  # the loss whose gradient the step applies
         run.telemetry.add(
             clean_loss.device, perturbed_loss=perturbed_total, sharpness=perturbed_total - clean_loss
@@ -365,6 +375,7 @@ class SAMMixin:
         (the same synced gradients went into it), so ε is the same on every process, at no communication."""
         args, run = self.args, self._current_run()
         plan = self._perturbation_plan(model)
+        clean = None
         if run.micro_batch == 0:
             group = plan.slices[0][1]
             rho = scheduled_rho(
@@ -372,6 +383,8 @@ class SAMMixin:
                 group.get("initial_lr", args.learning_rate) or args.learning_rate,
             )  # fmt: skip
             radius = -rho if args.sam_mode == "momentum" else rho
+            if self._look_ahead_check_due():  # the loss at w, for the look-ahead guard
+                clean = self._forward_only(model, inputs, num_items_in_batch, plan.batchnorms)
             norm = perturb_along_(self._sam_backup, plan.params, direction, radius)
             run.telemetry.add(args.device, sam_micro_batches=1.0, rho=rho)
             if not torch.isfinite(norm):
@@ -385,10 +398,45 @@ class SAMMixin:
                 self._sam_backup.restore_()  # exact copy back to w
         if args.sam_mode == "previous_gradient" and last_micro_batch:
             self._store_step_gradient(model)
+        if clean is not None:
+            self._check_look_ahead(loss_units.as_reported(self, clean, num_items_in_batch), loss)
         self._note_loss(loss)
         run.passes = 1.0
         run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
         return loss
+
+    def _look_ahead_check_due(self) -> bool:
+        """The look-ahead guard's steps (1, 2, 4, 8, ...: `hf_sam.telemetry`), at their first micro-batch, until it
+        has warned once in this run."""
+        run = self._current_run()
+        return (
+            run.micro_batch == 0
+            and not run.look_ahead_warned
+            and is_look_ahead_check_step(self.state.global_step + 1)
+        )
+
+    def _check_look_ahead(self, clean: torch.Tensor, perturbed: torch.Tensor) -> None:
+        run = self._current_run()
+        if self.is_world_process_zero():  # one process's losses: one warning per launch
+            run.look_ahead_warned = warn_if_look_ahead_too_far(
+                float(clean), float(perturbed), self.args.sam_rho, self.args.sam_mode, self.state.global_step + 1
+            )
+
+    def _forward_only(self, model, inputs, num_items_in_batch, batchnorms=()) -> torch.Tensor:
+        """`compute_loss` without gradients, leaving no trace: the random state put back (so the step's own pass
+        draws the same dropout masks), BatchNorm statistics untouched, the parent's records undone."""
+        random_state = self.sam_engine.random_state()
+        try:
+            with (
+                torch.no_grad(),
+                running_stats_frozen(batchnorms),
+                self._records_undone(),
+                self.compute_loss_context_manager(),
+            ):
+                batch = dict(self._prepare_input(inputs))  # a copy: compute_loss may pop the labels
+                return self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch).detach()
+        finally:
+            self.sam_engine.restore_random_state(random_state)
 
     def _sam_micro_step(
         self, model, inputs, num_items_in_batch, plan: Plan, is_last: bool, loss_weight: float

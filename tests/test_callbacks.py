@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from hf_sam import SAMTrainer, SAMTrainingArguments
 from hf_sam.callbacks import SharpnessCallback
-from hf_sam.sharpness import m_sharpness
+from hf_sam.sharpness import hessian_eigenvalues, m_sharpness
 from tests.test_sharpness import dense_hessian_eigenvalues
 from tests.toy import make_model, make_rows, stack
 
@@ -101,3 +101,54 @@ def test_callback_rejects_bad_arguments(tmp_path):
     callback = SharpnessCallback(trainer, m=64, num_examples=8)
     with pytest.raises(ValueError, match="fewer than m=64"):
         callback._fixed_batches(make_rows(n=8), trainer.data_collator)
+
+
+# ---------------------------------------------------------------- attention models (transformers' default SDPA)
+def test_callback_measures_a_bert_loaded_with_sdpa_attention_as_its_eager_twin(tmp_path):
+    """SDPA (transformers' default kernel) has no double backward on its fused kernels: the measurement goes
+    through the math backend, and λmax is the eager-attention model's dense Hessian's, training uninterrupted."""
+    from tests.toy import text_rows, tiny_bert
+
+    model, rows = tiny_bert(), text_rows(8)
+    assert model.config._attn_implementation == "sdpa"
+    args = SAMTrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=0.1, report_to="none",
+        save_strategy="no", use_cpu=True, sam_rho=0.05, disable_tqdm=True, logging_steps=1,
+    )  # fmt: skip
+    trainer = SAMTrainer(model=model, args=args, train_dataset=rows)
+    recorder = Recorder()
+    trainer.add_callback(SharpnessCallback(trainer, every_n_steps=2, num_examples=8, max_iter=120, m=8))
+    trainer.add_callback(recorder)
+    trainer.train()
+    measured = [logs for _, logs in recorder.logs if "sharpness/lambda_max" in logs]
+    assert len(measured) == 1 and trainer.state.global_step == 2
+    eager = tiny_bert()
+    eager.load_state_dict(model.state_dict())
+    eager.config._attn_implementation = "eager"
+    twin = hessian_eigenvalues(eager, [stack(rows)], max_iter=120)  # the callback's seed and settings
+    assert measured[0]["sharpness/lambda_max"] == pytest.approx(twin.lambda_max, rel=1e-4)
+    dense = dense_hessian_eigenvalues(eager, stack(rows))  # float64, no Lanczos: the float32 run within 0.5%
+    assert measured[0]["sharpness/lambda_max"] == pytest.approx(float(dense[0]), rel=5e-3)
+
+
+def test_callback_refuses_an_attention_kernel_without_a_second_derivative_when_built(tmp_path):
+    from tests.toy import text_rows, tiny_bert
+
+    model = tiny_bert()
+    model.config._attn_implementation = "flash_attention_2"
+    args = SAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, sam_rho=0.05)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=text_rows(8))
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        SharpnessCallback(trainer)
+
+
+def test_a_failed_measurement_is_logged_and_training_goes_on(tmp_path, monkeypatch):
+    import hf_sam.callbacks
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("derivative for aten::some_kernel_backward is not implemented")
+
+    monkeypatch.setattr(hf_sam.callbacks, "hessian_eigenvalues", broken)
+    trainer, recorder = train(tmp_path, make_rows(16), dict(every_n_steps=1, num_examples=8), max_steps=3)
+    assert trainer.state.global_step == 3
+    assert not any("sharpness/lambda_max" in logs for _, logs in recorder.logs)

@@ -1,6 +1,7 @@
 """`SAMMixin` on other Trainer subclasses: trl's `SFTTrainer`, `Seq2SeqTrainer` and a user's own. For each, ρ = 0
 is the parent bit for bit (weights and every logged value) and ρ > 0 takes the SAM step of a hand computation."""
 
+import functools
 import copy
 from dataclasses import dataclass
 
@@ -266,8 +267,13 @@ class NaiveSAMSeq2SeqTrainer(NaiveSAMMixin, Seq2SeqTrainer):
 
 
 def assert_parent_contract(tmp_path, parent, parent_args, ours, our_args, naive):
-    """rho = 0 is the parent bit for bit (weights, every logged value); rho > 0 is the naive SAM step on it."""
+    """rho = 0 is the parent bit for bit (weights, every logged value); rho > 0 is the naive SAM step on it.
+
+    T5's loss (and this user's) ignores num_items_in_batch, so the parent multiplies its gradient by the
+    accumulation steps; SAMMixin's default averages instead (tests/test_loss_units.py, against the hand step).
+    The parent's own scaling is the documented `sam_fix_loss_normalization=False`."""
     stock = seq2seq(parent, parent_args, tmp_path / "stock")
+    our_args = functools.partial(our_args, sam_fix_loss_normalization=False)
     zero = seq2seq(ours, our_args, tmp_path / "zero", sam_rho=0.0)
     assert numbers(zero.state.log_history) == numbers(stock.state.log_history)
     assert all(

@@ -98,7 +98,7 @@ def test_compares_two_checkpoints_on_the_same_examples(workdir, capsys):
 
     main(["--model", workdir["a"], *common])
     table = capsys.readouterr().out
-    assert "| metric | " + workdir["a"] + " |" in table and "λmax/λ2" in table and "m-sharpness (m=4" in table
+    assert "| metric | model_a |" in table and "λmax/λ2" in table and "m-sharpness (m=4" in table
 
 
 def test_image_folder_dataset_with_explicit_columns(workdir, capsys):
@@ -145,3 +145,28 @@ def test_bad_input_is_one_clear_line(workdir, capsys, extra, message):
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("sharpness_cli: error: ") and message in errors[0]
+
+
+def test_a_text_checkpoint_or_dataset_is_told_image_classifiers_only(workdir, capsys):
+    """The first error on a BERT checkpoint or a text dataset says what the command measures and what to use."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = str(workdir["root"] / "bert")
+    BertForSequenceClassification(
+        BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(bert)
+    text = str(workdir["root"] / "text")
+    datasets.Dataset.from_dict({"sentence": ["a b", "c d"], "label": [0, 1]}).save_to_disk(text)
+    for args in (["--model", bert, "--dataset", workdir["data"]], ["--model", workdir["a"], "--dataset", text]):
+        with pytest.raises(SystemExit):
+            main(args)
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "measures image classifiers" in errors[0], errors
+        assert "hessian_eigenvalues and m_sharpness" in errors[0]
+
+
+def test_column_headers_are_the_checkpoints_short_names_unless_two_read_the_same():
+    from hf_sam.sharpness_cli import column_names
+
+    assert column_names(["runs/baseline/", "runs/sam"]) == ["baseline", "sam"]
+    assert column_names(["a/final", "b/final"]) == ["a/final", "b/final"]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from toy import loss_and_grads, make_model, reference_sam_gradient, stack
+from toy import loss_and_grads, make_model, reference_sam_gradient, stack, tiny_bert
 from two_processes import torchrun
 
 from hf_sam.variants import ascent_subset, subset_generator
@@ -21,6 +21,7 @@ def ddp_results(tmp_path_factory):
     }
     results["fraction"] = [torch.load(out / f"fraction-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     results["items"] = [torch.load(out / f"items-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    results["bert"] = [torch.load(out / f"bert-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     results["momentum"] = [torch.load(out / f"momentum-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     return results
 
@@ -142,3 +143,22 @@ def test_reference_batches_cover_the_dataset(ddp_results):
 
     seen = torch.cat([ddp_results[(0, r)]["batch"]["features"] for r in (0, 1)])
     assert torch.equal(seen.sort(dim=0).values, stack(make_rows(8))["features"].sort(dim=0).values)
+
+
+@pytest.mark.multiprocess
+def test_bert_step_is_the_mean_of_every_micro_batch_sam_gradient_across_processes(ddp_results):
+    """A BERT classifier (its loss ignores num_items_in_batch) on 2 processes x 2 accumulated micro-batches, with
+    average_tokens_across_devices: w − lr·mean of the 4 hand SAM gradients (ε per micro-batch), and sam/grad_norm
+    the mean of their ‖∇L‖; not 2x (accumulation) or 4x (accumulation and processes)."""
+    ranks = ddp_results["bert"]
+    model = tiny_bert()
+    micro_batches = [m for r in ranks for m in r["micro_batches"]]
+    assert len(micro_batches) == 4
+    references = [reference_sam_gradient(model, m, rho=RHO) for m in micro_batches]
+    norms = [torch.sqrt(sum((g**2).sum() for g in loss_and_grads(model, m)[1])) for m in micro_batches]
+    for i, p in enumerate(model.parameters()):
+        want = p.detach() - LR * sum(ref[0][i] for ref in references) / 4
+        for r in ranks:
+            torch.testing.assert_close(r["params"][i], want, atol=2e-6, rtol=1e-4)
+    for r in ranks:
+        assert r["grad_norm"][0] == pytest.approx(float(sum(norms) / 4), rel=1e-4)

@@ -67,6 +67,32 @@ def tiny_efficientnet(seed: int = 0):
     return EfficientNetForImageClassification(config)
 
 
+def tiny_bert(seed: int = 0):
+    """A 1-layer BERT sequence classifier, no dropout: `forward(**kwargs)` with a loss that ignores
+    `num_items_in_batch` (a per-batch mean), as every BERT-style classifier's."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+def text_rows(n: int = 8, length: int = 4, seed: int = 1) -> list[dict]:
+    """Token rows for `tiny_bert`: `input_ids`, `attention_mask`, a class label each."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(3, 50, (length,), generator=g),
+            "attention_mask": torch.ones(length, dtype=torch.long),
+            "labels": torch.tensor(i % 3),
+        }
+        for i in range(n)
+    ]
+
+
 def make_rows(n: int = 8, in_features: int = 6, classes: int = 3, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_features, generator=g)

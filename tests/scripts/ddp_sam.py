@@ -10,7 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from toy import CountingNet, make_model, make_rows  # noqa: E402
+from toy import CountingNet, make_model, make_rows, text_rows, tiny_bert  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
 
@@ -21,6 +21,8 @@ class RecordingSAMTrainer(SAMTrainer):
     record: dict = {}
 
     def compute_loss(self, model, inputs, *args, **kwargs):
+        if not torch.is_grad_enabled():  # a forward-only check (loss units, the look-ahead guard): no training pass
+            return super().compute_loss(model, inputs, *args, **kwargs)
         self.record.setdefault("batch", {k: v.clone() for k, v in inputs.items()})
         self.record.setdefault("calls", []).append({k: v.clone() for k, v in inputs.items()})
         if self._sam_backup.perturbed:
@@ -31,6 +33,14 @@ class RecordingSAMTrainer(SAMTrainer):
             }
             self.record["eps"] = [eps[n] for n, _ in self.model.named_parameters()]  # model order
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class MicroBatchRecording(SAMTrainer):
+    """Records the micro-batches this rank trains on, in order."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.record.setdefault("micro_batches", []).append({k: v.clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def arguments(out_dir: str, run: str, **overrides) -> SAMTrainingArguments:
@@ -112,6 +122,25 @@ def main(out_dir: str) -> None:
             "average": args.average_tokens_across_devices,
         },
         os.path.join(out_dir, f"items-rank{trainer.args.process_index}.pt"),
+    )
+
+    # A BERT (its loss a per-batch mean, forward(**kwargs)) at GA 2 with token averaging across the processes:
+    # the step is the mean of the 4 micro-batches' SAM gradients, not the process count times the accumulation.
+    args = arguments(
+        out_dir, "run-bert", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        average_tokens_across_devices=True, logging_steps=1,
+    )  # fmt: skip
+    model = tiny_bert()
+    trainer = MicroBatchRecording(model=model, args=args, train_dataset=text_rows(8))
+    trainer.record = {}
+    trainer.train()
+    torch.save(
+        {
+            "micro_batches": trainer.record["micro_batches"],
+            "params": [p.detach() for p in model.parameters()],
+            "grad_norm": [e["sam/grad_norm"] for e in trainer.state.log_history if "sam/grad_norm" in e],
+        },
+        os.path.join(out_dir, f"bert-rank{trainer.args.process_index}.pt"),
     )
 
 
