@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from readme_block import replace_readme_block  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from hf_sam.batchnorm import freeze_batchnorm  # noqa: E402
 from hf_sam.sam import NORM_EPS, WeightBackup, global_norm  # noqa: E402
 
 
@@ -183,6 +184,8 @@ def perturbation_time(model, repeats: int, sync) -> float:
 def bench_model(name, preset, device, batch_size, rounds, steps, bf16):
     torch.manual_seed(0)
     model, image_size = build_model(name, preset)
+    # BatchNorm frozen for every variant, as the recipes do: the one-pass modes refuse train-mode BatchNorm.
+    freeze_batchnorm(model)
     model.to(device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)

@@ -29,6 +29,7 @@ from readme_block import replace_readme_block  # noqa: E402
 from step_overhead import StepTimer, build_model  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from hf_sam.batchnorm import freeze_batchnorm  # noqa: E402
 
 VARIANTS = {
     "stock Trainer": None,
@@ -81,6 +82,8 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     model, image_size = build_model(args.model, "cpu")
+    # BatchNorm frozen for every variant, as the recipes do: the one-pass modes refuse train-mode BatchNorm.
+    freeze_batchnorm(model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     rows = [

@@ -95,11 +95,12 @@ class SAMArguments:
     > Loss normalisation (applies at every ρ, `0` included)
 
     sam_fix_loss_normalization (`bool`, defaults to `True`):
-        Models whose `forward(**kwargs)` ignores `num_items_in_batch` (transformers' EfficientNet, ResNet,
-        ConvNeXt, MobileNet, RegNet...) compute a per-micro-batch mean loss, which the stock `Trainer` does not
-        divide by the accumulation steps: their gradients come out multiplied by `gradient_accumulation_steps`.
-        `True` averages their micro-batch losses like any other model's (logged once when it applies), so SAM and
-        baseline runs of a recipe take the same, correct step. `False` keeps the stock Trainer's scaling:
+        Models whose `forward(**kwargs)` ignores `num_items_in_batch` (BERT-style classifiers, T5, BART,
+        EfficientNet, ResNet...) compute a per-micro-batch mean loss, which the stock `Trainer` does not divide by
+        the accumulation steps: their gradients come out multiplied by `gradient_accumulation_steps`. `True` asks
+        the loss at a run's first micro-batch (two forwards without gradients, with the count and twice the
+        count) and averages the micro-batch losses of one that ignores it like any other model's (logged once
+        when it applies), so SAM and baseline runs of a recipe take the same, correct step. `False` keeps the stock Trainer's scaling:
         `sam_rho=0` is then the stock Trainer bit for bit for these models too.
 
     > Safety
@@ -186,8 +187,9 @@ class SAMArguments:
     sam_fix_loss_normalization: bool = field(
         default=True,
         metadata={
-            "help": "Average the micro-batch losses of models whose loss ignores num_items_in_batch (EfficientNet, "
-            "ResNet, ConvNeXt...), which the stock Trainer multiplies by the accumulation steps. False: the stock "
+            "help": "Average the micro-batch losses of models whose loss ignores num_items_in_batch (BERT, T5, "
+            "BART, EfficientNet...: asked of the loss at a run's first micro-batch), which the stock Trainer "
+            "multiplies by the accumulation steps. False: the stock "
             "Trainer's scaling (sam_rho=0 is then the stock Trainer bit for bit for these models too)."
         },
     )

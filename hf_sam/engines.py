@@ -686,6 +686,29 @@ def check_ascent_subset(model: torch.nn.Module, args) -> None:
         )
 
 
+def check_one_pass_batchnorm(model: torch.nn.Module, args) -> None:
+    """The one-pass variants take their only forward at the look-ahead point, so BatchNorm in train mode would keep
+    running statistics of that point, not of w (the weights evaluated and saved). Refused, with the fix."""
+    if args.sam_mode not in ("momentum", "previous_gradient"):
+        return
+    from hf_sam.batchnorm import is_frozen_batchnorm
+
+    tracking = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+        and m.track_running_stats
+        and not is_frozen_batchnorm(m)
+    ]
+    if tracking:
+        raise ValueError(
+            f"sam_mode={args.sam_mode!r} takes its only forward pass at the look-ahead point, so BatchNorm in train "
+            f"mode ({tracking[0]}{f' and {len(tracking) - 1} more' if len(tracking) > 1 else ''}) would keep "
+            "running statistics of that point, not of the weights evaluated and saved. Freeze BatchNorm "
+            "(hf_sam.batchnorm.freeze_batchnorm(model), as the recipes do), or use two-pass SAM (sam_mode='sam')."
+        )
+
+
 def _device_module(device):
     device = torch.device(device)
     if device.type == "cpu":

@@ -96,7 +96,9 @@ def declare_per_batch_mean_loss(trainer, model, inputs: dict, num_items_in_batch
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        ignores = probe_loss_units(lambda count: trainer._forward_only(model, inputs, count), num_items_in_batch)
+        ignores = probe_loss_units(
+            lambda count: trainer._forward_only(model, inputs, count), num_items_in_batch
+        )
     finally:
         for module, training in modes:
             module.training = training

@@ -31,7 +31,7 @@ __all__ = [
     "NonFiniteTrainingError",
     "PerturbationGroup",
     "WeightBackup",
-    "perturb_along_",
+    "LookAhead",
     "all_reduce_mean_",
     "compute_perturbation_",
     "dot",
@@ -231,7 +231,8 @@ def momentum_state_key(optimizer: torch.optim.Optimizer) -> str:
         reason = f"{type(optimizer).__name__} keeps no momentum (first-moment) state"
     raise ValueError(
         f"sam_mode='momentum' perturbs the weights along the optimizer's momentum, but {reason}. Use SGD with "
-        "momentum (optim='sgd', optim_args='momentum=0.9') or an Adam-type optimizer (optim='adamw_torch'), or "
+        "momentum or an Adam-type optimizer (with the Trainer: optim='sgd', optim_args='momentum=0.9', or "
+        "optim='adamw_torch'; by hand: torch.optim.SGD(params, lr=..., momentum=0.9) or torch.optim.AdamW), or "
         "another sam_mode."
     )
 
@@ -244,20 +245,6 @@ def momentum_direction(optimizer: torch.optim.Optimizer, params: list[torch.Tens
     if all(v is None for v in found):
         return None
     return [torch.zeros_like(p) if v is None else v for p, v in zip(params, found, strict=True)]
-
-
-@torch.no_grad()
-def perturb_along_(
-    backup: WeightBackup, params: list[torch.Tensor], direction: list[torch.Tensor], radius: float
-) -> torch.Tensor:
-    """w ← w + radius·d/‖d‖ (saved in `backup` first): the one-pass variants' perturbation, along a direction
-    that needs no ascent pass. Momentum-SAM passes d = v with radius = −ρ: v is the descent direction the
-    optimizer accumulated (w moves by −lr·v), so w − ρ·v/‖v‖ looks ahead along it; the previous-gradient ascent
-    passes the last step's gradient with radius = ρ. Returns ‖d‖; a non-finite ‖d‖ leaves w alone."""
-    norm = global_norm(direction)
-    if torch.isfinite(norm):
-        backup.perturb_(params, direction, alpha=radius / (float(norm) + NORM_EPS))
-    return norm
 
 
 def _adaptive_scale(group: PerturbationGroup) -> list[torch.Tensor]:
@@ -551,6 +538,68 @@ class WeightBackup:
         return matches
 
 
+class LookAhead:
+    """The one-pass variants' look-ahead point w + ε, entered for each micro-batch's forward+backward and left right
+    after it, without a copy of the weights.
+
+    ε = radius·d/‖d‖ along a direction d the optimizer already keeps: Momentum-SAM's momentum v (radius −ρ: v is
+    the descent direction the optimizer accumulated, w moves by −lr·v, so w − ρ·v/‖v‖ looks ahead along it) or the
+    stored previous gradient (radius ρ). d does not change until the optimizer steps, so `leave_` undoes `enter_` by
+    adding −ε to the same storage: w comes back within float32 rounding (one add and one subtract per micro-batch;
+    docs/variants.md measures the drift), no copy is allocated, and nothing outside the pass ever sees w + ε: not an
+    evaluation, a checkpoint, a callback, an exception or a stop between micro-batches. Weights held in bf16/fp16
+    would lose ε's low bits on every round trip, so for them a `WeightBackup` copy is kept and w comes back exactly.
+
+    `set_(groups)` fixes the point of one optimizer step: `groups` is a list of (params, direction, radius), one per
+    parameter group (per-group ρ, e.g. ρ = 0 for a new head), with one norm ‖d‖ over all of them.
+    """
+
+    def __init__(self, copy: bool = False) -> None:
+        self._groups: list[tuple[list[torch.Tensor], list[torch.Tensor], float]] = []
+        self._backup = WeightBackup()
+        self.copy = copy  # keep an exact copy of w whatever the dtype (benchmarks/one_pass_drift.py compares)
+        self.entered = False
+
+    @torch.no_grad()
+    def set_(self, groups: list[tuple[list[torch.Tensor], list[torch.Tensor], float]]) -> torch.Tensor:
+        """The point for the coming passes: w + radius·d/‖d‖ per group. Returns ‖d‖; a zero or non-finite ‖d‖ (no
+        momentum yet, a NaN) sets no point: the passes run at w."""
+        if self.entered:
+            raise RuntimeError(
+                "LookAhead.set_ while the weights are at the look-ahead point: leave_() first."
+            )
+        norm = global_norm([d for _, directions, _ in groups for d in directions])
+        self._groups = []
+        if torch.isfinite(norm) and float(norm) > 0:
+            scale = 1.0 / (float(norm) + NORM_EPS)
+            self._groups = [(p, d, radius * scale) for p, d, radius in groups if radius != 0 and p]
+        return norm
+
+    @torch.no_grad()
+    def enter_(self) -> None:
+        if self.entered or not self._groups:
+            return
+        params = [p for group_params, _, _ in self._groups for p in group_params]
+        if self.copy or any(p.dtype in LOW_PRECISION for p in params):
+            eps = [d * alpha for _, directions, alpha in self._groups for d in directions]
+            self._backup.perturb_(params, eps)
+        else:
+            for group_params, directions, alpha in self._groups:
+                torch._foreach_add_(group_params, directions, alpha=alpha)
+        self.entered = True
+
+    @torch.no_grad()
+    def leave_(self) -> None:
+        if not self.entered:
+            return
+        if self._backup.perturbed:
+            self._backup.restore_()
+        else:
+            for group_params, directions, alpha in self._groups:
+                torch._foreach_add_(group_params, directions, alpha=-alpha)
+        self.entered = False
+
+
 class SAM(torch.optim.Optimizer):
     """SAM around an already-built optimizer, for custom training loops (plain PyTorch or Accelerate).
 
@@ -622,6 +671,7 @@ class SAM(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._backup = WeightBackup()
+        self._look_ahead = LookAhead()  # mode='momentum'
         self.sam_state: dict = {}  # variant state that must survive a checkpoint (saved by state_dict)
         # Non-finite guard (off by default; SAMTrainer turns it on in fp32/bf16): skip, count, stop after N.
         self.max_nonfinite_steps = 0
@@ -692,8 +742,9 @@ class SAM(torch.optim.Optimizer):
 
     def _momentum_ascent_step(self, perturbed: list, loss) -> torch.Tensor:
         """mode='momentum': w -> w − ρ·v/‖v‖ with v the base optimizer's momentum (no pass, no gradient), before
-        the step's one forward+backward. Before the base optimizer's first step there is no v: w stays (a plain
-        step). Returns ‖v‖."""
+        the step's one forward+backward; each group at its own ρ, one norm ‖v‖ over all. Before the base
+        optimizer's first step there is no v: w stays (a plain step). Returns ‖v‖. No copy of the weights:
+        `restore()` subtracts the same ε (`LookAhead`)."""
         if loss is not None:
             raise ValueError(
                 "mode='momentum' takes no ascent gradient: call sam.ascent_step() before the forward, then "
@@ -704,16 +755,13 @@ class SAM(torch.optim.Optimizer):
         if momentum is None:
             self.last_grad_norm = torch.zeros(())
             return self.last_grad_norm
-        rhos = [group["rho"] for group, group_params in perturbed for _ in group_params]
-        if len(set(rhos)) > 1:  # per-group ρ: scale each group's v (one norm over all of them, as SAM's ε)
-            norm = global_norm(momentum)
-            eps = torch._foreach_mul(
-                [v.detach() for v in momentum], [-r / (float(norm) + NORM_EPS) for r in rhos]
-            )
-            if torch.isfinite(norm):
-                self._backup.perturb_(params, eps)
-        else:
-            norm = perturb_along_(self._backup, params, momentum, -rhos[0])
+        groups, start = [], 0
+        for group, group_params in perturbed:
+            groups.append((group_params, momentum[start : start + len(group_params)], -group["rho"]))
+            start += len(group_params)
+        self._look_ahead.leave_()
+        norm = self._look_ahead.set_(groups)
+        self._look_ahead.enter_()
         self.last_grad_norm = norm
         if not torch.isfinite(norm):
             self.skipped_ascents += 1
@@ -721,8 +769,10 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy w back (exact). `descent_step` does this itself; call it to abandon a step."""
+        """Back to w (a copy back; mode='momentum' subtracts ε). `descent_step` does this itself; call it to abandon
+        a step."""
         self._backup.restore_()
+        self._look_ahead.leave_()
 
     def descent_step(self):
         """Restore w exactly, then step the base optimizer with the gradient taken at w + ε."""

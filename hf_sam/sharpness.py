@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -289,7 +290,18 @@ def hessian_eigenvalues(
         n = operator.numel
         if top_k > n:
             raise ValueError(f"top_k={top_k} exceeds the number of trainable parameters ({n}).")
-        return _lanczos(operator, n, top_k, min(max_iter, n), tol, seed, dtype, progress)
+        spectrum = _lanczos(operator, n, top_k, min(max_iter, n), tol, seed, dtype, progress)
+    if not spectrum.converged:
+        scale = abs(spectrum.eigenvalues[0]) or 1.0
+        warnings.warn(
+            f"hessian_eigenvalues: Lanczos did not converge in {spectrum.iterations} Hessian-vector products "
+            f"(largest residual {max(spectrum.residuals) / scale:.2g} of |λmax|, tol={tol:g}). Each eigenvalue is a "
+            f"lower bound on the true one, within its residual; raise max_iter (e.g. to {2 * max_iter}) or tol. "
+            "More eigenvalues (top_k) need more iterations.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return spectrum
 
 
 def _lanczos(matvec, n, top_k, iterations, tol, seed, dtype, progress) -> HessianSpectrum:

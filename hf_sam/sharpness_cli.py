@@ -244,7 +244,14 @@ def format_table(results: list[dict], top_k: int) -> str:
     header = ["metric"] + column_names([r["model"] for r in results])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([name, *values]) + " |" for name, values in rows]
-    return "\n".join(lines) + f"\n\n{first['examples']} examples; λmax/λk is NaN when λk ≤ 0."
+    notes = f"\n\n{first['examples']} examples; λmax/λk is NaN when λk ≤ 0."
+    unconverged = [name for name, r in zip(header[1:], results, strict=True) if not r["lanczos_converged"]]
+    if unconverged:
+        notes += (
+            f"\nLanczos did not converge for {', '.join(unconverged)}: the eigenvalues are lower bounds; raise "
+            "--max-iter."
+        )
+    return "\n".join(lines) + notes
 
 
 def column_names(models: list[str]) -> list[str]:

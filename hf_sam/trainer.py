@@ -19,18 +19,19 @@ from hf_sam.engines import (
     Plan,
     check_ascent_subset,
     check_engine,
+    check_one_pass_batchnorm,
     check_param_filter,
     check_trainer_class,
     select_engine,
 )
 from hf_sam.sam import (
     SAM,
+    LookAhead,
     WeightBackup,
     global_norm,
     looksam_reuse_gradient_,
     momentum_direction,
     perturb_,
-    perturb_along_,
     perturbation_group,
     scheduled_rho,
 )
@@ -60,6 +61,7 @@ class _Run:
         self.chunk_passes = 1.0  # the same, of the last chunk `_sam_micro_step` took
         self.telemetry = SAMTelemetry(start_step=state.global_step)
         self.look_ahead_warned = False  # the look-ahead guard warns once per run
+        self.look_ahead = LookAhead()  # the one-pass variants' point of the current window
 
 
 def _parent_signature(trainer_class: type) -> inspect.Signature:
@@ -90,6 +92,13 @@ def remove_if_created_empty(path: str | None, existed: bool) -> None:
         os.rmdir(path)
 
 
+def _sam_in(optimizer) -> SAM | None:
+    """The `hf_sam.SAM` inside an optimizer (itself, or under AcceleratedOptimizer and friends), if any."""
+    while optimizer is not None and not isinstance(optimizer, SAM):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
 def _check_settings(trainer_class: type, model, args) -> None:
     """The refusals that need the trainer class and the model (not yet the Accelerator)."""
     check_trainer_class(trainer_class, args)
@@ -97,6 +106,7 @@ def _check_settings(trainer_class: type, model, args) -> None:
         if args.sam_param_filter is not None:
             check_param_filter(model, args.sam_param_filter)
         check_ascent_subset(model, args)
+        check_one_pass_batchnorm(model, args)
 
 
 class SAMMixin:
@@ -186,7 +196,16 @@ class SAMMixin:
     def create_optimizer(self, *args, **kwargs):
         """Build the stock optimizer, then wrap it in `SAM` (it shares the base's param_groups and state)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.args.sam_rho > 0 and self.sam_engine.wraps_optimizer and not isinstance(optimizer, SAM):
+        wrapper = _sam_in(optimizer)  # a user's own SAM, or the one a first train() built (now Accelerate's)
+        if wrapper is not None and self.args.sam_rho > 0:
+            wanted = "momentum" if self.args.sam_mode == "momentum" else "sam"
+            if wrapper.mode != wanted:
+                raise ValueError(
+                    f"The optimizer passed to {type(self).__name__} is hf_sam.SAM(mode={wrapper.mode!r}), but "
+                    f"sam_mode={self.args.sam_mode!r} needs mode={wanted!r}: build it as SAM(base, rho, "
+                    f"mode={wanted!r}), or pass the base optimizer and let {type(self).__name__} wrap it."
+                )
+        if self.args.sam_rho > 0 and self.sam_engine.wraps_optimizer and wrapper is None:
             a = self.args
             mode = "momentum" if a.sam_mode == "momentum" else "sam"  # the wrapper's own modes
             self.optimizer = optimizer = SAM(
@@ -203,9 +222,7 @@ class SAMMixin:
         return optimizer
 
     def _sam_optimizer(self) -> SAM:
-        optimizer = self.optimizer
-        while optimizer is not None and not isinstance(optimizer, SAM):
-            optimizer = getattr(optimizer, "optimizer", None)  # AcceleratedOptimizer and friends
+        optimizer = _sam_in(self.optimizer)
         if optimizer is None:
             raise RuntimeError(
                 "SAMTrainer's optimizer is not wrapped in hf_sam.SAM; was create_optimizer() overridden?"
@@ -321,6 +338,8 @@ class SAMMixin:
                 statistics.add_chunk(share)
         if statistics is not None:
             statistics.finish()
+        # Example-weighted, as total_flos: a chunk of m examples counts m/B of a pass over the micro-batch.
+        run.telemetry.add(args.device, forward_passes=run.passes, backward_passes=run.passes)
 
         if args.sam_mode in ("gsam", "looksam") and last_micro_batch:
             alpha = args.sam_gsam_alpha if args.sam_mode == "gsam" else args.sam_looksam_alpha
@@ -367,35 +386,37 @@ class SAMMixin:
     def _one_pass_sam_step(self, model, inputs, num_items_in_batch, direction, last_micro_batch: bool):
         """The one-pass variants: one forward+backward per micro-batch at w + ε with ε taken without an ascent pass:
         sam_mode='momentum' (Momentum-SAM, Becker et al. 2024) ε = −ρ·v/‖v‖, v the optimizer's momentum;
-        sam_mode='previous_gradient' ε = ρ·g_prev/‖g_prev‖, g_prev the gradient the previous step applied.
+        sam_mode='previous_gradient' ε = ρ·g_prev/‖g_prev‖, g_prev the gradient the previous step applied. Each
+        parameter group at its own ρ (the wrapper's), one norm over all of them.
 
-        The point is set at the window's first micro-batch, so every micro-batch of an optimizer step takes its
-        gradient at the same point (the direction changes only when the optimizer steps), and w is copied back after
-        the last one, before the Trainer clips, steps, saves or evaluates. The direction is replicated under DDP
-        (the same synced gradients went into it), so ε is the same on every process, at no communication."""
+        The point is fixed at the window's first micro-batch (the direction changes only when the optimizer steps),
+        so every micro-batch of an optimizer step takes its gradient at the same point. Each micro-batch enters it
+        for its own pass and leaves it right after (`hf_sam.sam.LookAhead`: no copy of the weights), so anything
+        that reads the weights between passes, whatever ends a window, reads w. The direction is replicated under
+        DDP (the same synced gradients went into it), so ε is the same on every process, at no communication."""
         args, run = self.args, self._current_run()
         plan = self._perturbation_plan(model)
         clean = None
         if run.micro_batch == 0:
-            group = plan.slices[0][1]
-            rho = scheduled_rho(
-                args.sam_rho, args.sam_rho_schedule, args.sam_rho_min, group["lr"],
-                group.get("initial_lr", args.learning_rate) or args.learning_rate,
-            )  # fmt: skip
-            radius = -rho if args.sam_mode == "momentum" else rho
-            if self._look_ahead_check_due():  # the loss at w, for the look-ahead guard
-                clean = self._forward_only(model, inputs, num_items_in_batch, plan.batchnorms)
-            norm = perturb_along_(self._sam_backup, plan.params, direction, radius)
-            run.telemetry.add(args.device, sam_micro_batches=1.0, rho=rho)
+            sign = -1.0 if args.sam_mode == "momentum" else 1.0
+            rhos = [self._scheduled_rho(group) for _, group in plan.slices]
+            norm = run.look_ahead.set_(
+                [
+                    (plan.params[s], direction[s], sign * rho)
+                    for (s, _), rho in zip(plan.slices, rhos, strict=True)
+                ]
+            )
+            run.telemetry.add(args.device, sam_micro_batches=1.0, rho=rhos[0] if rhos else 0.0)
             if not torch.isfinite(norm):
                 run.telemetry.add(args.device, skipped_ascents=1.0)
-        finished = False
+            if self._look_ahead_check_due():  # the loss at w, for the look-ahead guard
+                model.train()  # as the step's own pass (after an evaluation the model is in eval mode)
+                clean = self._forward_only(model, inputs, num_items_in_batch, plan.batchnorms)
+        run.look_ahead.enter_()
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
-            finished = True
         finally:
-            if last_micro_batch or not finished:
-                self._sam_backup.restore_()  # exact copy back to w
+            run.look_ahead.leave_()  # back to w before anything else can read the weights
         if args.sam_mode == "previous_gradient" and last_micro_batch:
             self._store_step_gradient(model)
         if clean is not None:
@@ -404,6 +425,12 @@ class SAMMixin:
         run.passes = 1.0
         run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
         return loss
+
+    def _scheduled_rho(self, group: dict) -> float:
+        """A parameter group's ρ (the wrapper's, per group), following the learning rate with sam_rho_schedule."""
+        args = self.args
+        peak_lr = group.get("initial_lr", args.learning_rate) or args.learning_rate
+        return scheduled_rho(group["rho"], args.sam_rho_schedule, args.sam_rho_min, group["lr"], peak_lr)
 
     def _look_ahead_check_due(self) -> bool:
         """The look-ahead guard's steps (1, 2, 4, 8, ...: `hf_sam.telemetry`), at their first micro-batch, until it
@@ -419,7 +446,11 @@ class SAMMixin:
         run = self._current_run()
         if self.is_world_process_zero():  # one process's losses: one warning per launch
             run.look_ahead_warned = warn_if_look_ahead_too_far(
-                float(clean), float(perturbed), self.args.sam_rho, self.args.sam_mode, self.state.global_step + 1
+                float(clean),
+                float(perturbed),
+                self.args.sam_rho,
+                self.args.sam_mode,
+                self.state.global_step + 1,
             )
 
     def _forward_only(self, model, inputs, num_items_in_batch, batchnorms=()) -> torch.Tensor:
@@ -468,11 +499,7 @@ class SAMMixin:
             run.window.add(grads, loss_units.as_reported(self, 1.0, num_items_in_batch))  # `.grad`'s units
 
         # 2. w ← w + ε (projected multi-step ascent with sam_ascent_steps > 1).
-        rhos = [
-            scheduled_rho(group["rho"], args.sam_rho_schedule, args.sam_rho_min, group["lr"],
-                          group.get("initial_lr", args.learning_rate) or args.learning_rate)
-            for _, group in plan.slices
-        ]  # fmt: skip
+        rhos = [self._scheduled_rho(group) for _, group in plan.slices]
 
         extra_ascents = 0
 
@@ -520,9 +547,7 @@ class SAMMixin:
             finite,
             rhos[0] if rhos else 0.0,
         )
-        passes = share * (1 + extra_ascents) + 1  # the ascent(s) over the subset, then the descent
-        run.chunk_passes = passes
-        run.telemetry.add(args.device, forward_passes=passes, backward_passes=passes)
+        run.chunk_passes = share * (1 + extra_ascents) + 1  # the ascent(s) over the subset, then the descent
         if share < 1.0:
             clean_loss = loss_units.in_units_of_the_batch(
                 self, clean_loss, subset, inputs, num_items_in_batch

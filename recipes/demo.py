@@ -203,8 +203,11 @@ def run_all(
                 desc = f"[{len(records) + 1:>2}/{total}] {setting:<15} {method:<8} seed {seed}"
                 run_flags = ["--model_name_or_path", checkpoint, "--seed", str(seed), *flags]
                 metrics = run_recipe(f"{RECIPES}/{recipe}", run_dir, run_flags, desc, terminal)
+                # sam_rho: this run's own ρ (0 for the baseline); m_sharpness_rho: the ball its flatness is
+                # measured in (SAM's ρ for both methods, so the two are comparable).
                 record = {"setting": setting, "method": method, "seed": seed, "dir": run_dir,
-                          "top1": metrics["test_top1"], "sam_rho": sam_rho}  # fmt: skip
+                          "top1": metrics["test_top1"], "sam_rho": recipe_value(f"{RECIPES}/{recipe}", "sam_rho"),
+                          "m_sharpness_rho": sam_rho}  # fmt: skip
                 if measure_flatness:
                     with output_to(os.path.join(run_dir, "measure_log.txt")):
                         record.update(measure(run_dir, sam_rho))

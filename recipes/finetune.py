@@ -28,6 +28,7 @@ resumable checkpoints in `hf_sam.finetune.checkpoints`, the trainer and metric i
 from __future__ import annotations
 
 import glob
+import gc
 import os
 import shutil
 
@@ -170,5 +171,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
 if __name__ == "__main__":
     main()
     if torch.distributed.is_initialized():  # a multi-process launch: leave together, then tear the group down
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

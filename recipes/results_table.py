@@ -93,15 +93,18 @@ def table(recipes: str = "recipes", outputs: str = "outputs", seeds: set[int] | 
 
 def update_readme(
     readme: str, recipes: str = "recipes", outputs: str = "outputs", seeds: set[int] | None = None
-) -> None:
+) -> bool:
     with open(readme) as f:
         text = f.read()
     if START not in text or END not in text:
         raise SystemExit(f"{readme}: no {START} ... {END} block to fill.")
     new = re.sub(re.escape(START) + ".*?" + re.escape(END),
                  lambda _: f"{START}\n{table(recipes, outputs, seeds)}\n{END}", text, flags=re.S)  # fmt: skip
+    if new == text:
+        return False
     with open(readme, "w") as f:
         f.write(new)
+    return True
 
 
 if __name__ == "__main__":
@@ -111,5 +114,5 @@ if __name__ == "__main__":
     parser.add_argument("--readme", default="recipes/README.md")
     parser.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: every seed found)")
     a = parser.parse_args()
-    update_readme(a.readme, a.recipes, a.outputs, set(a.seeds) if a.seeds else None)
-    print(f"updated {a.readme}")
+    changed = update_readme(a.readme, a.recipes, a.outputs, set(a.seeds) if a.seeds else None)
+    print(f"{'updated' if changed else 'unchanged (nothing new)'}: {a.readme}")

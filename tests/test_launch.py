@@ -13,7 +13,9 @@ from hf_sam import engines
 
 
 @pytest.mark.multiprocess
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the launch runs two processes only on a machine without GPUs")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the launch runs two processes only on a machine without GPUs"
+)
 def test_cpu_config_without_use_cpu_is_refused_rather_than_two_independent_trainings(tmp_path):
     """accelerate_configs/cpu.yaml with a user's script that does not set use_cpu: each of the two processes would
     train alone into the same output_dir. Both stop before training with the line that names the fix."""

@@ -36,23 +36,41 @@ def _text(classes):
     def build(task: str):
         import transformers as t
 
-        encoder = dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+        encoder = dict(
+            vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+        )
         configs = {
             "bert": lambda: t.BertConfig(**encoder, max_position_embeddings=16),
             "roberta": lambda: t.RobertaConfig(**encoder, max_position_embeddings=16, pad_token_id=1),
-            "distilbert": lambda: t.DistilBertConfig(vocab_size=50, dim=8, n_layers=1, n_heads=2, hidden_dim=8),
+            "distilbert": lambda: t.DistilBertConfig(
+                vocab_size=50, dim=8, n_layers=1, n_heads=2, hidden_dim=8
+            ),
             "deberta-v2": lambda: t.DebertaV2Config(**encoder, max_position_embeddings=16),
             "modernbert": lambda: t.ModernBertConfig(
-                **encoder, max_position_embeddings=16, global_attn_every_n_layers=1, local_attention=4,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=2, cls_token_id=1,
+                **encoder,
+                max_position_embeddings=16,
+                global_attn_every_n_layers=1,
+                local_attention=4,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                sep_token_id=2,
+                cls_token_id=1,
             ),
             "electra": lambda: t.ElectraConfig(**encoder, embedding_size=8, max_position_embeddings=16),
             "t5": lambda: t.T5Config(
                 vocab_size=50, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2, decoder_start_token_id=0
             ),
             "bart": lambda: t.BartConfig(
-                vocab_size=50, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=16,
+                vocab_size=50,
+                d_model=8,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=8,
+                decoder_ffn_dim=8,
+                max_position_embeddings=16,
             ),  # fmt: skip
             "llama": lambda: t.LlamaConfig(**encoder, num_key_value_heads=2, max_position_embeddings=16),
         }
@@ -70,7 +88,9 @@ def _text(classes):
                 label = torch.randint(0, 3, (4,), generator=g)
             else:  # seq2seq and causal LM: token targets
                 label = torch.randint(3, 50, (4,), generator=g)
-            rows.append({"input_ids": ids, "attention_mask": torch.ones(4, dtype=torch.long), "labels": label})
+            rows.append(
+                {"input_ids": ids, "attention_mask": torch.ones(4, dtype=torch.long), "labels": label}
+            )
         return model, rows
 
     return build
@@ -199,8 +219,12 @@ def test_sam_step_is_the_mean_of_the_hand_sam_gradients(
     assert trainer.model_accepts_loss_kwargs is not ignores
 
 
-@pytest.mark.parametrize(("family", "task", "build", "ignores"), FAMILIES[:1] + FAMILIES[7:8], ids=["bert", "t5"])
-def test_ascent_fraction_is_in_the_units_of_a_model_that_declares_its_loss(tmp_path, family, task, build, ignores):
+@pytest.mark.parametrize(
+    ("family", "task", "build", "ignores"), FAMILIES[:1] + FAMILIES[7:8], ids=["bert", "t5"]
+)
+def test_ascent_fraction_is_in_the_units_of_a_model_that_declares_its_loss(
+    tmp_path, family, task, build, ignores
+):
     """With sam_ascent_fraction, a BERT or T5 takes the step, and logs the `loss` and `sam/*` values, of the same
     model declaring its per-batch mean loss (`accepts_loss_kwargs = False`, the Trainer's own switch); the logged
     values are the micro-batch's mean loss (within the subset's and ε's difference of it, not 2x)."""
@@ -232,7 +256,9 @@ def test_probe_tells_which_losses_ignore_num_items_in_batch(family, task, build,
     assert probe_loss_units(lambda n: model(**batch, num_items_in_batch=n).loss, torch.tensor(16)) is ignores
 
 
-def test_rho_zero_on_a_bert_is_the_mean_of_the_micro_batch_gradients_or_with_the_fix_off_the_stock_step(tmp_path):
+def test_rho_zero_on_a_bert_is_the_mean_of_the_micro_batch_gradients_or_with_the_fix_off_the_stock_step(
+    tmp_path,
+):
     """ρ = 0 with the fix on (the default) takes the mean-of-micro-batches step on a BERT, as documented for
     EfficientNet; with the fix off it is the stock Trainer's step, the accumulation steps times larger."""
     model, rows = FAMILIES[0][2]("AutoModelForSequenceClassification")

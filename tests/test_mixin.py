@@ -1,8 +1,8 @@
 """`SAMMixin` on other Trainer subclasses: trl's `SFTTrainer`, `Seq2SeqTrainer` and a user's own. For each, ρ = 0
 is the parent bit for bit (weights and every logged value) and ρ > 0 takes the SAM step of a hand computation."""
 
-import functools
 import copy
+import functools
 from dataclasses import dataclass
 
 import pytest

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_trainer import make_args
 from test_variants import batches
-from toy import make_model, make_rows
+from toy import TinyNet, make_model, make_rows
 
 from hf_sam import SAM, SAMTrainer, SAMTrainingArguments
 
@@ -154,6 +154,29 @@ def test_sgd_steps_are_the_papers_algorithm(tmp_path, accumulation):
     assert not any(k in e for e in logs for k in ("sam/sharpness", "sam/perturbed_loss", "sam/grad_norm"))
 
 
+@pytest.mark.parametrize("accumulation", [1, 2], ids=["ga1", "ga2"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_twenty_steps_stay_within_1e6_of_the_hand_loop(tmp_path, optimizer, accumulation):
+    """The look-ahead is left by subtracting ε (no copy of w): over 20 steps the weights stay within 1e-6
+    (relative, in norm) of the hand loop, which copies w back exactly."""
+    rows, per_device = make_rows(160), 8 // accumulation
+    micro = batches(rows, per_device)
+    windows = [micro[i : i + accumulation] for i in range(0, 20 * accumulation, accumulation)]
+    settings = dict(
+        max_steps=20, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
+    )
+    if optimizer == "sgd":
+        expected = hand_msam_sgd(make_model(), windows)[0][-1]
+        trainer = train(tmp_path, rows, **settings)
+    else:
+        expected = hand_msam_adamw(make_model(), windows)
+        trainer = train(tmp_path, rows, optim="adamw_torch", optim_args=None, learning_rate=0.01,
+                        weight_decay=0.01, **settings)  # fmt: skip
+    got = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    want = torch.cat([q.reshape(-1) for q in expected])
+    assert float((got - want).norm() / want.norm()) < 1e-6
+
+
 def test_max_grad_norm_clips_the_one_gradient(tmp_path):
     rows = make_rows(32)
     expected, _ = hand_msam_sgd(make_model(), [[b] for b in batches(rows, 8)], clip=0.05)
@@ -210,19 +233,50 @@ def test_resume_is_exact(tmp_path):
     assert logged(resumed) == logged(whole)
 
 
-def test_bf16_autocast_and_a_cosine_schedule_train(tmp_path):
-    trainer = train(tmp_path, make_rows(32), bf16=True, lr_scheduler_type="cosine", warmup_steps=1)
-    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+def test_bf16_autocast_and_a_cosine_schedule_take_the_fp32_steps_within_bf16_rounding(tmp_path):
+    """bf16 autocast (fp32 weights) with a cosine schedule and warm-up: within bf16 rounding of the fp32 run, and
+    far from the same run without the look-ahead (a mode that did not perturb would sit there)."""
+    rows, settings = make_rows(32), dict(lr_scheduler_type="cosine", warmup_steps=1)
+    bf16 = train(tmp_path / "bf16", rows, bf16=True, **settings)
+    fp32 = train(tmp_path / "fp32", rows, **settings)
+    plain = train(tmp_path / "plain", rows, bf16=True, sam_rho=0.0, sam_mode="sam", **settings)
+    distance = lambda a, b: max(  # noqa: E731
+        float((p - q).abs().max()) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)
+    )
+    assert all(math.isfinite(e["loss"]) for e in bf16.state.log_history if "loss" in e)
+    assert distance(bf16, fp32) < distance(bf16, plain) / 5
 
 
 def test_lora_perturbs_and_trains_the_adapters_only(tmp_path):
+    """The look-ahead moves the adapters (seen by the forward itself) and never the frozen base weights."""
+    from transformers import TrainerCallback
+
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(make_model(), peft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+
+    class Recording(TinyNet):
+        def forward(self, features, target=None):
+            if self.training and torch.is_grad_enabled():
+                seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            return super().forward(features, target)
+
+    seen = []
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False)
+    model = peft.get_peft_model(Recording(), config)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train(tmp_path, make_rows(32), model=model)
+    at_step_end = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            at_step_end.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    train(tmp_path, make_rows(32), model=model, callbacks=[StepEnds()])
+    assert len(seen) == 4  # one pass per step
+    for step in (1, 2, 3):  # each step after the first looks ahead from the previous step's end
+        for name, value in seen[step].items():
+            moved = not torch.equal(value, at_step_end[step - 1][name])
+            assert moved == (name not in frozen), name  # adapters perturbed, the base never
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
 
 
 @pytest.mark.parametrize(
@@ -263,12 +317,22 @@ def test_a_users_optimizer_without_momentum_is_refused_before_the_first_step(tmp
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
 
 
-def test_rho_zero_is_unchanged(tmp_path):
-    plain = train(tmp_path / "a", make_rows(32), sam_rho=0.0, sam_mode="sam")
-    zero = train(tmp_path / "b", make_rows(32), sam_rho=0.0)
+def test_rho_zero_is_the_stock_trainer(tmp_path):
+    """ρ = 0 with sam_mode='momentum' is the stock Trainer bit for bit, weights and every logged number."""
+    from test_compat_matrix import numbers
+    from transformers import Trainer, TrainingArguments
+
+    zero = train(tmp_path / "zero", make_rows(32), sam_rho=0.0)
+    settings = {k: v for k, v in make_args(tmp_path / "stock").to_dict().items() if not k.startswith("sam_")}
+    settings.update(optim_args=f"momentum={MU}", max_steps=4, output_dir=str(tmp_path / "stock"))
+    settings = {k: v for k, v in settings.items() if k in TrainingArguments.__dataclass_fields__ and
+                TrainingArguments.__dataclass_fields__[k].init}  # fmt: skip
+    stock = Trainer(model=make_model(), args=TrainingArguments(**settings), train_dataset=make_rows(32))
+    stock.train()
     assert all(
-        torch.equal(p, q) for p, q in zip(plain.model.parameters(), zero.model.parameters(), strict=True)
+        torch.equal(p, q) for p, q in zip(stock.model.parameters(), zero.model.parameters(), strict=True)
     )
+    assert numbers(zero.state.log_history) == numbers(stock.state.log_history)
 
 
 # ---------------------------------------------------------------- sam_mode="previous_gradient"

@@ -263,3 +263,13 @@ def test_bad_input_raises_a_clear_error(call, message):
     model = make_model()
     with pytest.raises(ValueError, match=message):
         call(model, [stack(make_rows(n=8))])
+
+
+def test_an_unconverged_lanczos_says_so_with_the_advice():
+    model = make_model().double()
+    batch = {
+        k: (v.double() if v.is_floating_point() else v) for k, v in stack(make_rows(n=32, seed=3)).items()
+    }
+    with pytest.warns(RuntimeWarning, match="did not converge.*raise max_iter"):
+        spectrum = hessian_eigenvalues(model, [batch], top_k=5, max_iter=5, tol=1e-12)
+    assert not spectrum.converged

@@ -153,11 +153,16 @@ def test_a_text_checkpoint_or_dataset_is_told_image_classifiers_only(workdir, ca
 
     bert = str(workdir["root"] / "bert")
     BertForSequenceClassification(
-        BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+        BertConfig(
+            vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+        )
     ).save_pretrained(bert)
     text = str(workdir["root"] / "text")
     datasets.Dataset.from_dict({"sentence": ["a b", "c d"], "label": [0, 1]}).save_to_disk(text)
-    for args in (["--model", bert, "--dataset", workdir["data"]], ["--model", workdir["a"], "--dataset", text]):
+    for args in (
+        ["--model", bert, "--dataset", workdir["data"]],
+        ["--model", workdir["a"], "--dataset", text],
+    ):
         with pytest.raises(SystemExit):
             main(args)
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]

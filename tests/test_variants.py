@@ -144,7 +144,8 @@ def test_group_size_averages_one_sam_gradient_per_chunk(tmp_path):
     for p, q in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=0)
     log = next(e for e in trainer.state.log_history if "loss" in e)
-    assert log["sam/forward_passes"] == 4  # two chunks, two passes each
+    # Example-weighted: two passes over each half of the micro-batch are two passes over the micro-batch.
+    assert log["sam/forward_passes"] == 2 and log["sam/backward_passes"] == 2
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,9 @@ class RecordingSAMTrainer(SAMTrainer):
     record: dict = {}
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        if not torch.is_grad_enabled():  # a forward-only check (loss units, the look-ahead guard): no training pass
+        if (
+            not torch.is_grad_enabled()
+        ):  # a forward-only check (loss units, the look-ahead guard): no training pass
             return super().compute_loss(model, inputs, *args, **kwargs)
         self.record.setdefault("batch", {k: v.clone() for k, v in inputs.items()})
         self.record.setdefault("calls", []).append({k: v.clone() for k, v in inputs.items()})
