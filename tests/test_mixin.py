@@ -173,6 +173,63 @@ def test_sft_rho_positive_is_the_hand_sam_step(tmp_path, accumulation):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=n)
 
 
+@pytest.mark.parametrize("mode", ["momentum", "previous_gradient"])
+def test_sft_one_pass_modes_are_the_hand_loop_and_log_metrics_at_the_look_ahead_point(tmp_path, mode):
+    """SFT through the one-pass modes: 3 steps of the hand loop (SGD momentum 0.9, the look-ahead along −v/‖v‖ or
+    the previous gradient, each step's gradient of the completion-token NLL there), and trl's metrics recorded once
+    per step by the one pass, at the look-ahead point (docs/telemetry.md): the step's `loss` is the NLL there."""
+    probe = trl.SFTTrainer(
+        model=tiny_llama(),
+        args=trl.SFTConfig(
+            output_dir=str(tmp_path / "probe"),
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            train_sampling_strategy="sequential",
+            report_to=[],
+        ),  # fmt: skip
+        train_dataset=prompt_completion_rows(),
+        processing_class=tokenizer(),
+    )
+    batches = list(probe.get_train_dataloader())
+    batches = [batches[i % len(batches)] for i in range(3)]
+    model, mu = tiny_llama(), 0.9
+    params = list(model.parameters())
+    v, previous, losses = None, None, []
+
+    def loss_of(batch):
+        return sft_loss_sum(model, batch) / int((batch["labels"][:, 1:] != -100).sum())
+
+    for batch in batches:
+        direction = (-1.0, v) if mode == "momentum" else (1.0, previous)
+        saved = [p.detach().clone() for p in params]
+        if direction[1] is not None:
+            norm = torch.sqrt(sum((x**2).sum() for x in direction[1]))
+            with torch.no_grad():
+                for p, x in zip(params, direction[1], strict=True):
+                    p += direction[0] * RHO * x / norm
+        loss = loss_of(batch)
+        g = torch.autograd.grad(loss, params)
+        losses.append(float(loss))
+        with torch.no_grad():
+            for p, x in zip(params, saved, strict=True):
+                p.copy_(x)
+            v = list(g) if v is None else [mu * a + b for a, b in zip(v, g, strict=True)]
+            previous = list(g)
+            for p, x in zip(params, v, strict=True):
+                p -= LR * x
+    ours = sft(SAMSFTTrainer, SAMSFTConfig, tmp_path / "ours", tiny_llama(), sam_rho=RHO, sam_mode=mode,
+               optim_args="momentum=0.9", max_steps=3)  # fmt: skip
+    for (n, p), q in zip(ours.model.named_parameters(), params, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-5, rtol=0, msg=n)
+    logs = [e for e in ours.state.log_history if "loss" in e and "num_tokens" in e]
+    assert [e["loss"] for e in logs] == pytest.approx(losses, rel=1e-4)
+    assert all("mean_token_accuracy" in e and "entropy" in e for e in logs)
+    tokens = [e["num_tokens"] for e in logs]
+    assert (
+        tokens == sorted(tokens) and tokens[1] - tokens[0] == tokens[2] - tokens[1] > 0
+    )  # one record per step
+
+
 def test_sft_metrics_are_logged_once_per_step_from_the_clean_pass(tmp_path):
     """At step 1 both runs start from the same weights: the clean pass's token accuracy, entropy and token count
     are the plain run's (a record from the perturbed pass would change the means, a second one double the tokens)."""
