@@ -38,11 +38,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py --readme
 	$(PY) benchmarks/variant_overhead.py --readme
 	$(PY) benchmarks/soak.py --readme
+	$(PY) benchmarks/memory.py --readme
+	$(PY) benchmarks/one_pass_drift.py --readme
 
 experiments: $(STAMP)
 	$(PY) experiments/run_all.py
 	$(PY) experiments/benefit.py --readme
 	$(PY) experiments/benefit.py --optimizer adamw --tuning-seeds 5
+	$(PY) experiments/rho_transformer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

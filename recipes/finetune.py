@@ -28,11 +28,9 @@ resumable checkpoints in `hf_sam.finetune.checkpoints`, the trainer and metric i
 from __future__ import annotations
 
 import glob
-import gc
 import os
 import shutil
 
-import torch
 import yaml
 from transformers import set_seed
 
@@ -42,6 +40,7 @@ from hf_sam.finetune.cli import (
     ConfigError,
     check_local_paths,
     check_report,
+    end_distributed_run,
     exit_on,
     parse_config,
     resolved_config,
@@ -170,7 +169,4 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():  # a multi-process launch: leave together, then tear the group down
-        gc.collect()
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_distributed_run()  # a multi-process launch: leave together, tear the group down, exit without finalizers

@@ -17,7 +17,8 @@ RECIPE_ARGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--per_
 
 
 def _run(command: list[str]) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    # PYTHONFAULTHANDLER: a rank that dies by a signal prints every thread's Python stack (where it happened).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr

@@ -329,6 +329,27 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def end_distributed_run() -> None:
+    """End a finished process of a multi-process launch (no-op in a single process): free the cyclic garbage of the
+    run (a DeepSpeed or FSDP engine's hooks and gathered partitions) while the group is up, leave together, tear
+    the process group down, flush, and exit at once with status 0.
+
+    Exiting through `os._exit` skips the interpreter's finalization. On a busy machine one launch in some tens of
+    a finished ZeRO-3 or FSDP2 run aborted there, on rank 1, after its work was done and saved ("terminate called
+    without an active exception", SIGABRT): the launcher then reports the whole job failed. The cause was not found
+    (not reproduced in isolation); an exit that runs no finalizer cannot abort in one."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import gc
+
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def accumulation_steps(
     global_batch: int, per_device: int, processes: int, explicit: int | None = None
 ) -> int:

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toy import CountingNet, make_model, make_rows, text_rows, tiny_bert  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from hf_sam.finetune.cli import end_distributed_run  # noqa: E402
 
 
 class RecordingSAMTrainer(SAMTrainer):
@@ -148,5 +149,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    torch.distributed.barrier()  # leave together, then tear the group down (a clean exit on every rank)
-    torch.distributed.destroy_process_group()
+    end_distributed_run()  # leave together, tear the group down, exit without finalizers

@@ -11,10 +11,10 @@ micro-batch per step, cosine LR, ρ following it, only `^fc2\.` perturbed).
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.recording import save_record, toy_arguments, toy_trainer  # noqa: E402
+
+from hf_sam.finetune.cli import end_distributed_run  # noqa: E402
 
 
 def run(out_dir: str, name: str, stage: int, resume_from: str | None = None, **overrides) -> None:
@@ -54,7 +54,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Leave together, then tear the group down: without it an exiting rank now and then aborted in a C++
-    # destructor ("terminate called without an active exception") while the other still talked to it.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed_run()  # leave together, tear the group down, exit without finalizers

@@ -20,6 +20,8 @@ from transformers import Trainer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.recording import save_record, toy_arguments, toy_trainer  # noqa: E402
 
+from hf_sam.finetune.cli import end_distributed_run  # noqa: E402
+
 
 def deepspeed_config(**zero) -> dict:
     return {
@@ -143,5 +145,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    torch.distributed.barrier()  # leave together, then tear the group down (a clean exit on every rank)
-    torch.distributed.destroy_process_group()
+    end_distributed_run()  # leave together, tear the group down, exit without finalizers

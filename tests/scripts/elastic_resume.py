@@ -18,6 +18,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from hf_sam.finetune.cli import end_distributed_run  # noqa: E402
 
 
 class KillRankOneAfterStep3(TrainerCallback):
@@ -67,5 +68,4 @@ def main(out_dir: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], mode=sys.argv[2])
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed_run()  # leave together, tear the group down, exit without finalizers

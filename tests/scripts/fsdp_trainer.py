@@ -14,13 +14,14 @@ step of one micro-batch: 2-step projected ascent on the parameters matching `^fc
 import os
 import sys
 
-import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scripts.fsdp_on_cpu import enable_fsdp_on_cpu  # noqa: E402
 from scripts.recording import save_record, toy_arguments, toy_trainer  # noqa: E402
+
+from hf_sam.finetune.cli import end_distributed_run  # noqa: E402
 
 
 def run(out_dir: str, name: str, resume_from: str | None = None, **overrides) -> None:
@@ -67,5 +68,4 @@ def main(out_dir: str) -> None:
 if __name__ == "__main__":
     enable_fsdp_on_cpu()
     launched(sys.argv[1]) if "--launched" in sys.argv else main(sys.argv[1])
-    torch.distributed.barrier()  # leave together, then tear the group down (a clean exit on every rank)
-    torch.distributed.destroy_process_group()
+    end_distributed_run()  # leave together, tear the group down, exit without finalizers
