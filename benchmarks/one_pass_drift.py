@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hf_sam.trainer  # noqa: E402
+import hf_sam.one_pass  # noqa: E402
 from benchmarks.readme_block import replace_readme_block  # noqa: E402
 from experiments.common import DictMLP, digits  # noqa: E402
 from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
@@ -69,7 +69,7 @@ def run(steps: int, mode: str, optimizer: str, bf16: bool, look_ahead, nudge: bo
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
-    hf_sam.trainer.LookAhead = look_ahead
+    hf_sam.one_pass.LookAhead = look_ahead
     args = SAMTrainingArguments(
         output_dir="/tmp/one_pass_drift", max_steps=steps, per_device_train_batch_size=32,
         gradient_accumulation_steps=2, learning_rate=lr, optim=optim, optim_args=optim_args, bf16=bf16,
@@ -77,7 +77,7 @@ def run(steps: int, mode: str, optimizer: str, bf16: bool, look_ahead, nudge: bo
         logging_steps=steps,
     )  # fmt: skip
     SAMTrainer(model=model, args=args, train_dataset=rows).train()
-    hf_sam.trainer.LookAhead = LookAhead
+    hf_sam.one_pass.LookAhead = LookAhead
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 

@@ -24,13 +24,11 @@ from hf_sam.engines import (
     check_trainer_class,
     select_engine,
 )
+from hf_sam.one_pass import OnePass
 from hf_sam.sam import (
     SAM,
-    LookAhead,
     WeightBackup,
-    global_norm,
     looksam_reuse_gradient_,
-    momentum_direction,
     perturb_,
     perturbation_group,
     scheduled_rho,
@@ -52,7 +50,7 @@ class _Run:
     perturbed instead of the new one (ε = 0 on the model being trained), a half-filled window would leak.
     """
 
-    def __init__(self, state) -> None:
+    def __init__(self, state, sam_mode: str) -> None:
         self.state = state
         self.plan: Plan | None = None
         self.window = variants.CleanGradientWindow()  # GSAM / LookSAM
@@ -61,7 +59,7 @@ class _Run:
         self.chunk_passes = 1.0  # the same, of the last chunk `_sam_micro_step` took
         self.telemetry = SAMTelemetry(start_step=state.global_step)
         self.look_ahead_warned = False  # the look-ahead guard warns once per run
-        self.look_ahead = LookAhead()  # the one-pass variants' point of the current window
+        self.one_pass = OnePass(sam_mode)  # the one-pass variants' direction and point
 
 
 def _parent_signature(trainer_class: type) -> inspect.Signature:
@@ -236,7 +234,7 @@ class SAMMixin:
     def _current_run(self) -> _Run:
         if self._sam_run is None or self._sam_run.state is not self.state:
             self._check_run_settings()
-            self._sam_run = _Run(self.state)
+            self._sam_run = _Run(self.state, self.args.sam_mode)
         return self._sam_run
 
     def _check_run_settings(self) -> None:
@@ -284,7 +282,8 @@ class SAMMixin:
         )  # fmt: skip
         direction = None
         if kind == variants.SAM_STEP and args.sam_mode in ONE_PASS_MODES:
-            direction = self._direction(model)
+            params = self._perturbation_plan(model).params
+            direction = run.one_pass.direction(self._sam_optimizer(), params, self._sam_state())
             if direction is None:  # before the first optimizer step: no momentum, no previous gradient yet
                 kind = variants.PLAIN
         last_micro_batch = self.accelerator.sync_gradients
@@ -303,7 +302,7 @@ class SAMMixin:
         if kind != variants.SAM_STEP:
             loss = super().training_step(model, inputs, num_items_in_batch)
             if args.sam_mode == "previous_gradient" and last_micro_batch:
-                self._store_step_gradient(model)
+                run.one_pass.remember_gradient(self._perturbation_plan(model).params, self._sam_state())
             self._note_loss(loss)
             if kind == variants.LOOKSAM_REUSE and last_micro_batch:
                 # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
@@ -355,34 +354,6 @@ class SAMMixin:
         )
         return clean_loss
 
-    def _direction(self, model) -> list[torch.Tensor] | None:
-        """The one-pass variants' direction for the plan's parameters, None before the first optimizer step:
-        the base optimizer's momentum v (its own state tensors) or the stored gradient of the previous step."""
-        params = self._perturbation_plan(model).params
-        if self.args.sam_mode == "momentum":
-            wrapper = self._sam_optimizer()
-            return momentum_direction(wrapper.base_optimizer, params, wrapper.momentum_key)
-        stored = self._sam_state().get("previous_gradient")
-        if stored is None or len(stored) != len(params):
-            return None
-        # A checkpoint may have loaded it onto another device.
-        return [g.to(p.device) for g, p in zip(stored, params, strict=True)]
-
-    @torch.no_grad()
-    def _store_step_gradient(self, model) -> None:
-        """sam_mode='previous_gradient': after the window's last backward `.grad` holds the step's whole gradient
-        (synced under DDP, before clipping); keep its direction for the next step (a non-finite one is not kept)."""
-        params = self._perturbation_plan(model).params
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if not torch.isfinite(global_norm(grads)):
-            return
-        state = self._sam_state()
-        stored = state.get("previous_gradient")
-        if stored is None or len(stored) != len(params):
-            state["previous_gradient"] = [g.detach().clone() for g in grads]
-        else:
-            torch._foreach_copy_(stored, grads)
-
     def _one_pass_sam_step(self, model, inputs, num_items_in_batch, direction, last_micro_batch: bool):
         """The one-pass variants: one forward+backward per micro-batch at w + ε with ε taken without an ascent pass:
         sam_mode='momentum' (Momentum-SAM, Becker et al. 2024) ε = −ρ·v/‖v‖, v the optimizer's momentum;
@@ -391,20 +362,16 @@ class SAMMixin:
 
         The point is fixed at the window's first micro-batch (the direction changes only when the optimizer steps),
         so every micro-batch of an optimizer step takes its gradient at the same point. Each micro-batch enters it
-        for its own pass and leaves it right after (`hf_sam.sam.LookAhead`: no copy of the weights), so anything
+        for its own pass and leaves it right after (`hf_sam.one_pass`: no copy of the weights), so anything
         that reads the weights between passes, whatever ends a window, reads w. The direction is replicated under
         DDP (the same synced gradients went into it), so ε is the same on every process, at no communication."""
         args, run = self.args, self._current_run()
         plan = self._perturbation_plan(model)
         clean = None
         if run.micro_batch == 0:
-            sign = -1.0 if args.sam_mode == "momentum" else 1.0
             rhos = [self._scheduled_rho(group) for _, group in plan.slices]
-            norm = run.look_ahead.set_(
-                [
-                    (plan.params[s], direction[s], sign * rho)
-                    for (s, _), rho in zip(plan.slices, rhos, strict=True)
-                ]
+            norm = run.one_pass.set_point(
+                [(plan.params[s], direction[s], rho) for (s, _), rho in zip(plan.slices, rhos, strict=True)]
             )
             run.telemetry.add(args.device, sam_micro_batches=1.0, rho=rhos[0] if rhos else 0.0)
             if not torch.isfinite(norm):
@@ -412,13 +379,10 @@ class SAMMixin:
             if self._look_ahead_check_due():  # the loss at w, for the look-ahead guard
                 model.train()  # as the step's own pass (after an evaluation the model is in eval mode)
                 clean = self._forward_only(model, inputs, num_items_in_batch, plan.batchnorms)
-        run.look_ahead.enter_()
-        try:
+        with run.one_pass.at_point():  # back to w before anything else can read the weights
             loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            run.look_ahead.leave_()  # back to w before anything else can read the weights
         if args.sam_mode == "previous_gradient" and last_micro_batch:
-            self._store_step_gradient(model)
+            run.one_pass.remember_gradient(plan.params, self._sam_state())
         if clean is not None:
             self._check_look_ahead(loss_units.as_reported(self, clean, num_items_in_batch), loss)
         self._note_loss(loss)
