@@ -647,7 +647,7 @@ def check_launch(trainer) -> None:
             f"same output_dir. To train on {world_size} processes, {fix}."
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
-        logger.warning(
+        logger.warning_once(
             f"The launch asked for FSDP, but Accelerate runs {accelerator.distributed_type} here (FSDP needs "
             "GPUs): SAMTrainer takes DDP's ε (per process unless sam_sync_perturbation=True), not the FSDP "
             "engine's global one."

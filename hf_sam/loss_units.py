@@ -77,7 +77,7 @@ def probe_loss_units(loss_at, num_items) -> bool | None:
     return bool(torch.allclose(once, twice, rtol=1e-4, atol=0.0))
 
 
-def declare_per_batch_mean_loss(trainer, model, inputs: dict, num_items_in_batch) -> None:
+def declare_per_batch_mean_loss(trainer, model, loss_at, num_items_in_batch) -> None:
     """`sam_fix_loss_normalization`: a model whose `forward` takes `**kwargs` makes the Trainer believe that its loss
     is normalised by `num_items_in_batch`; when the loss ignores it (a per-micro-batch mean: BERT, RoBERTa,
     DeBERTa, ModernBERT, ELECTRA, T5, BART, EfficientNet, ResNet...), the stock Trainer's gradient comes out
@@ -85,7 +85,9 @@ def declare_per_batch_mean_loss(trainer, model, inputs: dict, num_items_in_batch
     chunks and telemetry would be in the wrong units. Asked once per run, at its first micro-batch, of the loss the
     step itself computes (`compute_loss`, so a subclass's own loss is asked too): two forwards without gradients,
     every module in eval mode, the random state and the parent's records put back. The processes agree on one
-    answer. A loss found to ignore the count is declared a per-batch mean (`model_accepts_loss_kwargs = False`)."""
+    answer. A loss found to ignore the count is declared a per-batch mean (`model_accepts_loss_kwargs = False`).
+
+    `loss_at(count)`: the first micro-batch's `compute_loss` without gradients, leaving no trace (the trainer's)."""
     if (
         not trainer.model_accepts_loss_kwargs
         or num_items_in_batch is None
@@ -96,9 +98,7 @@ def declare_per_batch_mean_loss(trainer, model, inputs: dict, num_items_in_batch
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        ignores = probe_loss_units(
-            lambda count: trainer._forward_only(model, inputs, count), num_items_in_batch
-        )
+        ignores = probe_loss_units(loss_at, num_items_in_batch)
     finally:
         for module, training in modes:
             module.training = training

@@ -17,6 +17,7 @@ the optimizer's param groups; `scheduled_rho` is ρ for a step of a ρ schedule.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -570,8 +571,9 @@ class LookAhead:
             )
         norm = global_norm([d for _, directions, _ in groups for d in directions])
         self._groups = []
-        if torch.isfinite(norm) and float(norm) > 0:
-            scale = 1.0 / (float(norm) + NORM_EPS)
+        value = float(norm)  # the one host sync of an optimizer step
+        if math.isfinite(value) and value > 0:
+            scale = 1.0 / (value + NORM_EPS)
             self._groups = [(p, d, radius * scale) for p, d, radius in groups if radius != 0 and p]
         return norm
 

@@ -271,7 +271,8 @@ class SAMMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.args.sam_fix_loss_normalization and self._loss_units_checked_for is not self.state:
             self._loss_units_checked_for = self.state
-            loss_units.declare_per_batch_mean_loss(self, model, inputs, num_items_in_batch)
+            loss_at = lambda count: self._forward_only(model, inputs, count)  # noqa: E731
+            loss_units.declare_per_batch_mean_loss(self, model, loss_at, num_items_in_batch)
         if self.args.sam_rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
         args, run = self.args, self._current_run()

@@ -45,7 +45,7 @@ def test_several_processes_seen_by_the_environment_but_one_run_is_refused(monkey
 
 def test_a_fsdp_launch_that_accelerate_did_not_enable_is_said(monkeypatch):
     warnings = []
-    monkeypatch.setattr(engines.logger, "warning", warnings.append)
+    monkeypatch.setattr(engines.logger, "warning_once", warnings.append)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     engines.check_launch(_trainer(fsdp=True))
     assert warnings == []
