@@ -61,6 +61,7 @@ from hf_sam.finetune.model_card import write_model_card
 from hf_sam.finetune.models import (
     ModelError,
     architecture,
+    has_batchnorm,
     is_timm,
     load_model_and_processor,
     make_timm_loadable,
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
             write_model_card(
                 args, spec, data.source, len(data.train), len(data.test), data.label_names, metrics,
                 is_timm(model), engine=engine.name, global_epsilon=engine.global_epsilon,
-                architecture=architecture(model),
+                architecture=architecture(model), batchnorm=has_batchnorm(model),
             )  # fmt: skip
 
         # -------------------------------------------------------------- push

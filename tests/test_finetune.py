@@ -605,7 +605,9 @@ def test_non_commercial_dataset_cards_name_their_terms(tmp_path):
     """FGVC Aircraft (like Stanford Cars) and ImageNet: license other with a name and a link, and the terms in the text."""
     for recipe, source in (("recipes/fgvc_aircraft/efficientnet_l2/sam.yaml", "dpdl-benchmark/fgvc_aircraft"),
                            ("recipes/imagenet/efficientnet_b7/baseline.yaml", "/data/imagenet")):  # fmt: skip
-        card = _recipe_card(tmp_path / recipe.split("/")[1], recipe, source)
+        # the ImageNet recipe names no copy; its launch (and check) needs one: any existing folder stands for it
+        copy = {"dataset_path": str(tmp_path)} if "imagenet" in recipe else {}
+        card = _recipe_card(tmp_path / recipe.split("/")[1], recipe, source, **copy)
         meta, spec = card.data.to_dict(), SPECS[recipe.split("/")[1]]
         assert (
             meta["license"] == "other"
@@ -616,6 +618,46 @@ def test_non_commercial_dataset_cards_name_their_terms(tmp_path):
     assert (
         "the checkpoint's own classifier head (head_init checkpoint)" in card.text
         and "; 10 epochs;" in card.text
+    )
+
+
+def test_imagenet_card_names_the_hub_dataset_it_describes(tmp_path):
+    """A local ImageNet copy (the spec has no Hub id to load from): the card's model-index and `datasets:` name the
+    Hub id of the data, `ILSVRC/imagenet-1k`, not the title "ImageNet-1k" (a dataset the Hub does not have), with
+    no revision (none was loaded); huggingface_hub parses it back unchanged."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    card = _recipe_card(
+        tmp_path, "recipes/imagenet/efficientnet_l2/sam.yaml", str(tmp_path), dataset_path=str(tmp_path)
+    )
+    data, meta = card.data, card.data.to_dict()
+    assert data.datasets == meta["datasets"] == ["ILSVRC/imagenet-1k"]
+    assert data.eval_results and all(
+        (r.dataset_type, r.dataset_name, r.dataset_split, r.dataset_revision)
+        == ("ILSVRC/imagenet-1k", "ImageNet-1k", "validation", None)
+        for r in data.eval_results
+    )
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert results == data.eval_results and eval_results_to_model_index(name, results) == meta["model-index"]
+    assert "(`ILSVRC/imagenet-1k`; 1000 classes" in " ".join(card.text.split())
+
+
+def test_card_names_batchnorm_only_for_models_that_have_it(tmp_path, timm_ckpt):
+    """ "BatchNorm statistics frozen" is a fact about a model with BatchNorm: an EfficientNet's card states it, a
+    ViT's (no BatchNorm layer) says nothing about BatchNorm."""
+    from hf_sam.finetune.models import save_timm_checkpoint
+
+    torch.manual_seed(0)
+    vit = str(tmp_path / "vit")
+    save_timm_checkpoint(timm.create_model("test_vit", pretrained=False, num_classes=5), vit, crop_pct=0.9,
+                         mean=(0.5,) * 3, std=(0.5,) * 3)  # fmt: skip
+    for folder, checkpoint in (("vit_run", vit), ("efficientnet_run", timm_ckpt)):
+        run(tmp_path / folder, "--dataset", "digits", "--model_name_or_path", checkpoint, "--max_train_samples", "4",
+            "--max_test_samples", "4")  # fmt: skip
+    assert "BatchNorm" not in (tmp_path / "vit_run" / "out" / "README.md").read_text()
+    assert (
+        "BatchNorm statistics frozen: True"
+        in (tmp_path / "efficientnet_run" / "out" / "README.md").read_text()
     )
 
 

@@ -41,6 +41,14 @@ NON_COMMERCIAL = {"stanford_cars", "fgvc_aircraft", "imagenet"}  # license: othe
 TRAIN_IMAGES = {"flowers102": 2040, "stanford_cars": 8144, "oxford_pets": 3680, "cifar10": 50000,
                 "cifar100": 50000, "food101": 75750, "fgvc_aircraft": 6667, "imagenet": 1281167}  # fmt: skip
 PAPER_RECIPES = [p for p in RECIPES if p.split(os.sep)[-3] in RHO]
+
+
+def _copy(recipe: str) -> list[str]:
+    """The ImageNet recipes name no copy of the data (ImageNet-1k is gated), and their check refuses them without
+    one, as their launch does; the recipe's own folder stands for the user's copy (`--check_config` loads nothing)."""
+    return ["--dataset_path", os.path.dirname(recipe)] if recipe.split(os.sep)[-3] == "imagenet" else []
+
+
 VIT_RECIPES = [p for p in PAPER_RECIPES if p.split(os.sep)[-2] == "vit_b16"]
 EFFICIENTNET_RECIPES = [p for p in PAPER_RECIPES if p.split(os.sep)[-2].startswith("efficientnet")]
 
@@ -85,7 +93,7 @@ def test_compute_matched_baseline_is_the_baseline_with_twice_the_steps(base):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, REPO))
 def test_recipe_parses_and_validates(path):
-    args = parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
+    args = parse_config(["--config", path, "--check_config", "true", "--num_processes", "8", *_copy(path)])
     dataset, model = path.split(os.sep)[-3:-1]
     run_dir = os.path.join(
         "outputs", *os.path.relpath(path, os.path.join(REPO, "recipes"))[:-5].split(os.sep)
@@ -141,7 +149,7 @@ def test_recipe_header_states_the_true_batch_arithmetic(path):
     """The header's steps per epoch and epochs are transformers' (ceil of micro-batches / accumulation), for 8
     processes, computed here by hand from the dataset size and checked against the parsed recipe."""
     dataset = path.split(os.sep)[-3]
-    args = parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
+    args = parse_config(["--config", path, "--check_config", "true", "--num_processes", "8", *_copy(path)])
     t = args.training
     header = open(path).read().split("\n\n")[0]
     match = re.search(
@@ -336,7 +344,7 @@ def test_recipe_readme_matches_the_recipe(sam):
     folder = os.path.dirname(sam)
     model = folder.split(os.sep)[-1]
     readme = open(os.path.join(folder, "README.md")).read()
-    args = parse_config(["--config", sam, "--check_config", "true", "--num_processes", "8"])
+    args = parse_config(["--config", sam, "--check_config", "true", "--num_processes", "8", *_copy(sam)])
     t, dataset = args.training, folder.split(os.sep)[-2]
     spe = steps_per_epoch(
         TRAIN_IMAGES[dataset], t.per_device_train_batch_size, 8, t.gradient_accumulation_steps
@@ -442,7 +450,7 @@ def test_recipe_uses_no_deprecated_argument(path):
     assert "gradient_checkpointing" not in yaml.safe_load(open(path))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        parse_config(["--config", path, "--check_config", "true", "--num_processes", "8"])
+        parse_config(["--config", path, "--check_config", "true", "--num_processes", "8", *_copy(path)])
 
 
 def test_check_config_prints_what_a_launch_on_the_named_processes_would_use(capsys, monkeypatch):
@@ -470,6 +478,50 @@ def test_check_config_prints_what_a_launch_on_the_named_processes_would_use(caps
             f"{accumulation} accumulation step(s)"
         ), summary
         assert out.rstrip().endswith(f"{recipe}: OK")
+
+
+IMAGENET_RECIPES = [p for p in RECIPES if p.split(os.sep)[-3] == "imagenet"]
+
+
+@pytest.mark.parametrize("recipe", IMAGENET_RECIPES, ids=lambda p: os.path.relpath(p, REPO))
+def test_check_config_refuses_what_the_launch_refuses(recipe, tmp_path, monkeypatch, capsys):
+    """The ImageNet recipes name no copy (`dataset_path: null`): a launch stops with one line, and so does
+    `--check_config`, with the same line and not `OK`; neither loads anything first."""
+    from finetune_helpers import load_finetune
+
+    finetune = load_finetune()
+
+    def loads(*args, **kwargs):
+        raise AssertionError("loaded something before refusing the recipe")
+
+    monkeypatch.setattr(finetune, "load_image_classification", loads)
+    monkeypatch.setattr(finetune, "load_model_and_processor", loads)
+    with pytest.raises(SystemExit) as checked:
+        finetune.main(["--config", recipe, "--check_config", "true", "--num_processes", "8"])
+    assert not capsys.readouterr().out.rstrip().endswith("OK")
+    with pytest.raises(SystemExit) as launched:
+        finetune.main(["--config", recipe, "--output_dir", str(tmp_path / "out"), "--bf16", "false",
+                       "--use_cpu", "true"])  # fmt: skip
+    message = "finetune.py: error: dataset 'imagenet' has no Hub id: set `dataset_path` to a local copy."
+    assert str(checked.value) == str(launched.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_config_prints_only_what_the_run_uses(capsys, tmp_path):
+    """A step-based recipe runs max_steps (transformers ignores num_train_epochs then): the printout has no
+    `num_train_epochs: 3.0`; an epoch-based one (ImageNet, C.2's 10 epochs) has no `max_steps: -1`."""
+    from finetune_helpers import load_finetune
+
+    finetune = load_finetune()
+    for recipe, extra, used, unused in (
+        ("recipes/oxford_pets/vit_b16/sam.yaml", [], ("max_steps", 500), "num_train_epochs"),
+        ("recipes/imagenet/efficientnet_l2/sam.yaml", ["--dataset_path", str(tmp_path)], ("num_train_epochs", 10),
+         "max_steps"),
+    ):  # fmt: skip
+        finetune.main(["--config", os.path.join(REPO, recipe), "--check_config", "true", "--num_processes", "8",
+                       *extra])  # fmt: skip
+        printed = yaml.safe_load(capsys.readouterr().out.partition("\n# checked for")[0])
+        assert printed[used[0]] == used[1] and unused not in printed, recipe
 
 
 # ---------------------------------------------------------------------- what the READMEs say they follow

@@ -47,9 +47,9 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("recipe", SAM_RECIPES, ids=lambda p: os.path.relpath(os.path.dirname(p), REPO))
 def test_recipe_runs_two_sam_steps_with_its_real_shapes(recipe, checkpoints, tmp_path, monkeypatch):
     dataset = recipe.split(os.sep)[-3]
-    parsed = parse_config(["--config", recipe, "--check_config", "true"])
-    checkpoint = checkpoints(parsed.model.model_name_or_path)
     data = real_size_fixture_for_spec(SPECS[dataset], str(tmp_path / "data"))
+    parsed = parse_config(["--config", recipe, "--check_config", "true", "--dataset_path", data])
+    checkpoint = checkpoints(parsed.model.model_name_or_path)
     shapes = []
     collate = finetune.collate
 

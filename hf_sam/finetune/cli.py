@@ -26,7 +26,13 @@ from transformers import HfArgumentParser
 
 from hf_sam.configs import SAMTrainingArguments
 from hf_sam.finetune.checkpoints import checkpoints_newest_first, resolve_resume
-from hf_sam.finetune.data import EVAL_RESIZES, TRAIN_AUGMENTATIONS, check_label_noise, resolve_spec
+from hf_sam.finetune.data import (
+    EVAL_RESIZES,
+    TRAIN_AUGMENTATIONS,
+    check_label_noise,
+    check_source,
+    resolve_spec,
+)
 from hf_sam.finetune.hub import missing_local_path
 from hf_sam.finetune.models import HEAD_INITS
 from hf_sam.trainer import remove_if_created_empty
@@ -480,7 +486,9 @@ def _check(
         raise ConfigError("model_name_or_path is required (a Hub id or a local checkpoint folder).")
     if not data.dataset:
         raise ConfigError("dataset is required (a spec name, a Hub dataset id or a local folder).")
-    resolve_spec(data.dataset)  # unknown dataset name: fails here, before any loading
+    # an unknown dataset name, or a spec with nothing to load from (ImageNet without dataset_path): the launch's
+    # own line, here, before any loading (and so also under --check_config)
+    check_source(resolve_spec(data.dataset), data.dataset_path)
     if data.dataset_path and not os.path.exists(data.dataset_path):
         raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
     check_label_noise(data.label_noise)
@@ -568,6 +576,9 @@ def resolved_config(args: Args) -> dict:
         out.pop(alias, None)
     if args.script.global_batch_size is not None:  # derived from it, for each launch's process count
         del out["gradient_accumulation_steps"]
+    # The run's length is max_steps when it is set (transformers then ignores num_train_epochs), else the epochs:
+    # the other one is not what the run uses, and a printed `num_train_epochs: 3.0` would say it was.
+    del out["num_train_epochs" if args.training.max_steps > 0 else "max_steps"]
     return {
         k: v if isinstance(v, (str, int, float, bool, list, type(None))) else str(v) for k, v in out.items()
     }

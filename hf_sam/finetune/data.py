@@ -73,6 +73,9 @@ class DatasetSpec:
         None  # the dataset's licence / terms of use, as its card states them (model cards repeat it)
     )
     local_path: str | None = None  # a local folder given as `dataset` (then hub_id is None)
+    # The Hub id of the data a spec without a loadable `hub_id` describes (ImageNet: gated, read from your copy):
+    # what a model card names as its dataset (`datasets:`, the model-index's `dataset.type`), never loaded.
+    card_id: str | None = None
     builder: Callable[[], DatasetDict] | None = field(default=None, compare=False)
 
 
@@ -144,7 +147,7 @@ SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in [
     # checkpoint's head; `head_init: checkpoint` keeps that head). The 50,000 `validation` images are the test set of
     # the paper's table 3.
     DatasetSpec("imagenet", None, image_column="image", label_column="label", num_classes=1000,
-                test_split="validation", title="ImageNet-1k",
+                test_split="validation", title="ImageNet-1k", card_id="ILSVRC/imagenet-1k",
                 terms="for non-commercial research and educational purposes only (the ImageNet terms of access); a "
                       "model trained on it is subject to them"),
     DatasetSpec("digits", None, image_column="image", label_column="label", num_classes=10, first_label="0",
@@ -288,6 +291,13 @@ def load_image_classification(
     )
 
 
+def check_source(spec: DatasetSpec, local_path: str | None = None) -> None:
+    """A spec with nothing to load from (no Hub id, no builder, no local folder: ImageNet) needs `dataset_path`.
+    Pure, so that `--check_config` refuses such a recipe with the launch's own line, before anything loads."""
+    if local_path is None and spec.local_path is None and spec.hub_id is None and spec.builder is None:
+        raise DataError(f"dataset {spec.name!r} has no Hub id: set `dataset_path` to a local copy.")
+
+
 def _split_name(spec: DatasetSpec, role: str) -> str:
     return spec.train_split if role == "train" else spec.test_split
 
@@ -296,9 +306,8 @@ def _load_split(spec: DatasetSpec, split: str, local_path: str | None) -> Datase
     """One split (`a+b` joins splits) from the Hub, a local folder, or the spec's builder."""
     if local_path is None and spec.builder is not None:
         return _pick_split(spec.builder(), split, spec.name)
+    check_source(spec, local_path)
     path = local_path or spec.hub_id
-    if path is None:
-        raise DataError(f"dataset {spec.name!r} has no Hub id: set `dataset_path` to a local copy.")
     if os.path.isdir(path) and (
         os.path.exists(os.path.join(path, "dataset_dict.json"))
         or os.path.exists(os.path.join(path, "state.json"))

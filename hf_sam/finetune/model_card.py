@@ -182,11 +182,13 @@ def run_title(args: Args, spec) -> str:
 def write_model_card(
     args: Args, spec, source: str, num_train: int, num_test: int, label_names: list[str],
     metrics: dict[str, float], timm_model: bool, *, engine: str, global_epsilon: bool,
-    architecture: str | None = None,
+    architecture: str | None = None, batchnorm: bool = True,
 ) -> str:  # fmt: skip
     """`README.md` in `output_dir` for a finished run of `args` on the dataset `spec` (loaded from `source`);
     `engine` and `global_epsilon` as the trainer ran (`trainer.sam_engine.name`, `.global_epsilon`);
-    `architecture` as `hf_sam.finetune.models.architecture` names it (default: read from `model_name_or_path`)."""
+    `architecture` as `hf_sam.finetune.models.architecture` names it (default: read from `model_name_or_path`);
+    `batchnorm`: whether the model has BatchNorm layers (the card states whether their statistics were frozen only
+    then: a ViT has none)."""
     t, m = args.training, args.model
     global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
     scope = (
@@ -211,7 +213,8 @@ def write_model_card(
     length = f"max_steps {t.max_steps}" if t.max_steps > 0 else f"{t.num_train_epochs:g} epochs"
     training_lines = [
         f"Base checkpoint: `{m.model_name_or_path}`{f' @ {m.model_revision}' if m.model_revision else ''}; "
-        f"{head}; BatchNorm statistics frozen: {m.freeze_batchnorm}; resolution {resolution}",
+        f"{head}; {f'BatchNorm statistics frozen: {m.freeze_batchnorm}; ' if batchnorm else ''}"
+        f"resolution {resolution}",
         f"Dropout {m.drop_rate if m.drop_rate is not None else 'as the checkpoint'}, stochastic depth "
         f"{m.drop_path_rate if m.drop_path_rate is not None else 'as the checkpoint'}",
         f"Dataset: `{source}`; train augmentation: {args.data.train_augmentation}; test resize: {args.data.eval_resize}",
@@ -226,11 +229,13 @@ def write_model_card(
     ]
     from_hub = spec.hub_id and not os.path.exists(source)
     dataset_id, _, revision = source.partition("@")  # the loader names what it loaded "<id>@<revision>"
+    # Read from the Hub: the id loaded. A local copy of a spec that names the Hub id of its data (ImageNet): that id.
+    card_id = dataset_id if from_hub else (spec.card_id if not spec.hub_id else None)
     card = finetuning_card(
         title=run_title(args, spec),
         repo_id=t.hub_model_id,
         base_model=m.model_name_or_path,
-        dataset_id=dataset_id if from_hub else None,
+        dataset_id=card_id,
         dataset_revision=(revision or None) if from_hub else None,
         dataset_title=spec.title or spec.name,
         test_split=spec.test_split,

@@ -44,6 +44,12 @@ def architecture(model_or_config) -> str:
     return str(getattr(config, "model_type", None) or type(model_or_config).__name__)
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """Whether `model` has a BatchNorm layer (any torch flavour, timm's BatchNormAct2d included): the model card
+    states whether BatchNorm statistics were frozen only for such a model (a ViT has none)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def load_model_and_processor(
     model_name_or_path: str,
     label_names: list[str],
