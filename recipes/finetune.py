@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
         model, processor = load_model_and_processor(
             args.model.model_name_or_path, data.label_names, args.model.model_revision, args.model.trust_remote_code,
             drop_rate=args.model.drop_rate, drop_path_rate=args.model.drop_path_rate, head_init=args.model.head_init,
-            image_size=args.model.image_size,
+            image_size=args.model.image_size, head_init_seed=args.model.head_init_seed,
+            pos_embed_interpolation=args.model.pos_embed_interpolation,
         )  # fmt: skip
         if resume:
             check_checkpoint_fits(model, resume)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
             )
         train_transform = set_transforms(
             data, preprocessing_from_processor(processor), args.data.train_augmentation, training.seed,
-            args.data.eval_resize,
+            args.data.eval_resize, args.data.crop_min_area,
         )  # fmt: skip
         training.remove_unused_columns = False  # the lazy transform needs the raw image and label columns
         try:

@@ -243,6 +243,22 @@ def test_random_resized_crop_takes_the_checkpoint_resolution_and_varies(tmp_path
     )
 
 
+def test_random_resized_crop_takes_its_smallest_area(tmp_path):
+    """`crop_min_area`: the smallest share of the image a training crop keeps (torchvision's default 0.08; the ViT
+    code's inception crop, area_range=(0.05, 1.0), is 0.05); anything outside (0, 1] is refused."""
+    from hf_sam.finetune.data import DataError, random_resized_crop
+
+    pre = _timm_preprocessing(tmp_path, size=48, crop_pct=0.9)
+    assert random_resized_crop(pre).transforms[0].scale == (0.08, 1.0)
+    assert random_resized_crop(pre, 0.05).transforms[0].scale == (0.05, 1.0)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    assert train_augmentation("random-resized-crop", pre, crop_min_area=0.05)([image])[0].shape == (3, 48, 48)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(DataError, match="crop_min_area must be in \\(0, 1\\]"):
+            random_resized_crop(pre, bad)
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     """Each example's random augmentation depends on (seed, epoch, index) only: not on the order or batch it is
     read in, not on the global RNG (which it leaves untouched), and it changes with the epoch and the seed."""

@@ -227,6 +227,55 @@ def test_image_size_resamples_the_position_embeddings_and_reloads_at_that_size(t
     torch.testing.assert_close(by_timm, expected_logits, rtol=0, atol=0)
 
 
+def test_bilinear_pos_embed_resampling_is_the_vit_codes_zoom(tmp_path):
+    """`pos_embed_interpolation: bilinear` resamples the grid as the ViT code does (checkpoint.py:
+    `scipy.ndimage.zoom(posemb_grid, zoom, order=1)`, corner-aligned bilinear), the class token untouched; the
+    default stays timm's bicubic."""
+    import numpy as np
+    import scipy.ndimage
+
+    ckpt = _tiny_timm_vit(str(tmp_path / "ckpt"))
+    saved = load_file(f"{ckpt}/model.safetensors")["pos_embed"]
+    model, _ = load_model_and_processor(ckpt, NAMES, head_init="zeros", image_size=64,
+                                        pos_embed_interpolation="bilinear")  # fmt: skip
+    grid = saved[0, 1:].reshape(10, 10, -1).double().numpy()
+    zoomed = scipy.ndimage.zoom(grid, (4 / 10, 4 / 10, 1), order=1).reshape(1, 16, -1)
+    expected = torch.from_numpy(np.concatenate([saved[:, :1].double().numpy(), zoomed], axis=1)).float()
+    torch.testing.assert_close(model.timm_model.pos_embed.detach(), expected, rtol=0, atol=1e-6)
+    bicubic, _ = load_model_and_processor(ckpt, NAMES, head_init="zeros", image_size=64)
+    assert not torch.allclose(bicubic.timm_model.pos_embed, model.timm_model.pos_embed)
+    with pytest.raises(ModelError, match="pos_embed_interpolation must be one of bicubic, bilinear"):
+        load_model_and_processor(ckpt, NAMES, image_size=64, pos_embed_interpolation="nearest")
+
+
+def test_head_init_seed_draws_the_same_head_whatever_the_run_seed(tmp_path):
+    """The released code draws every run's new head from PRNGKey(0) (load_model.py): `head_init_seed` fixes the
+    draw the same way (a torch draw, not JAX's numbers), leaves the run's own random stream where it was, and
+    without it the head follows the run's seed."""
+    ckpt = tiny_timm_checkpoint(str(tmp_path / "ckpt"))
+    heads, after = [], []
+    for run_seed in (1, 2):
+        torch.manual_seed(run_seed)
+        model, _ = load_model_and_processor(ckpt, MANY, head_init="released", head_init_seed=0)
+        heads.append(_head(model).weight.detach().clone())
+        after.append(torch.rand(3))
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(after[0], after[1])
+    torch.manual_seed(1)
+    load_model_and_processor(
+        ckpt, MANY, head_init="zeros"
+    )  # loading draws what it draws; a zero head nothing
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    load_model_and_processor(ckpt, MANY, head_init="released", head_init_seed=0)
+    assert torch.equal(torch.rand(3), expected)  # the run's stream is not advanced by the fixed draw
+    seeded = []
+    for run_seed in (1, 2):
+        torch.manual_seed(run_seed)
+        model, _ = load_model_and_processor(ckpt, MANY, head_init="released")
+        seeded.append(_head(model).weight.detach().clone())
+    assert not torch.equal(seeded[0], seeded[1])
+
+
 def test_image_size_is_refused_where_it_cannot_be_honoured(tmp_path):
     with pytest.raises(ModelError, match="image_size is supported for timm ViT checkpoints"):
         load_model_and_processor(tiny_timm_checkpoint(str(tmp_path / "cnn")), NAMES, image_size=64)

@@ -34,7 +34,7 @@ from hf_sam.finetune.data import (
     resolve_spec,
 )
 from hf_sam.finetune.hub import missing_local_path
-from hf_sam.finetune.models import HEAD_INITS
+from hf_sam.finetune.models import HEAD_INITS, POS_EMBED_INTERPOLATIONS
 from hf_sam.trainer import remove_if_created_empty
 
 
@@ -139,6 +139,22 @@ class ModelArguments:
             "choices": list(HEAD_INITS),
         },
     )
+    head_init_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Draw the new head (head_init released or zeros) from this seed, the same head whatever the run's "
+            "seed, without advancing the run's random stream (the SAM authors' released code draws it from "
+            "PRNGKey(0) for every run). Default: from the run's seed."
+        },
+    )
+    pos_embed_interpolation: str = field(
+        default="bicubic",
+        metadata={
+            "help": "With image_size: how the position embeddings are resampled to the new grid. 'bicubic': timm's "
+            "resample_abs_pos_embed; 'bilinear': the ViT code's scipy.ndimage.zoom(order=1) (corners aligned).",
+            "choices": list(POS_EMBED_INTERPOLATIONS),
+        },
+    )
     image_size: int | None = field(
         default=None,
         metadata={
@@ -186,6 +202,13 @@ class DataArguments:
             "code's ImageNet training crop + flip, 'cifar-autoaugment' its CIFAR pipeline. Random ones are a "
             "function of (seed, epoch, example index).",
             "choices": list(TRAIN_AUGMENTATIONS),
+        },
+    )
+    crop_min_area: float = field(
+        default=0.08,
+        metadata={
+            "help": "random-resized-crop: the smallest share of the image's area a training crop keeps, in (0, 1] "
+            "(torchvision's default 0.08; the released SAM code keeps >= 0.1, the ViT code >= 0.05)."
         },
     )
     eval_resize: str = field(
@@ -492,6 +515,11 @@ def _check(
     if data.dataset_path and not os.path.exists(data.dataset_path):
         raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
     check_label_noise(data.label_noise)
+    if isinstance(data.crop_min_area, bool) or not 0 < data.crop_min_area <= 1:
+        raise ConfigError(
+            f"crop_min_area must be in (0, 1] (the smallest share of the image's area a training crop keeps), got "
+            f"{data.crop_min_area!r}. Set e.g. `crop_min_area: 0.08` (torchvision's default)."
+        )
     if data.num_labels is not None and data.num_labels < 1:
         raise ConfigError(f"num_labels must be >= 1, got {data.num_labels}.")
     for name in ("drop_rate", "drop_path_rate"):

@@ -590,8 +590,30 @@ class PadAndRandomCrop:
         return F.crop(padded, top, left, height, width)
 
 
+def random_resized_crop(preprocessing: Preprocessing, min_area: float = 0.08):
+    """The Inception-style training crop + flip at the checkpoint's resolution, interpolation and mean/std:
+    torchvision's `RandomResizedCrop` keeping `min_area`-100% of the image's area (aspect ratio 3/4-4/3, drawn
+    log-uniform), then a horizontal flip. `min_area`: torchvision's default 0.08; the released SAM code's crop
+    (`min_object_covered=0.1`) keeps >= 10%, the ViT code's (`area_range=(0.05, 1.0)`) >= 5%."""
+    from torchvision import transforms as T
+
+    if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0 < min_area <= 1:
+        raise DataError(
+            f"crop_min_area must be in (0, 1] (the smallest share of the image's area a training crop keeps), got "
+            f"{min_area!r}. Set e.g. `crop_min_area: 0.08` (torchvision's default)."
+        )
+    return T.Compose([
+        # Aspect ratio: TF's sample_distorted_bounding_box draws it uniformly, torchvision log-uniform (docs/recipes.md).
+        T.RandomResizedCrop(preprocessing.size, scale=(float(min_area), 1.0), ratio=(3 / 4, 4 / 3),
+                            interpolation=T.InterpolationMode(preprocessing.interpolation)),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(preprocessing.mean, preprocessing.std),
+    ])  # fmt: skip
+
+
 def train_augmentation(
-    name: str, preprocessing: Preprocessing
+    name: str, preprocessing: Preprocessing, crop_min_area: float = 0.08
 ) -> Callable[[list[Image.Image]], torch.Tensor]:
     """The train transform: the eval pipeline (`none`) or one of `TRAIN_AUGMENTATIONS`.
 
@@ -599,10 +621,10 @@ def train_augmentation(
 
     - `random-resized-crop`: the released code's ImageNet training preprocessing, which the paper's appendix C.2
       applies to the non-CIFAR finetuning datasets: an Inception-style crop resized to the model's resolution,
-      and a horizontal flip. The crop is torchvision's `RandomResizedCrop` (area 8-100%, aspect ratio 3/4-4/3
-      drawn log-uniform), standing in for the released TF `sample_distorted_bounding_box`, whose
-      `min_object_covered=0.1` over the whole image gives an area of 10-100%, with the aspect ratio drawn
-      uniformly.
+      and a horizontal flip. The crop is torchvision's `RandomResizedCrop` (area `crop_min_area`-100%, 8-100% by
+      default, aspect ratio 3/4-4/3 drawn log-uniform), standing in for the released TF
+      `sample_distorted_bounding_box`, whose `min_object_covered=0.1` over the whole image gives an area of 10-100%,
+      with the aspect ratio drawn uniformly (`random_resized_crop`).
     - `cifar-autoaugment`: the released code's CIFAR pipeline, on the 32x32 image: AutoAugment (CIFAR policy),
       then the basic augmentation of section 3.1 (horizontal flip, reflect-pad 4 + random crop), then the whole
       image resized to the model's resolution (no centre crop; pair it with `eval_resize: full`). The policy is
@@ -622,17 +644,8 @@ def train_augmentation(
         )
     if name == "none":
         return preprocessing.eval
-    interpolation = T.InterpolationMode(preprocessing.interpolation)
     if name == "random-resized-crop":
-        pipeline = T.Compose([
-            # Not the released ranges: TF's crop keeps >= 10% of the area (min_object_covered=0.1) and draws the
-            # aspect ratio uniformly; torchvision keeps >= 8% and draws it log-uniform (docs/recipes.md).
-            T.RandomResizedCrop(preprocessing.size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                interpolation=interpolation),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(preprocessing.mean, preprocessing.std),
-        ])  # fmt: skip
+        pipeline = random_resized_crop(preprocessing, crop_min_area)
         return lambda images: torch.stack([pipeline(im) for im in images])
     if name == "cifar-autoaugment":
         augment = T.Compose([T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.RandomHorizontalFlip(),
@@ -704,6 +717,7 @@ def set_transforms(
     augmentation: str,
     seed: int = 0,
     eval_resize: str = "checkpoint",
+    crop_min_area: float = 0.08,
 ) -> ImageTransform:
     """Attach the lazy transforms to both splits and return the train one (its `epoch` is what
     `AugmentationEpochCallback` sets). Train: `augmentation`, seeded per example when random. Test: the
@@ -713,7 +727,7 @@ def set_transforms(
     columns = [data.image_column, data.label_column]
     random = augmentation != "none"
     train_fn = ImageTransform(
-        train_augmentation(augmentation, preprocessing), *columns, seed if random else None
+        train_augmentation(augmentation, preprocessing, crop_min_area), *columns, seed if random else None
     )
     if random:
         if INDEX_COLUMN not in data.train.column_names:

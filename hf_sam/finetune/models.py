@@ -59,6 +59,8 @@ def load_model_and_processor(
     drop_path_rate: float | None = None,
     head_init: str = "default",
     image_size: int | None = None,
+    head_init_seed: int | None = None,
+    pos_embed_interpolation: str = "bicubic",
 ) -> tuple[PreTrainedModel, object]:
     """The checkpoint's weights with a new, randomly initialised head of `len(label_names)` classes.
 
@@ -71,15 +73,21 @@ def load_model_and_processor(
     the flag is passed explicitly to every loader, so transformers never prompts and never falls back to a default.
     `drop_rate` / `drop_path_rate` (None: the checkpoint's own) set the dropout before the classifier and the
     stochastic depth (drop-connect) of the model that is built, active in training mode: see `set_dropout`.
-    `head_init` draws the new head (`HEAD_INITS`, `init_head`). `image_size` finetunes at another resolution than
-    the checkpoint's (`set_image_size`: timm ViTs, whose position embeddings are resampled), and the returned
-    processor resizes to it.
+    `head_init` draws the new head (`HEAD_INITS`, `init_head`), from the run's random stream or, with
+    `head_init_seed`, the same head whatever the run's seed (the released code draws it from PRNGKey(0)).
+    `image_size` finetunes at another resolution than the checkpoint's (`set_image_size`: timm ViTs, whose position
+    embeddings are resampled as `pos_embed_interpolation` says), and the returned processor resizes to it.
     The checkpoint's weights must fit the architecture of its config: apart from the classifier head, every
     tensor must be in the checkpoint with its shape (otherwise transformers would silently initialise the rest
     at random, and the run would "finetune" an untrained network).
     """
     if head_init not in HEAD_INITS:
         raise ModelError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}.")
+    if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ModelError(
+            f"pos_embed_interpolation must be one of {', '.join(POS_EMBED_INTERPOLATIONS)}, got "
+            f"{pos_embed_interpolation!r}."
+        )
     # A mistyped local folder would otherwise be reported as a Hub failure.
     if message := missing_local_path("model_name_or_path", model_name_or_path):
         raise ModelError(message)
@@ -130,7 +138,7 @@ def load_model_and_processor(
         _check_head_kept(model, info, num_labels, model_name_or_path)
     else:
         _ensure_new_head(model, info, num_labels)
-        init_head(model, head_init)
+        init_head(model, head_init, head_init_seed)
     try:
         processor = AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -141,7 +149,7 @@ def load_model_and_processor(
             "save one next to the weights (`image_processor.save_pretrained(folder)`)."
         ) from None
     if image_size is not None:
-        processor = set_image_size(model, processor, image_size, model_name_or_path)
+        processor = set_image_size(model, processor, image_size, model_name_or_path, pos_embed_interpolation)
     return model, processor
 
 
@@ -165,10 +173,17 @@ def _loaded_whole():
         hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
-def set_image_size(model: PreTrainedModel, processor, image_size: int, model_name_or_path: str):
+def set_image_size(
+    model: PreTrainedModel,
+    processor,
+    image_size: int,
+    model_name_or_path: str,
+    interpolation: str = "bicubic",
+):
     """Finetune a timm ViT at `image_size` px (the ViT paper, appendix B.1.1, finetunes at 384): timm's
     `set_input_size` resamples the pretrained position embeddings to the new patch grid (bicubic; the ViT paper,
-    section 3.2, interpolates them in 2D), and the config records the size (`model_args.img_size`, which rebuilds
+    section 3.2, interpolates them in 2D; `interpolation="bilinear"` redoes it as the ViT code does,
+    `_resample_pos_embed_bilinear`), and the config records the size (`model_args.img_size`, which rebuilds
     the model at that size when transformers or timm reload it; `pretrained_cfg.input_size`, which the
     preprocessing reads). Returns the processor for the new size: the checkpoint's interpolation, mean/std and
     `crop_pct`, so the test images are resized to image_size / crop_pct and centre-cropped to image_size."""
@@ -183,7 +198,10 @@ def set_image_size(model: PreTrainedModel, processor, image_size: int, model_nam
     patch = getattr(getattr(timm_model, "patch_embed", None), "patch_size", (1, 1))
     if image_size % patch[0] or image_size % patch[1]:
         raise ModelError(f"image_size {image_size} is not a multiple of the patch size {tuple(patch)}.")
-    timm_model.set_input_size(img_size=(image_size, image_size))
+    old_pos_embed, old_grid = _pos_embed_and_grid(timm_model)
+    timm_model.set_input_size(img_size=(image_size, image_size))  # timm: bicubic (resample_abs_pos_embed)
+    if interpolation == "bilinear" and old_pos_embed is not None:
+        _resample_pos_embed_bilinear(timm_model, old_pos_embed, old_grid)
     config = model.config
     config.model_args = {**(config.model_args or {}), "img_size": image_size}
     config.pretrained_cfg = {**config.pretrained_cfg, "input_size": [3, image_size, image_size]}
@@ -191,6 +209,27 @@ def set_image_size(model: PreTrainedModel, processor, image_size: int, model_nam
     return type(processor)(
         pretrained_cfg=config.pretrained_cfg, architecture=getattr(config, "architecture", None)
     )
+
+
+def _pos_embed_and_grid(timm_model) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
+    pos_embed = getattr(timm_model, "pos_embed", None)
+    if pos_embed is None:
+        return None, None
+    return pos_embed.detach().clone(), tuple(timm_model.patch_embed.grid_size)
+
+
+def _resample_pos_embed_bilinear(timm_model, old: torch.Tensor, old_grid: tuple[int, int]) -> None:
+    """The ViT code's resampling (checkpoint.py, `scipy.ndimage.zoom(posemb_grid, zoom, order=1)`): the grid of
+    position embeddings interpolated bilinearly with the corner positions aligned (zoom's default `grid_mode=False`,
+    i.e. torch's `align_corners=True`); the class token's embedding is kept as it is."""
+    prefix = 0 if getattr(timm_model, "no_embed_class", False) else timm_model.num_prefix_tokens
+    new_grid = tuple(timm_model.patch_embed.grid_size)
+    tokens, grid = old[:, :prefix], old[:, prefix:]
+    grid = grid.reshape(1, *old_grid, -1).permute(0, 3, 1, 2).double()
+    grid = torch.nn.functional.interpolate(grid, size=new_grid, mode="bilinear", align_corners=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(old.dtype)
+    with torch.no_grad():
+        timm_model.pos_embed.copy_(torch.cat([tokens, grid], dim=1))
 
 
 # transformers config attributes that hold (drop_rate, drop_path_rate), per model_type; None: no such layer.
@@ -305,13 +344,26 @@ def _ensure_new_head(model: PreTrainedModel, info: dict, num_labels: int) -> Non
 # - checkpoint: no new head: the checkpoint's own classifier and its weights (C.2's ImageNet runs: "We do not
 #   randomly initialize the last layer ... but instead use the weights included in the checkpoint").
 HEAD_INITS = ("released", "zeros", "default", "checkpoint")
+# How `image_size` resamples a ViT's position embeddings: timm's bicubic `resample_abs_pos_embed`, or the ViT code's
+# `scipy.ndimage.zoom(grid, zoom, order=1)` (checkpoint.py), a bilinear interpolation with the corner patches aligned.
+POS_EMBED_INTERPOLATIONS = ("bicubic", "bilinear")
 
 
-def init_head(model: PreTrainedModel, head_init: str) -> None:
-    """Draw the classifier head's Linear layer(s) as `head_init` says (torch's global generator: the run's seed)."""
+def init_head(model: PreTrainedModel, head_init: str, seed: int | None = None) -> None:
+    """Draw the classifier head's Linear layer(s) as `head_init` says: from torch's global generator (the run's
+    seed), or with `seed` from a generator of that seed, so that every run starts from the same head (the released
+    code's `get_model` draws it from `PRNGKey(0)` whatever the run's seed) and the run's own stream is not advanced."""
     if head_init in ("default", "checkpoint"):
         return
     _, head = _head_prefix(model)
+    fixed = contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=[])
+    with fixed:
+        if seed is not None:
+            torch.manual_seed(seed)
+        _draw_head(head, head_init)
+
+
+def _draw_head(head: torch.nn.Module, head_init: str) -> None:
     for layer in (m for m in head.modules() if isinstance(m, torch.nn.Linear)):
         with torch.no_grad():
             if head_init == "released":
