@@ -59,6 +59,14 @@ def test_recipe_runs_two_sam_steps_with_its_real_shapes(recipe, checkpoints, tmp
         return batch
 
     monkeypatch.setattr(finetune, "collate", recording_collate)
+    transforms = []  # what the run's data pipeline was built with (train crop, test resize)
+    set_transforms = finetune.set_transforms
+
+    def recording_set_transforms(*args):
+        transforms.append(args[2:])  # (augmentation, seed, eval_resize, crop_min_area)
+        return set_transforms(*args)
+
+    monkeypatch.setattr(finetune, "set_transforms", recording_set_transforms)
     out = tmp_path / "out"
     metrics = finetune.main([
         "--config", recipe, "--model_name_or_path", checkpoint, "--dataset_path", data, "--output_dir", str(out),
@@ -95,6 +103,14 @@ def test_recipe_runs_two_sam_steps_with_its_real_shapes(recipe, checkpoints, tmp
         }
         saved = load_file(str(out / "model.safetensors"))
         assert head and all(saved[k].shape == v.shape for k, v in head.items())
+    d = (
+        parsed.data
+    )  # the recipe's crop and test resize reach the pipeline (ViT: the ViT code's 5-100% crop, no test crop)
+    assert transforms == [(d.train_augmentation, parsed.training.seed, d.eval_resize, d.crop_min_area)]
+    # the warm-up (ViT: the ViT code's 500 or 100 steps): with 2 steps run, the lr has not left its linear ramp
+    rates = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
+    warmup, lr = parsed.training.warmup_steps, parsed.training.learning_rate
+    assert rates and all(r <= lr * min(1.0, 2 / warmup) + 1e-12 for r in rates) if warmup else True
     card = (out / "README.md").read_text()
     if spec_terms := SPECS[dataset].terms:
         assert spec_terms in card
