@@ -1,25 +1,31 @@
-"""Offline demo (`make demo`): what SAM buys when finetuning on real images, on a CPU, in about three minutes.
+"""Offline demo (`make demo`): what SAM and its one-pass mode buy when finetuning on real images, on a CPU.
 
     python recipes/demo.py            # the demo: prints the table, writes everything under outputs/
     python recipes/demo.py --readme   # the same, then writes the table and the picture into the README
-    python recipes/demo.py --select   # how ρ was chosen: a ρ grid on a validation slice of the train split
-    python recipes/demo.py --select --rhos 0.05 --only noise --max_steps 192   # extra flags go to finetune.py
+    python recipes/digits/tune_demo.py --summary   # how lr, steps and ρ were chosen (validation slice)
 
 Every run is `recipes/finetune.py` with a recipe of `recipes/digits/test_efficientnet/`, on scikit-learn's
 handwritten digits (the `digits` dataset spec, 1,797 real 8x8 images) and timm's 0.1M-parameter
 `test_efficientnet` at 32x32:
 
 1. pretrain.yaml: train it from random init on digits 0-4 (the "pretrained checkpoint"), once;
-2. finetune it on digits 5-9 (new head, frozen BatchNorm, SGD momentum 0.9 + cosine, the `SAMTrainer`), for
-   each of 3 seeds, plain SGD (`sam_rho: 0`) and SAM, with the same seeds and the same number of epochs:
-   clean labels (baseline.yaml, sam.yaml, 120 steps) and 40% symmetric label noise on the train split
-   (noisy_*.yaml, 240 steps; the paper's section 3.3 setting; the test labels stay clean).
+2. finetune it on digits 5-9 (new head, frozen BatchNorm, SGD momentum 0.9 + cosine, the `SAMTrainer`) with
+   three methods on the same seeds: plain SGD (`sam_rho: 0`), SAM, and Momentum-SAM (`sam_mode: momentum`, one
+   forward+backward pass per step), in two settings: clean labels (baseline.yaml, sam.yaml, momentum_sam.yaml)
+   and 30% pair-flip label noise on the train split (pair_*.yaml: a seed-drawn 30% of the training labels moved
+   to the next class, 5 -> 6 -> ... -> 9 -> 5, written into a copy of the data by `digits_copy`; the test labels
+   stay clean). Each recipe's learning rate, steps and ρ were chosen on a validation slice of the train split
+   (recipes/digits/tune_demo.py; the numbers in recipes/digits/test_efficientnet/README.md).
 
-Each final model is then measured on the same 256 training images (with the labels it was trained on): the top
-Hessian eigenvalue λmax (Lanczos, `hf_sam.sharpness.hessian_eigenvalues`) and m-sharpness (m = 32, at the SAM
-runs' ρ, `hf_sam.sharpness.m_sharpness`). Prints a table of mean ± std over seeds and one summary line per
-setting, and saves a picture to outputs/digits/test_efficientnet/demo/demo.png. The Trainer's logs go to each
-run's `log.txt`; only a progress bar per run reaches the terminal. Re-running starts over.
+Each final model is then measured on the same first training images (with the labels it was trained on): the
+top Hessian eigenvalue λmax (Lanczos, `hf_sam.sharpness.hessian_eigenvalues`) and m-sharpness (m = 32, at the
+SAM recipe's ρ, `hf_sam.sharpness.m_sharpness`). Prints a table (top-1 mean ± std over seeds, each method's gain
+over the baseline as the mean of the per-seed differences with its 90% paired t interval, wall time per step
+relative to the baseline's, flatness), one line per setting with the verdict its interval gives ("clear gain"
+when the one-sided 95% lower bound is above 0), a closing line on what each method costs and buys, and saves a
+picture of every seed's runs to outputs/digits/test_efficientnet/demo/demo.png; results.json there has one row
+per run. The Trainer's logs go to each run's `log.txt`; only a progress bar per run reaches the terminal.
+Re-running starts over.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
@@ -60,13 +67,28 @@ from hf_sam.sharpness import hessian_eigenvalues, m_sharpness  # noqa: E402
 
 RECIPES = "recipes/digits/test_efficientnet"
 OUT = "outputs/digits/test_efficientnet/demo"
-SEEDS = (0, 1, 2)
-# (setting, baseline recipe, SAM recipe): each pair differs only in sam_rho.
-SETTINGS = (
-    ("clean labels", "baseline.yaml", "sam.yaml"),
-    ("40% label noise", "noisy_baseline.yaml", "noisy_sam.yaml"),
-)
-MEASURE_EXAMPLES = 256  # the first 256 training images of digits 5-9: the same slice for every model
+SEEDS = (0, 1, 2, 3, 4, 5)
+SUBSET = ["5", "6", "7", "8", "9"]  # the finetuning task (every recipe's label_subset)
+METHODS = ("baseline", "SAM", "Momentum-SAM")  # one recipe each per setting; they differ in their sam_* keys
+
+
+class Setting(NamedTuple):
+    title: str
+    noise: float  # pair-flip label noise on the train split, written into the data by `digits_copy`; 0: clean
+    recipes: dict  # method -> recipe file in RECIPES
+
+
+SETTINGS = {
+    "clean": Setting(
+        "clean labels", 0.0, dict(zip(METHODS, ("baseline.yaml", "sam.yaml", "momentum_sam.yaml")))
+    ),
+    "pair": Setting(
+        "30% pair-flip noise",
+        0.3,
+        dict(zip(METHODS, ("pair_baseline.yaml", "pair_sam.yaml", "pair_momentum_sam.yaml"))),
+    ),
+}
+MEASURE_EXAMPLES = 64  # the first 64 training images of digits 5-9: the same slice for every model
 M = 32  # m-sharpness chunk: the training batch, so it is the quantity SAM minimises per step
 README_PNG = f"{RECIPES}/demo.png"  # the picture the README shows (written by --readme only)
 MARKERS = ("<!-- demo:start -->", "<!-- demo:end -->")
@@ -74,10 +96,14 @@ MARKERS = ("<!-- demo:start -->", "<!-- demo:end -->")
 
 # ====================================================================== running a recipe quietly
 class ProgressBar(TrainerCallback):
-    """One tqdm bar per run on the terminal (the Trainer's own bar and log lines go to the run's log.txt)."""
+    """One tqdm bar per run on the terminal (the Trainer's own bar and log lines go to the run's log.txt), and
+    the run's wall time per optimizer step in the steady state (after the first WARM_STEPS steps)."""
+
+    WARM_STEPS = 5
 
     def __init__(self, desc: str, stream):
         self.desc, self.stream, self.bar = desc, stream, None
+        self.started = self.seconds_per_step = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.bar = tqdm(
@@ -86,6 +112,10 @@ class ProgressBar(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
+        if state.global_step == self.WARM_STEPS:
+            self.started = time.perf_counter()
+        elif state.global_step == state.max_steps and self.started is not None:
+            self.seconds_per_step = (time.perf_counter() - self.started) / (state.max_steps - self.WARM_STEPS)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -118,16 +148,19 @@ def output_to(path: str):
 
 
 def run_recipe(recipe: str, output_dir: str, flags: list[str], desc: str, terminal) -> dict:
-    """`recipes/finetune.py --config recipe`, logs to output_dir/log.txt, a progress bar on the terminal."""
+    """`recipes/finetune.py --config recipe`, logs to output_dir/log.txt, a progress bar on the terminal.
+    Returns finetune.py's test metrics and `seconds_per_step` (steady-state wall time per optimizer step)."""
     os.makedirs(output_dir, exist_ok=True)
     argv = ["--config", recipe, "--output_dir", output_dir, "--overwrite_output_dir", "true"]
     argv += ["--disable_tqdm", "true", *flags]
     log = os.path.join(output_dir, "log.txt")
+    bar = ProgressBar(desc, terminal)
     try:
         with output_to(log):
-            return finetune.main(argv, callbacks=[ProgressBar(desc, terminal)])
+            metrics = finetune.main(argv, callbacks=[bar])
     except SystemExit as err:  # a recipe error: finetune.py's one line, on the terminal
         raise SystemExit(f"{err} (log: {log})") from None
+    return {**metrics, "seconds_per_step": bar.seconds_per_step}
 
 
 def write_random_init(folder: str) -> None:
@@ -184,30 +217,36 @@ def measure(run_dir: str, rho: float) -> dict:
 
 def recipe_value(recipe: str, key: str):
     with open(recipe) as f:
-        return yaml.safe_load(f)[key]
+        return yaml.safe_load(f).get(key)
 
 
 # ====================================================================== the demo
-def run_all(
-    out: str, flags: list[str], settings, seeds, terminal, measure_flatness: bool = True
-) -> list[dict]:
-    """Every (setting, method, seed) finetune from one pretrained checkpoint; one record per run."""
+def run_all(out: str, settings, seeds, terminal, measure_flatness: bool = True) -> list[dict]:
+    """Every (setting, seed, method) finetune from one pretrained checkpoint; one record per run. A setting with
+    label noise reads a copy of the digits with the seed's pair-flipped train labels (`digits_copy`), so every
+    method of a seed sees the same noisy labels."""
     checkpoint = pretrain(out, terminal)
-    records, total = [], len(settings) * 2 * len(seeds)
-    for setting, *recipes in settings:
-        sam_rho = recipe_value(f"{RECIPES}/{recipes[1]}", "sam_rho")
+    records, total = [], len(settings) * len(METHODS) * len(seeds)
+    for setting in settings:
+        # m-sharpness is measured in SAM's ball for every method, so the methods are comparable.
+        sam_rho = recipe_value(f"{RECIPES}/{setting.recipes['SAM']}", "sam_rho")
         for seed in seeds:
-            for method, recipe in zip(("baseline", "SAM"), recipes):
-                name = re.sub(r"\W+", "_", f"{setting}_{method}_seed{seed}").lower()
+            data_flags = []
+            if setting.noise:
+                data = os.path.join(out, "data", re.sub(r"\W+", "_", f"{setting.title}_seed{seed}").lower())
+                data_flags = ["--dataset_path", digits_copy(data, setting.noise, seed, SUBSET)]
+            for method in METHODS:
+                recipe = f"{RECIPES}/{setting.recipes[method]}"
+                name = re.sub(r"\W+", "_", f"{setting.title}_{method}_seed{seed}").lower()
                 run_dir = os.path.join(out, name)
-                desc = f"[{len(records) + 1:>2}/{total}] {setting:<15} {method:<8} seed {seed}"
-                run_flags = ["--model_name_or_path", checkpoint, "--seed", str(seed), *flags]
-                metrics = run_recipe(f"{RECIPES}/{recipe}", run_dir, run_flags, desc, terminal)
-                # sam_rho: this run's own ρ (0 for the baseline); m_sharpness_rho: the ball its flatness is
-                # measured in (SAM's ρ for both methods, so the two are comparable).
-                record = {"setting": setting, "method": method, "seed": seed, "dir": run_dir,
-                          "top1": metrics["test_top1"], "sam_rho": recipe_value(f"{RECIPES}/{recipe}", "sam_rho"),
-                          "m_sharpness_rho": sam_rho}  # fmt: skip
+                desc = f"[{len(records) + 1:>2}/{total}] {setting.title:<19} {method:<12} seed {seed}"
+                flags = ["--model_name_or_path", checkpoint, "--seed", str(seed), *data_flags]
+                metrics = run_recipe(recipe, run_dir, flags, desc, terminal)
+                record = {"setting": setting.title, "method": method, "seed": seed, "top1": metrics["test_top1"],
+                          "seconds_per_step": metrics["seconds_per_step"], "dir": run_dir,
+                          "sam_rho": recipe_value(recipe, "sam_rho"), "sam_mode": recipe_value(recipe, "sam_mode"),
+                          "learning_rate": recipe_value(recipe, "learning_rate"),
+                          "max_steps": recipe_value(recipe, "max_steps"), "m_sharpness_rho": sam_rho}  # fmt: skip
                 if measure_flatness:
                     with output_to(os.path.join(run_dir, "measure_log.txt")):
                         record.update(measure(run_dir, sam_rho))
@@ -223,17 +262,79 @@ def mean_std(values, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def cells(records, setting, method, key):
-    return [r[key] for r in records if r["setting"] == setting and r["method"] == method]
+    """`key` of the runs of (setting, method), in seed order."""
+    runs = sorted(
+        (r for r in records if r["setting"] == setting and r["method"] == method), key=lambda r: r["seed"]
+    )
+    return [r[key] for r in runs]
+
+
+def paired_gain(base, other, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lower, upper) of the per-seed differences other - base (paired: the same seeds, in the same order):
+    one-sided `confidence` bounds from Student's t over the seeds, mean ∓ t(confidence, n-1) · sd / √n (so
+    [lower, upper] is the two-sided 2·confidence-1 interval: 90% for 0.95)."""
+    from scipy.stats import t
+
+    diff = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
+    if len(diff) < 2:
+        raise ValueError(f"a paired interval needs at least 2 seeds, got {len(diff)}")
+    half = t.ppf(confidence, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return diff.mean(), diff.mean() - half, diff.mean() + half
+
+
+def verdict(lower: float, upper: float) -> str:
+    """From the interval, not the std: a clear gain when even its lower bound is above 0."""
+    if lower > 0:
+        return "clear gain"
+    if upper < 0:
+        return "clear loss"
+    return "within the spread"
+
+
+def seed_pairs(records, setting, method) -> tuple[list[float], list[float]]:
+    """Top-1 (%) of the baseline and of `method`, seed by seed (the seeds must be the same)."""
+    base = {
+        r["seed"]: 100 * r["top1"] for r in records if r["setting"] == setting and r["method"] == "baseline"
+    }
+    mine = {r["seed"]: 100 * r["top1"] for r in records if r["setting"] == setting and r["method"] == method}
+    if set(base) != set(mine):
+        raise ValueError(f"{setting}: {method} ran seeds {sorted(mine)}, the baseline {sorted(base)}")
+    return [base[s] for s in sorted(base)], [mine[s] for s in sorted(base)]
+
+
+def gain_cell(records, setting, method) -> str:
+    if method == "baseline":
+        return "(reference)"
+    gain, lower, upper = paired_gain(*seed_pairs(records, setting, method))
+    return f"{gain:+.1f} [{lower:+.1f}, {upper:+.1f}]"
+
+
+def time_ratio(records, setting, method) -> float:
+    """Mean wall time per step of `method` over the baseline's, in the same setting (same runs' seeds)."""
+    return np.mean(cells(records, setting, method, "seconds_per_step")) / np.mean(
+        cells(records, setting, "baseline", "seconds_per_step")
+    )
+
+
+def method_label(records, setting, method) -> str:
+    rho = cells(records, setting, method, "sam_rho")[0]
+    return {"baseline": "baseline (SGD)", "SAM": f"SAM ρ={rho}", "Momentum-SAM": f"Momentum-SAM ρ={rho}"}[
+        method
+    ]
 
 
 def table(records) -> str:
-    header = ["setting", "method", "test top-1 (%)", "λmax", f"m-sharpness (m={M}, SAM's ρ)", "train loss"]
+    header = ["setting", "method", "test top-1 (%)", "gain (points) [90% paired interval]",
+              "time/step vs baseline", "λmax", f"m-sharpness (m={M}, SAM's ρ)", "train loss"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setting in dict.fromkeys(r["setting"] for r in records):
-        rho = cells(records, setting, "SAM", "sam_rho")[0]
-        for method in ("baseline", "SAM"):
-            label = "baseline (SGD)" if method == "baseline" else f"SAM ρ={rho}"
-            row = [setting, label, mean_std(cells(records, setting, method, "top1"), 100)]
+        for method in METHODS:
+            row = [setting, method_label(records, setting, method)]
+            row += [
+                mean_std(cells(records, setting, method, "top1"), 100),
+                gain_cell(records, setting, method),
+            ]
+            row += [f"{time_ratio(records, setting, method):.2f}x"]
             row += [mean_std(cells(records, setting, method, "lambda_max"), digits=2)]
             row += [mean_std(cells(records, setting, method, "m_sharpness"), digits=4)]
             row += [mean_std(cells(records, setting, method, "train_loss"), digits=3)]
@@ -242,25 +343,39 @@ def table(records) -> str:
 
 
 def verdicts(records) -> list[str]:
-    """One line per setting: SAM's gain against the larger of the two standard deviations over seeds."""
+    """One line per setting: each method's top-1 gain over the baseline with its paired interval, the verdict the
+    interval gives, the wall time per step it costs, and λmax; then one line on what each method costs and buys."""
     out = []
     for setting in dict.fromkeys(r["setting"] for r in records):
-        base = 100 * np.array(cells(records, setting, "baseline", "top1"))
-        sam = 100 * np.array(cells(records, setting, "SAM", "top1"))
-        gain, spread = sam.mean() - base.mean(), max(base.std(ddof=1), sam.std(ddof=1))
-        if gain > spread:
-            verdict = f"SAM is better by more than the seeds' spread (larger std {spread:.1f})"
-        elif gain < -spread:
-            verdict = f"SAM is worse by more than the seeds' spread (larger std {spread:.1f})"
-        else:
-            verdict = f"within the seeds' spread (larger std {spread:.1f}): no clear difference"
+        n = len(cells(records, setting, "baseline", "seed"))
+        parts = []
+        for method in METHODS[1:]:
+            gain, lower, upper = paired_gain(*seed_pairs(records, setting, method))
+            lam = np.mean(cells(records, setting, method, "lambda_max"))
+            parts.append(
+                f"{method} {gain:+.1f} points top-1 (90% interval [{lower:+.1f}, {upper:+.1f}]): "
+                f"{verdict(lower, upper)}, at {time_ratio(records, setting, method):.2f}x the time per step, "
+                f"λmax {lam:.2f}"
+            )
         lam_b = np.mean(cells(records, setting, "baseline", "lambda_max"))
-        lam_s = np.mean(cells(records, setting, "SAM", "lambda_max"))
-        flat = "flatter" if lam_s < lam_b else "not flatter"
-        out.append(
-            f"{setting}: SAM {gain:+.1f} points top-1, {verdict}; λmax {lam_b:.2f} → {lam_s:.2f} ({flat})."
-        )
+        out.append(f"{setting} ({n} paired seeds; baseline λmax {lam_b:.2f}): " + "; ".join(parts) + ".")
     return out
+
+
+def costs_and_gains(records) -> str:
+    """The closing line: what each method costs (time per step, over every setting) and buys (its clear gains)."""
+    settings = list(dict.fromkeys(r["setting"] for r in records))
+    parts = []
+    for method in METHODS[1:]:
+        ratio = np.mean([time_ratio(records, s, method) for s in settings])
+        gains = []
+        for s in settings:
+            gain, lower, upper = paired_gain(*seed_pairs(records, s, method))
+            gains.append(f"{gain:+.1f} points top-1 with {s} ({verdict(lower, upper)})")
+        passes = "two forward+backward passes" if method == "SAM" else "one forward+backward pass"
+        parts.append(f"{method} ({passes} per step) costs {ratio:.2f}x the baseline's time per step and buys "
+                     + ", ".join(gains))  # fmt: skip
+    return "In short: " + "; ".join(parts) + "."
 
 
 def plot(records, path: str) -> None:
@@ -270,36 +385,51 @@ def plot(records, path: str) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(r["setting"] for r in records))
-    colors = {"baseline": "tab:blue", "SAM": "tab:orange"}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    x = np.arange(len(settings))
-    for ax, key, scale, ylabel in (
-        (axes[0, 0], "top1", 100, "test top-1 (%), clean test labels"),
-        (axes[0, 1], "lambda_max", 1, "λmax (top Hessian eigenvalue, train slice)"),
-    ):
-        for offset, method in ((-0.2, "baseline"), (0.2, "SAM")):
-            values = [scale * np.array(cells(records, s, method, key)) for s in settings]
-            ax.bar(x + offset, [v.mean() for v in values], 0.4, yerr=[v.std(ddof=1) for v in values],
-                   capsize=4, color=colors[method], label=method)  # fmt: skip
-            for i, v in enumerate(values):  # the seeds themselves
-                ax.plot(np.full(len(v), x[i] + offset), v, "k.", markersize=4)
-        ax.set_xticks(x, settings)
-        ax.set_ylabel(ylabel)
-        ax.legend()
-    lows = [100 * min(cells(records, s, m, "top1")) for s in settings for m in colors]
-    axes[0, 0].set_ylim(max(0, min(lows) - 10), 100)
-    axes[0, 0].set_title(f"mean ± std over {len(set(r['seed'] for r in records))} seeds")
-    axes[0, 1].set_title("lower = flatter minimum")
-    for ax, setting in zip(axes[1], settings):
-        for r in (r for r in records if r["setting"] == setting):
-            with open(os.path.join(r["dir"], "trainer_state.json")) as f:
-                logs = [h for h in json.load(f)["log_history"] if "loss" in h]
-            ax.plot([h["step"] for h in logs], [h["loss"] for h in logs], color=colors[r["method"]], alpha=0.7,
-                    label=r["method"] if r["seed"] == records[0]["seed"] else None)  # fmt: skip
-        ax.set(
-            xlabel="step", ylabel="train loss at w (labels trained on)", title=f"training curves, {setting}"
+    colors = {"baseline": "tab:blue", "SAM": "tab:orange", "Momentum-SAM": "tab:green"}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    for ax, setting in zip(axes[0], settings):  # each seed's runs joined: baseline -> SAM -> Momentum-SAM
+        values = np.array([cells(records, setting, m, "top1") for m in METHODS]) * 100
+        for seed_values in values.T:
+            ax.plot(range(len(METHODS)), seed_values, "-", color="0.6", linewidth=1, zorder=1)
+        for i, method in enumerate(METHODS):
+            ax.scatter(np.full(values.shape[1], i), values[i], color=colors[method], s=18, zorder=2)
+            ax.plot([i - 0.15, i + 0.15], [values[i].mean()] * 2, color="k", linewidth=2, zorder=3)
+        ax.set_xticks(range(len(METHODS)), [method_label(records, setting, m) for m in METHODS])
+        ax.set(ylabel="test top-1 (%), clean test labels",
+               title=f"{setting}: each line is one seed (black: mean)")  # fmt: skip
+    ax = axes[1, 0]  # the paired gains, seed by seed, with their 90% intervals
+    ticks = []
+    for i, (setting, method) in enumerate((s, m) for s in settings for m in METHODS[1:]):
+        base, mine = seed_pairs(records, setting, method)
+        diff = np.array(mine) - np.array(base)
+        gain, lower, upper = paired_gain(base, mine)
+        ax.scatter(
+            np.full(len(diff), i) + np.linspace(-0.12, 0.12, len(diff)), diff, color=colors[method], s=14
         )
-        ax.legend()
+        ax.errorbar(
+            [i + 0.3], [gain], yerr=[[gain - lower], [upper - gain]], fmt="ks", capsize=4, markersize=4
+        )
+        ticks.append(f"{method}\n{setting}")
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
+    ax.set(ylabel="top-1 gain over the baseline, same seed (points)",
+           title="per-seed gains; black: mean and 90% paired t interval")  # fmt: skip
+    ax = axes[1, 1]  # flatness, seed by seed
+    for j, setting in enumerate(settings):
+        values = np.array([cells(records, setting, m, "lambda_max") for m in METHODS])
+        x = np.arange(len(METHODS)) + j * (len(METHODS) + 1)
+        for seed_values in values.T:
+            ax.plot(x, seed_values, "-", color="0.6", linewidth=1, zorder=1)
+        for i, method in enumerate(METHODS):
+            ax.scatter(np.full(values.shape[1], x[i]), values[i], color=colors[method], s=14, zorder=2,
+                       label=method if j == 0 else None)  # fmt: skip
+        ax.text(x[1], 0.98, setting, transform=ax.get_xaxis_transform(), ha="center", va="top")
+    ax.set_xticks([])
+    ax.set(
+        ylabel="λmax (top Hessian eigenvalue, train slice)",
+        title="lower = flatter minimum; lines join a seed",
+    )
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -318,105 +448,95 @@ def demo(readme: bool) -> None:
     terminal = os.fdopen(os.dup(2), "w", buffering=1)  # the bars' stream, while stdout/stderr go to log files
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
-    records = run_all(OUT, [], SETTINGS, SEEDS, terminal)
+    settings = list(SETTINGS.values())
+    records = run_all(OUT, settings, SEEDS, terminal)
     png = os.path.join(OUT, "demo.png")
     plot(records, png)
     seconds, cpu = time.time() - STARTED, time.process_time()
-    steps = ", ".join(f"{name} {recipe_value(f'{RECIPES}/{sam}', 'max_steps')}" for name, _, sam in SETTINGS)
-    lr = recipe_value(f"{RECIPES}/sam.yaml", "learning_rate")
+    runs = "; ".join(
+        f"{s.title}: " + ", ".join(
+            f"{m} {recipe_value(f'{RECIPES}/{s.recipes[m]}', 'max_steps')} steps at lr "
+            f"{recipe_value(f'{RECIPES}/{s.recipes[m]}', 'learning_rate')}" for m in METHODS
+        ) for s in settings
+    )  # fmt: skip
     block = "\n".join([
         f"`python recipes/demo.py`: {len(SEEDS)} seeds per cell (seeds {', '.join(map(str, SEEDS))}, the same for "
-        f"baseline and SAM); steps of batch 32 at lr {lr} per run: {steps} (the same epochs for baseline and "
-        f"SAM; a SAM step costs two forward+backward passes); mean ± std over seeds. Test top-1 on the clean test "
-        f"images of digits 5-9; λmax and m-sharpness on the first {MEASURE_EXAMPLES} training images, with the labels trained on. "
-        f"Run time {seconds:.0f} s wall, {cpu:.0f} s of CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
-        "thread; on idle cores the wall time is about the CPU time).",
+        f"every method; under noise the seed also draws which labels flip). Batch 32; {runs} (chosen on a validation "
+        "slice of the train split). Test top-1 on the clean test images of digits 5-9; gain: the mean of the per-seed "
+        "differences from the baseline, with its 90% paired t interval (lower end = one-sided 95% lower bound: above 0 "
+        "is a clear gain); time/step: steady-state wall time per optimizer step over the baseline's; λmax and "
+        f"m-sharpness on the first {MEASURE_EXAMPLES} training images, with the labels trained on. Run time "
+        f"{seconds:.0f} s wall, {cpu:.0f} s of CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch thread).",
         "",
         table(records),
         "",
         *[f"- {line}" for line in verdicts(records)],
+        "",
+        costs_and_gains(records),
     ])  # fmt: skip
     print("\n" + block)
-    print(f"\nPicture: {png}   Runs (each with its log.txt): {OUT}/")
+    print(f"\nPicture: {png}   Runs (each with its log.txt): {OUT}/   Every run: {OUT}/results.json")
     if readme:
-        write_readme(block + f"\n\n![demo: accuracy, λmax and training curves]({README_PNG})", png)
+        write_readme(block + f"\n\n![demo: per-seed accuracy, paired gains, λmax]({README_PNG})", png)
         print(f"README.md updated; picture copied to {README_PNG}")
 
 
-# ====================================================================== choosing ρ without the test split
-def validation_copy(folder: str) -> str:
-    """The digits train split cut in two, saved as a dataset the recipes read with `dataset_path`: `train` =
-    4/5 of each class, `test` = the other 1/5 (the validation slice). The real test split is not in it."""
-    train = digits_dataset()["train"]
-    labels = np.array(train["label"])
-    rank = np.zeros(len(labels), dtype=int)
-    for digit in range(10):
-        members = np.flatnonzero(labels == digit)
-        rank[members] = np.arange(len(members))
-    held_out = rank % 5 == 2
+# ====================================================================== pair-flip label noise
+def pair_noise(labels: list[int], rate: float, seed: int, classes: int) -> list[int]:
+    """Pair-flip label noise (Han et al. 2018, "Co-teaching"; experiments/benefit.py `pair_noise`): a random
+    round(rate * n) of the n labels, drawn uniformly without replacement, get the next class, c -> (c + 1) mod
+    classes. The wrong labels agree with each other: a pattern a network learns, not a spread that averages out."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    noisy = torch.tensor(labels, dtype=torch.long)
+    flipped = torch.randperm(len(noisy), generator=generator)[: round(rate * len(noisy))]
+    noisy[flipped] = (noisy[flipped] + 1) % classes
+    return noisy.tolist()
+
+
+def digits_copy(folder: str, rate: float, seed: int, subset: list[str], validation: bool = False) -> str:
+    """The `digits` dataset saved where a recipe reads it with `dataset_path`, the train labels of the classes in
+    `subset` pair-flipped within the subset (in its order: 5 -> 6 -> ... -> 9 -> 5), the test labels clean.
+
+    recipes/finetune.py's `label_noise` is symmetric only, so the demo writes the noisy labels into the data.
+    `validation=True`: the *train* split cut in two instead (every fifth image of each class held out, with its
+    noisy label, as a user would have it, as `test`); the real test split is not in the copy."""
+    data = digits_dataset()
+    train = data["train"]
+    names = train.features["label"].names
+    ids = [names.index(name) for name in subset]
+    labels = list(train["label"])
+    rows = [i for i, label in enumerate(labels) if label in ids]
+    flipped = pair_noise([ids.index(labels[i]) for i in rows], rate, seed, len(ids))
+    for i, k in zip(rows, flipped):
+        labels[i] = ids[k]
+    train = train.remove_columns("label").add_column("label", labels, feature=train.features["label"])
     from datasets import DatasetDict
 
-    DatasetDict(
-        train=train.select(np.flatnonzero(~held_out)), test=train.select(np.flatnonzero(held_out))
-    ).save_to_disk(folder)
+    if validation:
+        rank, seen = [], {}
+        for label in data["train"]["label"]:  # rank within the true class: the same images for every seed
+            rank.append(seen.get(label, 0))
+            seen[label] = rank[-1] + 1
+        held_out = np.array(rank) % 5 == 2
+        data = DatasetDict(
+            train=train.select(np.flatnonzero(~held_out)), test=train.select(np.flatnonzero(held_out))
+        )
+    else:
+        data = DatasetDict(train=train, test=data["test"])
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    with output_to(os.path.join(os.path.dirname(folder) or ".", "data.log")):
+        data.save_to_disk(folder)
     return folder
-
-
-def select(rhos: list[float], seeds: list[int], only: str | None, flags: list[str]) -> None:
-    out = "outputs/digits/test_efficientnet/select"
-    terminal = os.fdopen(os.dup(2), "w", buffering=1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    with output_to(os.path.join(out, "data.log")):
-        data = validation_copy(os.path.join(out, "validation_data"))
-    flags = ["--dataset_path", data, *flags]
-    checkpoint = pretrain(out, terminal)
-    rows = []
-    for setting, baseline, sam in SETTINGS:
-        if only and only not in setting:
-            continue
-        for rho in [0.0, *rhos]:
-            accs = []
-            for seed in seeds:
-                run_dir = os.path.join(out, re.sub(r"\W+", "_", f"{setting}_rho{rho}_seed{seed}").lower())
-                run_flags = ["--model_name_or_path", checkpoint, "--seed", str(seed), "--sam_rho", str(rho)]
-                desc = f"{setting:<15} ρ={rho:<5} seed {seed}"
-                recipe = f"{RECIPES}/{sam if rho else baseline}"
-                accs.append(run_recipe(recipe, run_dir, run_flags + flags, desc, terminal)["test_top1"])
-            rows.append(f"| {setting} | {rho} | {mean_std(accs, 100)} |")
-    report = "\n".join([
-        f"`python recipes/demo.py --select --rhos {' '.join(map(str, rhos))} --seeds {' '.join(map(str, seeds))}"
-        + (f" --only '{only}'" if only else "") + (f" {' '.join(flags[2:])}" if flags[2:] else "") + "`: validation top-1 (%), mean ± std over seeds "
-        "(train on 4/5 of the train split of digits 5-9, evaluate on the other 1/5; the test split is not used).",
-        "", "| setting | ρ (0 = baseline) | validation top-1 (%) |", "|---|---|---|", *rows,
-    ])  # fmt: skip
-    with open(os.path.join(out, "selection.md"), "w") as f:
-        f.write(report + "\n")
-    print("\n" + report)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true", help="write the table and picture into README.md")
-    parser.add_argument(
-        "--select", action="store_true", help="the ρ grid on a validation slice (no test split)"
-    )
-    parser.add_argument("--rhos", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5], help="with --select")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="with --select")
-    parser.add_argument(
-        "--only", help="with --select: only the settings whose name contains this (e.g. noise)"
-    )
-    # With --select, the remaining arguments are finetune.py flags (e.g. --max_steps 200).
-    args, flags = parser.parse_known_args(argv)
-    if flags and not args.select:
-        parser.error(f"unknown arguments {' '.join(flags)} (finetune.py flags go with --select only)")
+    args = parser.parse_args(argv)
     # One thread: for a 0.1M-parameter model at 32x32 a second thread buys little, and on a busy machine two
     # threads per process thrash (measured here: 10x slower steps with 2 threads while other jobs ran).
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if args.select:
-        select(args.rhos, args.seeds, args.only, flags)
-    else:
-        demo(args.readme)
+    demo(args.readme)
 
 
 if __name__ == "__main__":
