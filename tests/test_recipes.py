@@ -560,6 +560,17 @@ def test_check_config_prints_only_what_the_run_uses(capsys, tmp_path):
                        *extra])  # fmt: skip
         printed = yaml.safe_load(capsys.readouterr().out.partition("\n# checked for")[0])
         assert printed[used[0]] == used[1] and unused not in printed, recipe
+    # keys that only act with another: the crop's smallest area with random-resized-crop, the position-embedding
+    # resampling with image_size
+    finetune.main(["--config", os.path.join(REPO, "recipes/cifar10/efficientnet_b7/sam.yaml"), "--check_config", "true",
+                   "--num_processes", "8"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out.partition("\n# checked for")[0])
+    assert "crop_min_area" not in printed and "pos_embed_interpolation" not in printed
+    assert printed["train_augmentation"] == "cifar-autoaugment" and printed["head_init_seed"] == 0
+    finetune.main(["--config", os.path.join(REPO, "recipes/oxford_pets/vit_b16/sam.yaml"), "--check_config", "true",
+                   "--num_processes", "8"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out.partition("\n# checked for")[0])
+    assert (printed["crop_min_area"], printed["pos_embed_interpolation"]) == (0.05, "bilinear")
 
 
 # ---------------------------------------------------------------------- what the READMEs say they follow

@@ -607,6 +607,11 @@ def resolved_config(args: Args) -> dict:
     # The run's length is max_steps when it is set (transformers then ignores num_train_epochs), else the epochs:
     # the other one is not what the run uses, and a printed `num_train_epochs: 3.0` would say it was.
     del out["num_train_epochs" if args.training.max_steps > 0 else "max_steps"]
+    # Likewise keys that act only with another: the crop's smallest area, the position-embedding resampling.
+    if args.data.train_augmentation != "random-resized-crop":
+        del out["crop_min_area"]
+    if args.model.image_size is None:
+        del out["pos_embed_interpolation"]
     return {
         k: v if isinstance(v, (str, int, float, bool, list, type(None))) else str(v) for k, v in out.items()
     }
