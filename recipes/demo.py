@@ -63,6 +63,7 @@ from hf_sam.finetune.data import (  # noqa: E402
     preprocessing_from_processor,
 )
 from hf_sam.finetune.models import save_timm_checkpoint  # noqa: E402
+from hf_sam.sam import NonFiniteTrainingError  # noqa: E402
 from hf_sam.sharpness import hessian_eigenvalues, m_sharpness  # noqa: E402
 
 RECIPES = "recipes/digits/test_efficientnet"
@@ -160,6 +161,8 @@ def run_recipe(recipe: str, output_dir: str, flags: list[str], desc: str, termin
             metrics = finetune.main(argv, callbacks=[bar])
     except SystemExit as err:  # a recipe error: finetune.py's one line, on the terminal
         raise SystemExit(f"{err} (log: {log})") from None
+    except NonFiniteTrainingError as err:  # the run diverged: say which, not a traceback
+        raise SystemExit(f"{desc}: training diverged ({err}) (log: {log})") from None
     return {**metrics, "seconds_per_step": bar.seconds_per_step}
 
 
@@ -342,20 +345,34 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
+def run_time_ratio(records, setting, method) -> float:
+    """Mean training time of a whole run (its own steps x its time per step) over the baseline's."""
+
+    def seconds(m):
+        return np.mean([r["max_steps"] * r["seconds_per_step"] for r in records
+                        if r["setting"] == setting and r["method"] == m])  # fmt: skip
+
+    return seconds(method) / seconds("baseline")
+
+
 def verdicts(records) -> list[str]:
     """One line per setting: each method's top-1 gain over the baseline with its paired interval, the verdict the
-    interval gives, the wall time per step it costs, and λmax; then one line on what each method costs and buys."""
+    interval gives (not the std), what it costs (time per step, and a whole run's training time with its own
+    steps), and λmax."""
     out = []
     for setting in dict.fromkeys(r["setting"] for r in records):
         n = len(cells(records, setting, "baseline", "seed"))
+        base_steps = cells(records, setting, "baseline", "max_steps")[0]
         parts = []
         for method in METHODS[1:]:
             gain, lower, upper = paired_gain(*seed_pairs(records, setting, method))
             lam = np.mean(cells(records, setting, method, "lambda_max"))
+            steps = cells(records, setting, method, "max_steps")[0]
             parts.append(
                 f"{method} {gain:+.1f} points top-1 (90% interval [{lower:+.1f}, {upper:+.1f}]): "
-                f"{verdict(lower, upper)}, at {time_ratio(records, setting, method):.2f}x the time per step, "
-                f"λmax {lam:.2f}"
+                f"{verdict(lower, upper)}, at {time_ratio(records, setting, method):.2f}x the time per step "
+                f"({run_time_ratio(records, setting, method):.1f}x the training time: {steps} steps against "
+                f"{base_steps}), λmax {lam:.2f}"
             )
         lam_b = np.mean(cells(records, setting, "baseline", "lambda_max"))
         out.append(f"{setting} ({n} paired seeds; baseline λmax {lam_b:.2f}): " + "; ".join(parts) + ".")
@@ -363,7 +380,8 @@ def verdicts(records) -> list[str]:
 
 
 def costs_and_gains(records) -> str:
-    """The closing line: what each method costs (time per step, over every setting) and buys (its clear gains)."""
+    """The closing line: what each method costs (time per step, over every setting) and what it buys (its gain
+    and verdict in each setting)."""
     settings = list(dict.fromkeys(r["setting"] for r in records))
     parts = []
     for method in METHODS[1:]:
@@ -425,11 +443,12 @@ def plot(records, path: str) -> None:
                        label=method if j == 0 else None)  # fmt: skip
         ax.text(x[1], 0.98, setting, transform=ax.get_xaxis_transform(), ha="center", va="top")
     ax.set_xticks([])
+    ax.set_yscale("log")
     ax.set(
-        ylabel="λmax (top Hessian eigenvalue, train slice)",
-        title="lower = flatter minimum; lines join a seed",
+        ylabel=f"λmax (top Hessian eigenvalue, first {MEASURE_EXAMPLES} train images)",
+        title="lower = flatter minimum (log scale); lines join a seed",
     )
-    ax.legend(loc="center right")
+    ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -466,7 +485,9 @@ def demo(readme: bool) -> None:
         "differences from the baseline, with its 90% paired t interval (lower end = one-sided 95% lower bound: above 0 "
         "is a clear gain); time/step: steady-state wall time per optimizer step over the baseline's; λmax and "
         f"m-sharpness on the first {MEASURE_EXAMPLES} training images, with the labels trained on. Run time "
-        f"{seconds:.0f} s wall, {cpu:.0f} s of CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch thread).",
+        f"{seconds:.0f} s wall, {cpu:.0f} s of CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch thread, "
+        f"load average {os.getloadavg()[1]:.1f} over the last 5 minutes; on idle cores the wall time is about the "
+        "CPU time).",
         "",
         table(records),
         "",

@@ -183,15 +183,18 @@ def test_paired_interval_against_a_hand_computation(base, sam, expected):
     assert demo.verdict(got[1], got[2]) == word
     records = [
         {"setting": "noisy", "method": method, "seed": seed, "top1": top1, "lambda_max": lam, "m_sharpness": 0.01,
-         "train_loss": 0.1, "sam_rho": rho, "seconds_per_step": secs}
-        for method, values, lam, rho, secs in (("baseline", base, 9.0, 0, 0.02), ("SAM", sam, 3.0, 0.05, 0.04),
-                                               ("Momentum-SAM", base, 5.0, 0.2, 0.021))
+         "train_loss": 0.1, "sam_rho": rho, "seconds_per_step": secs, "max_steps": steps}
+        for method, values, lam, rho, secs, steps in (("baseline", base, 9.0, 0, 0.02, 60),
+                                                      ("SAM", sam, 3.0, 0.05, 0.04, 240),
+                                                      ("Momentum-SAM", base, 5.0, 0.2, 0.021, 120))
         for seed, top1 in enumerate(values)
     ][::-1]  # fmt: skip
     (line,) = demo.verdicts(records)
     assert line.startswith(f"noisy ({len(base)} paired seeds; baseline λmax 9.00): SAM {gain:+.1f} points top-1 "
-                           f"(90% interval [{lower:+.1f}, {upper:+.1f}]): {word}, at 2.00x the time per step, "
-                           "λmax 3.00; Momentum-SAM +0.0 points top-1")  # fmt: skip
+                           f"(90% interval [{lower:+.1f}, {upper:+.1f}]): {word}, at 2.00x the time per step (8.0x the "
+                           "training time: 240 steps against 60), λmax 3.00; Momentum-SAM +0.0 points top-1 (90% "
+                           "interval [+0.0, +0.0]): within the spread, at 1.05x the time per step (2.1x the training "
+                           "time: 120 steps against 60), λmax 5.00.")  # fmt: skip
     table = demo.table(records).splitlines()
     assert table[3] == "| noisy | SAM ρ=0.05 | " + " | ".join(
         [f"{100 * np.mean(sam):.1f} ± {100 * np.std(sam, ddof=1):.1f}", f"{gain:+.1f} [{lower:+.1f}, {upper:+.1f}]",
