@@ -448,7 +448,7 @@ def plot(records, path: str) -> None:
         ylabel=f"λmax (top Hessian eigenvalue, first {MEASURE_EXAMPLES} train images)",
         title="lower = flatter minimum (log scale); lines join a seed",
     )
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
