@@ -1,40 +1,41 @@
-"""What share of SAM's gain each cheaper method keeps, on a setting where the gain survives tuning.
+"""What share of SAM's gain each cheaper method keeps, on settings where the gain survives tuning.
 
-    python experiments/benefit.py [--seeds 10] [--tuning-seeds 2] [--workers 2] [--readme] [--only NAME ...]
+    python experiments/benefit.py [--model mlp|vit] [--optimizer sgd|adamw] [--seeds N] [--tuning-seeds N]
+                                  [--workers 2] [--readme] [--only NAME ...]
 
-Setting: scikit-learn's digits (the only real images here) with 30% pair-flip label noise on the training labels
-(a random 30% of the training images get the label of the next class, c -> c + 1 mod 10; Han et al. 2018), the
-experiments' MLP (64-256-256-10), SGD with momentum 0.9, weight decay 5e-4, cosine decay, batch 64, 50 epochs,
-every method through `SAMTrainer` (the product's path).
+Three benchmarks, each a (model, optimizer family) pair on the same data:
+- `--model mlp --optimizer sgd` (the default): the experiments' MLP (64-256-256-10), SGD with momentum 0.9, weight
+  decay 5e-4, 50 epochs;
+- `--model mlp --optimizer adamw`: the same MLP with AdamW (weight decay 0.01), the Trainer's default optimizer;
+- `--model vit --optimizer adamw`: a ViT from `transformers` built from config (patches of 2x2 pixels, hidden 64,
+  2 layers, 4 heads, ≈ 70k weights), AdamW (weight decay 0.01) with a 5% warm-up, 30 epochs.
+All three: scikit-learn's digits (the only real images here) with 30% pair-flip label noise on the training labels
+(a random 30% of the training images get the label of the next class, c -> c + 1 mod 10; Han et al. 2018), batch
+64, cosine decay, every method through `SAMTrainer` (the product's path).
 
 Why pair-flip and not the symmetric noise of the other experiments: once the learning rate is tuned, symmetric
-noise leaves SAM little to gain on this model. At a fixed number of epochs a small lr is an implicit early stop,
-and early-stopped SGD is about as good as SAM against wrong labels spread evenly over nine classes. Measured on
-the validation images (lr and ρ picked on their noisy labels, accuracy on their clean ones, 2-3 seeds, a plain
-loop), the tuned SGD against tuned SAM was 92.7 vs 93.2 at 40% symmetric noise (SGD's best lr 0.005, below the
-0.01 at which this script's earlier grid stopped), 81.5 vs 83.6 at 60% (84.3 vs 85.9 over 150 epochs, 85.9 vs
-86.9 with width 512), 81.0 vs 82.9 on 300 training images, and 92.7 vs 93.7 with a small CNN. Pair-flip labels
-agree with each other, so they are a pattern the network learns alongside the true one, and early stopping can't
-wait them out: at 30% tuned SGD was at 82.0 and tuned SAM at 92.8 there (3 seeds, seed std about 2). On the test
-split (results/benefit.md, 10 seeds) the tuned baseline reaches 81.4 ± 1.6 and tuned SAM 93.2 ± 1.7: a gain of
-11.8 points against a seed spread under 2, so a share of 80% can be told from one of 100%.
+noise leaves SAM little to gain on these models. At a fixed number of epochs a small lr is an implicit early stop,
+and early-stopped SGD is about as good as SAM against wrong labels spread evenly over nine classes (measured on the
+validation images; experiments/README.md has the settings tried). Pair-flip labels agree with each other, so they
+are a pattern the network learns alongside the true one, and early stopping can't wait them out.
 
 Hyperparameters are chosen on a validation slice, never on the test split: 20% of the training images are held out
 (with their noisy labels, as a user would have them), every method's grid (the learning rate, and ρ for every
 method that has one) is run on the tuning seeds, and the best mean validation accuracy wins, for each method
-separately. The baseline's lr grid reaches lower (down to 0.001) than the others' (0.005 to 0.1), so that its
-best is inside the grid; a chosen value at an edge of its grid is marked * in the table. Then each method trains
-with its chosen setting on the same final seeds (0, 1, ...), and is measured on the clean test labels. For each
-method: test top-1 mean ± std, and its share of SAM's gain, (method − baseline) / (SAM − baseline), with a 90%
-bootstrap interval over the seeds (paired: a resample draws the same seeds for the method, the baseline and SAM).
-Cost: forward+backward passes per step, from the trainer's own `sam/forward_passes`, and the wall time against
-the baseline's in the same run (a rough figure: the CPU step benchmark is `benchmarks/variant_overhead.py`).
+separately. A grid is widened until its choice is inside it: when the best lr or ρ is the grid's smallest or
+largest value, the next value beyond it (same ratio as the last step) is added and tuned, up to
+`MAX_WIDENINGS` times per side; a choice still at an edge after that is marked * in the table. Then each method
+trains with its chosen setting on the same final seeds (0, 1, ...), and is measured on the clean test labels. For
+each method: test top-1 mean ± std, and its share of SAM's gain, (method − baseline) / (SAM − baseline), with a
+90% bootstrap interval over the seeds (paired: a resample draws the same seeds for the method, the baseline and
+SAM). Cost: forward+backward passes per step, from the trainer's own `sam/forward_passes`, and the wall time
+against the baseline's in the same run (a rough figure: the CPU step benchmark is
+`benchmarks/variant_overhead.py`).
 
-Writes experiments/results/benefit.json (every run) and benefit.md; with `--readme` also the table in
-experiments/README.md. `--optimizer adamw --tuning-seeds 5` runs baseline, SAM and Momentum-SAM with AdamW instead (the
-tuned ρ of the Adam family), into results/benefit_adamw.{json,md}, about 9 minutes on 2 cores: with AdamW, 2 tuning
-seeds chose a SAM setting at the edge of divergence, which diverged on 3 of 10 final seeds; 5 see it. The SGD table takes about 22 minutes on
-one idle core (`--workers 1`).
+Writes experiments/results/<stem>.json (every run, the grids as widened and the choices) and <stem>.md, the stem
+being benefit (MLP, SGD), benefit_adamw (MLP, AdamW) or benefit_vit_adamw; with `--readme` also the table into
+its block of experiments/README.md. `experiments/budget_guide.py` then writes the budget guide of README.md and
+docs/variants.md from the three.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,37 +56,83 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, digits, train_through_sam_trainer  # noqa: E402
 from common import DictMLP as MLP  # noqa: E402
 
-NOISE, EPOCHS, BATCH, VALIDATION = 0.3, 50, 64, 0.2
-# The baseline's grid reaches lower than the others': at a fixed number of epochs a small lr is an implicit early
-# stop, which is what plain SGD wants under label noise; its best must sit inside the grid, not at the lower edge.
-BASELINE_LEARNING_RATES = (0.001, 0.002, 0.005, 0.01, 0.02)
-LEARNING_RATES = (0.005, 0.01, 0.02, 0.05, 0.1)
-# Fine near SAM's best (0.5-0.7 here, and ρ = 1 already diverges for plain SAM), wide for the cheaper methods.
-SAM_RHOS = (0.2, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0)
+NOISE, BATCH, VALIDATION = 0.3, 64, 0.2
+MAX_WIDENINGS = 2  # per side of a grid
+BASELINE, SAM = "baseline", "SAM"
 
-# name -> (fixed SAMTrainingArguments fields, the ρ grid; None: no ρ).
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer family's Trainer settings."""
+
+    label: str
+    fields: dict
+
+
+OPTIMIZERS = {
+    "sgd": Optimizer("SGD momentum 0.9, weight decay 5e-4", {"optim": "sgd", "optim_args": "momentum=0.9", "weight_decay": 5e-4}),
+    "adamw": Optimizer("AdamW (the Trainer's default), weight decay 0.01", {"optim": "adamw_torch", "weight_decay": 0.01}),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One (model, optimizer family) pair: its training length, and every method's starting grids."""
+
+    model: str
+    optimizer: str
+    stem: str  # results/<stem>.{json,md}, and the README block variants_<stem>
+    epochs: int
+    tuning_seeds: int
+    baseline_lrs: tuple[float, ...]
+    lrs: tuple[float, ...]  # every other method's
+    rhos: dict[str, tuple[float, ...]]  # method -> its starting ρ grid
+    extra: dict = field(default_factory=dict)  # more SAMTrainingArguments fields (a warm-up)
+
+    @property
+    def title(self) -> str:
+        model = "MLP (64-256-256-10)" if self.model == "mlp" else "ViT (2x2 patches, hidden 64, 2 layers)"
+        return f"{model}, {OPTIMIZERS[self.optimizer].label}"
+
+
+# name -> the method's fixed SAMTrainingArguments fields (ρ comes from its grid).
 METHODS = {
-    "baseline (SGD)": ({"sam_rho": 0.0}, None),
-    "SAM": ({}, SAM_RHOS),
-    "momentum (MSAM)": ({"sam_mode": "momentum"}, (1.0, 2.0, 3.0, 5.0, 10.0)),
-    "previous_gradient": ({"sam_mode": "previous_gradient"}, SAM_RHOS),
-    "sam_ascent_fraction=0.25": ({"sam_ascent_fraction": 0.25}, SAM_RHOS),
-    "sam_ascent_fraction=0.5": ({"sam_ascent_fraction": 0.5}, SAM_RHOS),
-    "sam_interval=5": ({"sam_interval": 5}, SAM_RHOS),
-    "LookSAM, k=5": ({"sam_mode": "looksam", "sam_interval": 5}, SAM_RHOS),
+    BASELINE: {"sam_rho": 0.0},
+    SAM: {},
+    "momentum": {"sam_mode": "momentum"},
+    "adam_update": {"sam_mode": "adam_update"},
+    "previous_gradient": {"sam_mode": "previous_gradient"},
+    "sam_ascent_fraction=0.25": {"sam_ascent_fraction": 0.25},
+    "sam_ascent_fraction=0.5": {"sam_ascent_fraction": 0.5},
+    "sam_interval=5": {"sam_interval": 5},
+    "LookSAM, k=5": {"sam_mode": "looksam", "sam_interval": 5},
 }
-BASELINE, SAM = "baseline (SGD)", "SAM"
 
-# `--optimizer adamw`: the tuned ρ of the Adam family (Momentum-SAM along Adam's first moment), same protocol.
-ADAMW = {
-    "baseline_learning_rates": (3e-5, 1e-4, 3e-4, 1e-3),
-    "learning_rates": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "methods": {
-        "baseline (AdamW)": ({"sam_rho": 0.0}, None),
-        "SAM (AdamW)": ({}, SAM_RHOS),
-        "momentum (MSAM, AdamW)": ({"sam_mode": "momentum"}, (0.1, 0.3, 1.0, 3.0, 10.0)),
-    },
-}
+# Fine near SAM's best (0.5-0.7 with SGD, and ρ = 1 already diverges for plain SAM), wide for the cheaper methods.
+_SGD_RHOS = (0.2, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0)
+_ADAM_RHOS = (0.1, 0.3, 1.0, 3.0)
+_VIT_RHOS = (0.03, 0.1, 0.3, 1.0)
+BENCHMARKS = {
+    ("mlp", "sgd"): Benchmark(
+        "mlp", "sgd", "benefit", epochs=50, tuning_seeds=2,
+        # The baseline's grid reaches lower than the others': at a fixed number of epochs a small lr is an
+        # implicit early stop, which is what plain SGD wants under label noise.
+        baseline_lrs=(0.001, 0.002, 0.005, 0.01, 0.02), lrs=(0.005, 0.01, 0.02, 0.05, 0.1),
+        rhos={name: _SGD_RHOS for name in METHODS if name not in (BASELINE, "adam_update")}
+        | {"momentum": (1.0, 2.0, 3.0, 5.0, 10.0)},
+    ),
+    ("mlp", "adamw"): Benchmark(
+        "mlp", "adamw", "benefit_adamw", epochs=50, tuning_seeds=3,
+        baseline_lrs=(3e-5, 1e-4, 3e-4, 1e-3), lrs=(3e-4, 1e-3, 3e-3),
+        rhos={name: _ADAM_RHOS for name in METHODS if name != BASELINE},
+    ),
+    ("vit", "adamw"): Benchmark(
+        "vit", "adamw", "benefit_vit_adamw", epochs=30, tuning_seeds=2,
+        baseline_lrs=(3e-4, 1e-3, 3e-3), lrs=(1e-3, 3e-3),
+        rhos={name: _VIT_RHOS for name in METHODS if name != BASELINE},
+        extra={"warmup_steps": 0.05},
+    ),
+}  # fmt: skip
 
 
 def pair_noise(labels: torch.Tensor, rate: float, seed: int, classes: int = 10) -> torch.Tensor:
@@ -100,15 +148,37 @@ def pair_noise(labels: torch.Tensor, rate: float, seed: int, classes: int = 10) 
 
 
 def splits(seed: int):
-    """(training rows, validation x and noisy y, test x and clean y). The noise is drawn per seed over the whole
-    training split; the validation slice is the same images for every seed."""
+    """(training images and noisy labels, validation x and noisy y, test x and clean y). The noise is drawn per
+    seed over the whole training split; the validation slice is the same images for every seed."""
     x_train, y_train, x_test, y_test = digits()
     noisy = pair_noise(y_train, NOISE, seed)
     order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(4321))
     held = round(VALIDATION * len(y_train))
     val, fit = order[:held], order[held:]
-    rows = [{"pixels": x_train[i], "labels": noisy[i]} for i in fit.tolist()]
-    return rows, (x_train[val], noisy[val]), (x_test, y_test)
+    return (x_train[fit], noisy[fit]), (x_train[val], noisy[val]), (x_test, y_test)
+
+
+class ViT(torch.nn.Module):
+    """`transformers`' ViTForImageClassification on the 8x8 digits (one channel, 2x2 patches: 16 tokens and
+    [CLS]); built from config, so nothing is downloaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(
+            image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=128, num_labels=10,
+        )  # fmt: skip
+        self.vit = ViTForImageClassification(config)
+
+    def forward(self, pixels, labels=None):
+        output = self.vit(pixel_values=pixels.view(-1, 1, 8, 8), labels=labels)
+        return {"logits": output.logits, "loss": output.loss}
+
+
+def make_model(name: str) -> torch.nn.Module:
+    return MLP() if name == "mlp" else ViT()
 
 
 def accuracy(model, x, y) -> float:
@@ -117,30 +187,30 @@ def accuracy(model, x, y) -> float:
         return (model(x)["logits"].argmax(-1) == y).float().mean().item()
 
 
-def train(job: tuple[str, float, float | None, int]) -> dict:
-    """One run: (method, learning rate, ρ, seed) -> validation and test accuracy, passes per step, seconds."""
+def train(job: tuple[str, str, str, float, float | None, int]) -> dict:
+    """One run: (model, optimizer, method, learning rate, ρ, seed) -> validation and test accuracy, passes per
+    step, seconds."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(1)  # a tiny MLP: intra-op threads cost more than they bring
-    name, lr, rho, seed = job
-    fixed, _ = {**METHODS, **ADAMW["methods"]}[name]
-    adam = name in ADAMW["methods"]
-    rows, (x_val, y_val), (x_test, y_test) = splits(seed)
+    torch.set_num_threads(1)  # tiny models: intra-op threads cost more than they bring
+    model_name, optimizer, name, lr, rho, seed = job
+    bench = BENCHMARKS[model_name, optimizer]
+    (x_fit, y_fit), (x_val, y_val), (x_test, y_test) = splits(seed)
+    rows = [{"pixels": x, "labels": y} for x, y in zip(x_fit, y_fit, strict=True)]
     torch.manual_seed(seed)
-    model = MLP()
+    model = make_model(model_name)
     passes, seconds = train_through_sam_trainer(
         model,
         rows,
-        EPOCHS * math.ceil(len(rows) / BATCH),
+        bench.epochs * math.ceil(len(rows) / BATCH),
         per_device_train_batch_size=BATCH,
         learning_rate=lr,
-        optim="adamw_torch" if adam else "sgd",
-        optim_args=None if adam else "momentum=0.9",
         lr_scheduler_type="cosine",
-        weight_decay=0.01 if adam else 5e-4,
         seed=seed,
-        **{"sam_rho": rho, **fixed},
+        **OPTIMIZERS[optimizer].fields,
+        **bench.extra,
+        **{"sam_rho": rho, **METHODS[name]},
     )
     return {
         "method": name,
@@ -154,24 +224,94 @@ def train(job: tuple[str, float, float | None, int]) -> dict:
     }
 
 
-def learning_rates(name: str) -> tuple[float, ...]:
-    if name in ADAMW["methods"]:
-        first = name == list(ADAMW["methods"])[0]
-        return ADAMW["baseline_learning_rates"] if first else ADAMW["learning_rates"]
-    return BASELINE_LEARNING_RATES if name == BASELINE else LEARNING_RATES
-
-
-def grid(name: str) -> list[tuple[float, float | None]]:
-    adam = name in ADAMW["methods"]
-    rhos = (ADAMW["methods"] if adam else METHODS)[name][1] or (0.0,)
-    return [(lr, rho) for lr in learning_rates(name) for rho in rhos]
-
-
 def run_jobs(jobs: list, workers: int) -> list[dict]:
     if workers <= 1:
         return [train(job) for job in jobs]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         return list(pool.imap(train, jobs))
+
+
+def widened(values: list[float], chosen: float, floor: float = 0.0) -> float | None:
+    """The value one step beyond `chosen` when it is at an edge of `values` (geometric step, as the grid's own
+    last step), else None."""
+    ordered = sorted(values)
+    if len(ordered) < 2:
+        return None
+    if chosen == ordered[-1]:
+        return ordered[-1] * ordered[-1] / ordered[-2]
+    if chosen == ordered[0]:
+        low = ordered[0] * ordered[0] / ordered[1]
+        return low if low > floor else None
+    return None
+
+
+@dataclass
+class Grid:
+    """One method's (lr, ρ) grid: starts as the benchmark's, widens on the side its choice sits at."""
+
+    lrs: list[float]
+    rhos: list[float | None]
+    widenings: dict = field(default_factory=lambda: {"lr": 0, "rho": 0})
+
+    def points(self) -> list[tuple[float, float | None]]:
+        return [(lr, rho) for lr in self.lrs for rho in self.rhos]
+
+    def widen(self, chosen: tuple[float, float | None]) -> bool:
+        """Add the next value beyond an edge choice (lr, then ρ); False when there is nothing (more) to add."""
+        grown = False
+        for axis, values, value in (("lr", self.lrs, chosen[0]), ("rho", self.rhos, chosen[1])):
+            if value is None or self.widenings[axis] >= MAX_WIDENINGS:
+                continue
+            extra = widened(values, value)
+            if extra is not None:
+                values.append(extra)
+                values.sort()
+                self.widenings[axis] += 1
+                grown = True
+        return grown
+
+    def at_edge(self, chosen: tuple[float, float | None]) -> tuple[bool, bool]:
+        lr, rho = chosen
+        edge = lambda values, v: v is not None and len(values) > 1 and v in (min(values), max(values))  # noqa: E731
+        return edge(self.lrs, lr), edge([r for r in self.rhos if r is not None], rho)
+
+
+def mean_validation(tuning: list[dict], name: str, point) -> float:
+    scores = [r["validation"] for r in tuning if (r["method"], r["lr"], r["rho"]) == (name, *point)]
+    return statistics.fmean(scores)
+
+
+def tune(bench: Benchmark, names: list[str], workers: int) -> tuple[dict, dict, list[dict]]:
+    """Every method's grid on the validation slice, widened until its choice is inside (or `MAX_WIDENINGS` is
+    reached). All methods run each round together, so the workers stay busy. Returns (chosen, grids, runs)."""
+    seeds = [1000 + s for s in range(bench.tuning_seeds)]  # disjoint from the final seeds
+    grids = {
+        n: Grid(list(bench.baseline_lrs if n == BASELINE else bench.lrs), list(bench.rhos.get(n, (None,))))
+        for n in names
+    }
+    done: set = set()
+    tuning: list[dict] = []
+    pending = list(names)
+    chosen: dict = {}
+    while pending:
+        jobs = [
+            (bench.model, bench.optimizer, n, lr, rho, s)
+            for n in pending
+            for lr, rho in grids[n].points()
+            if (n, lr, rho) not in done
+            for s in seeds
+        ]
+        print(f"tuning: {len(jobs)} runs on the validation slice ({', '.join(pending)})", flush=True)
+        tuning += run_jobs(jobs, workers)
+        done |= {(n, lr, rho) for _, _, n, lr, rho, _ in jobs}
+        for n in pending:
+            chosen[n] = max(grids[n].points(), key=lambda point: mean_validation(tuning, n, point))
+        pending = [n for n in pending if grids[n].widen(chosen[n])]
+    for n in names:
+        print(
+            f"  {n}: lr {chosen[n][0]:g}, rho {chosen[n][1]} (validation {mean_validation(tuning, n, chosen[n]):.3f})"
+        )
+    return chosen, grids, tuning
 
 
 def share_of_gain(method: list[float], baseline: list[float], sam: list[float], resamples: int = 10_000):
@@ -189,55 +329,57 @@ def share_of_gain(method: list[float], baseline: list[float], sam: list[float], 
     return share(list(range(n))), low, high
 
 
-def marked(value: float, values: tuple[float, ...]) -> str:
-    """The chosen value, with * when it sits at an edge of its grid (the optimum may lie outside)."""
-    return f"{value:g}" + ("*" if value in (min(values), max(values)) else "")
+def summary(bench: Benchmark, chosen: dict, grids: dict, finals: dict[str, list[dict]]) -> dict:
+    """Per method: the chosen setting (and whether each sits at an edge), test top-1, share of SAM's gain with its
+    interval, passes per step, wall time against the baseline. What the table and the budget guide print."""
+    base, sam = ([100 * r["test"] for r in finals[k]] for k in (BASELINE, SAM))
+    base_time = statistics.fmean(r["seconds"] for r in finals[BASELINE])
+    rows = {}
+    for name, runs in finals.items():
+        acc = [100 * r["test"] for r in runs]
+        share = None if name in (BASELINE, SAM) else share_of_gain(acc, base, sam)
+        lr_edge, rho_edge = grids[name].at_edge(chosen[name])
+        rows[name] = {
+            "lr": chosen[name][0], "rho": chosen[name][1], "lr_at_edge": lr_edge, "rho_at_edge": rho_edge,
+            "grid_lrs": grids[name].lrs, "grid_rhos": grids[name].rhos,
+            "top1_mean": statistics.fmean(acc), "top1_std": statistics.stdev(acc),
+            "share": share, "passes": statistics.fmean(r["passes"] for r in runs),
+            "wall": statistics.fmean(r["seconds"] for r in runs) / base_time,
+        }  # fmt: skip
+    return rows
 
 
-def table(
-    chosen: dict,
-    finals: dict[str, list[dict]],
-    seeds: int,
-    tuning_seeds: int,
-    minutes: float,
-    adam: bool = False,
-) -> str:
-    methods = ADAMW["methods"] if adam else METHODS
-    baseline, reference = list(methods)[:2]
-    base, sam = ([100 * r["test"] for r in finals[k]] for k in (baseline, reference))
-    base_time = statistics.fmean(r["seconds"] for r in finals[baseline])
-    optimizer = "AdamW (weight decay 0.01)" if adam else "SGD momentum 0.9"
-    command = "python experiments/benefit.py" + (" --optimizer adamw" if adam else "")
-    command += f" --tuning-seeds {tuning_seeds}" if tuning_seeds != 2 else ""
-    others = ", ".join(map(str, learning_rates(reference)))
-    rates = f"{', '.join(map(str, learning_rates(baseline)))} for the baseline, {others} for the others"
+def fmt(value: float, at_edge: bool) -> str:
+    return f"{value:g}" + ("*" if at_edge else "")
+
+
+def table(bench: Benchmark, rows: dict, seeds: int, minutes: float, command: str) -> str:
+    base, sam = rows[BASELINE], rows[SAM]
     lines = [
-        f"Digits, {NOISE:.0%} pair-flip label noise (class c → c + 1), MLP, {EPOCHS} epochs of batch {BATCH}, "
-        f"{optimizer}, through `SAMTrainer`. Learning rate (from {rates}) and ρ chosen per method "
-        f"on a {VALIDATION:.0%} validation slice of the (noisy) training set over {tuning_seeds} tuning seeds "
-        "(* marks a value at the edge of its grid); "
-        f"test top-1 on the clean test labels over seeds 0-{seeds - 1} (mean ± std), the same seeds for every "
-        "method. Share of SAM's gain = (method − baseline) / (SAM − baseline), with its 90% paired bootstrap "
-        f"interval over the seeds. `{command}`, {minutes:.0f} min on this CPU.",
+        f"Digits, {NOISE:.0%} pair-flip label noise (class c → c + 1), {bench.title}, {bench.epochs} epochs of "
+        f"batch {BATCH}, through `SAMTrainer`. Learning rate and ρ chosen per method on a {VALIDATION:.0%} "
+        f"validation slice of the (noisy) training set over {bench.tuning_seeds} tuning seeds, each grid widened "
+        "until its choice is inside it (* marks a choice still at an edge; every grid is in the json); test top-1 "
+        f"on the clean test labels over seeds 0-{seeds - 1} (mean ± std), the same seeds for every method. "
+        f"SAM's gain: {sam['top1_mean'] - base['top1_mean']:+.1f} points. Share of SAM's gain = (method − "
+        "baseline) / (SAM − baseline), with its 90% paired bootstrap interval over the seeds. "
+        f"`{command}`, {minutes:.0f} min on this CPU.",
         "",
         "| method | chosen lr, ρ | test top-1 (%) | share of SAM's gain [90% interval] | passes per step | wall time / baseline |",
         "|---|---|---|---|---|---|",
     ]
-    for name, runs in finals.items():
-        acc = [100 * r["test"] for r in runs]
-        lr, rho = chosen[name]
-        rhos = methods[name][1]
-        setting = marked(lr, learning_rates(name)) + (f", {marked(rho, rhos)}" if rhos else "")
-        if name in (baseline, reference):
-            share_text = "0% (reference)" if name == baseline else "100% (reference)"
+    for name, row in rows.items():
+        setting = fmt(row["lr"], row["lr_at_edge"])
+        if row["rho"] is not None:
+            setting += f", {fmt(row['rho'], row['rho_at_edge'])}"
+        if row["share"] is None:
+            share_text = "0% (reference)" if name == BASELINE else "100% (reference)"
         else:
-            value, low, high = share_of_gain(acc, base, sam)
+            value, low, high = row["share"]
             share_text = f"{value:.0%} [{low:.0%}, {high:.0%}]"
-        passes = statistics.fmean(r["passes"] for r in runs)
-        wall = statistics.fmean(r["seconds"] for r in runs) / base_time
         lines.append(
-            f"| {name} | {setting} | {statistics.fmean(acc):.1f} ± {statistics.stdev(acc):.1f} | {share_text} "
-            f"| {passes:.2f} | {wall:.2f} |"
+            f"| {name} | {setting} | {row['top1_mean']:.1f} ± {row['top1_std']:.1f} | {share_text} "
+            f"| {row['passes']:.2f} | {row['wall']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -246,69 +388,57 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", choices=["mlp", "vit"], default="mlp")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--seeds", type=int, default=10, help="final seeds per method (at least 5)")
     parser.add_argument(
-        "--tuning-seeds", type=int, default=2, help="seeds per grid point on the validation slice"
+        "--tuning-seeds", type=int, default=None, help="seeds per grid point on the validation slice"
     )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--readme", action="store_true", help="write the table into experiments/README.md")
     parser.add_argument(
         "--only", nargs="*", default=None, help="methods to run (baseline and SAM always run)"
     )
-    parser.add_argument(
-        "--optimizer",
-        choices=["sgd", "adamw"],
-        default="sgd",
-        help="adamw: baseline, SAM and MSAM with AdamW",
-    )
     args = parser.parse_args(argv)
+    if (args.model, args.optimizer) not in BENCHMARKS:
+        parser.error(
+            f"no benchmark for --model {args.model} --optimizer {args.optimizer}; choose from {list(BENCHMARKS)}."
+        )
     if args.seeds < 5:
         parser.error(f"--seeds must be at least 5 for an interval over seeds, got {args.seeds}.")
-    adam = args.optimizer == "adamw"
-    if adam and args.readme:
-        parser.error("--readme writes the SGD table; the AdamW one goes to results/benefit_adamw.md only.")
-    methods = ADAMW["methods"] if adam else METHODS
-    always = list(methods)[:2]  # the baseline and SAM: the share's two references
-    names = list(methods) if not args.only else [*always, *[n for n in args.only if n not in always]]
+    bench = BENCHMARKS[args.model, args.optimizer]
+    if args.tuning_seeds is not None:
+        bench = Benchmark(**{**bench.__dict__, "tuning_seeds": args.tuning_seeds})
+    methods = [n for n in METHODS if n == BASELINE or n in bench.rhos]
+    names = methods if not args.only else [BASELINE, SAM, *[n for n in args.only if n not in (BASELINE, SAM)]]
     unknown = [n for n in names if n not in methods]
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {list(methods)}.")
+        parser.error(f"unknown method(s) {unknown} for this benchmark; choose from {methods}.")
 
     started = time.perf_counter()
-    tuning_seeds = [1000 + s for s in range(args.tuning_seeds)]  # disjoint from the final seeds
-    jobs = [(n, lr, rho, s) for n in names for lr, rho in grid(n) for s in tuning_seeds]
-    print(f"tuning: {len(jobs)} runs on the validation slice", flush=True)
-    tuning = run_jobs(jobs, args.workers)
+    chosen, grids, tuning = tune(bench, names, args.workers)
     os.makedirs(RESULTS, exist_ok=True)
-    stem = "benefit_adamw" if adam else "benefit"
-    with open(os.path.join(RESULTS, f"{stem}_tuning.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{bench.stem}_tuning.json"), "w") as f:
         json.dump(tuning, f, indent=1)  # kept at once: the longest part of the run
-    chosen = {}
-    for name in names:
-        scores = {
-            (lr, rho): statistics.fmean(
-                r["validation"] for r in tuning if (r["method"], r["lr"], r["rho"]) == (name, lr, rho)
-            )
-            for lr, rho in grid(name)
-        }
-        chosen[name] = max(scores, key=scores.get)
-        print(
-            f"  {name}: lr {chosen[name][0]}, rho {chosen[name][1]} (validation {scores[chosen[name]]:.3f})"
-        )
-    jobs = [(n, *chosen[n], s) for n in names for s in range(args.seeds)]
+    jobs = [(bench.model, bench.optimizer, n, *chosen[n], s) for n in names for s in range(args.seeds)]
     print(f"final: {len(jobs)} runs", flush=True)
     results = run_jobs(jobs, args.workers)
     finals = {n: [r for r in results if r["method"] == n] for n in names}
     minutes = (time.perf_counter() - started) / 60
-    text = table(chosen, finals, args.seeds, args.tuning_seeds, minutes, adam)
+    rows = summary(bench, chosen, grids, finals)
+    command = " ".join(["python experiments/benefit.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command.replace(" --readme", "")
+    text = table(bench, rows, args.seeds, minutes, command)
     print(text)
-    with open(os.path.join(RESULTS, f"{stem}.json"), "w") as f:
-        json.dump(
-            {"chosen": {k: list(v) for k, v in chosen.items()}, "tuning": tuning, "final": results},
-            f,
-            indent=1,
-        )
-    with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
+    record = {
+        "benchmark": {"model": bench.model, "optimizer": bench.optimizer, "title": bench.title,
+                      "epochs": bench.epochs, "tuning_seeds": bench.tuning_seeds, "seeds": args.seeds},
+        "chosen": {k: list(v) for k, v in chosen.items()},
+        "summary": rows, "tuning": tuning, "final": results, "minutes": minutes,
+    }  # fmt: skip
+    with open(os.path.join(RESULTS, f"{bench.stem}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(RESULTS, f"{bench.stem}.md"), "w") as f:
         f.write(text + "\n")
     if args.readme:
         sys.path.insert(
@@ -316,7 +446,7 @@ def main(argv=None) -> None:
         )
         from readme_block import EXPERIMENTS_README, replace_readme_block
 
-        replace_readme_block("variants_benefit", text, readme=EXPERIMENTS_README)
+        replace_readme_block(f"variants_{bench.stem}", text, readme=EXPERIMENTS_README)
 
 
 if __name__ == "__main__":

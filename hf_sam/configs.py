@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hf_sam.engines import FSDP2, check_deepspeed
+from hf_sam.one_pass import ONE_PASS_MODES
 from hf_sam.sam import SAM_NORMS, validate_sam_hparams
 
-SAM_MODES = ("sam", "looksam", "gsam", "momentum", "previous_gradient")
+SAM_MODES = ("sam", "looksam", "gsam", "momentum", "adam_update", "previous_gradient")
 # One forward+backward per step: ε comes without an ascent pass.
-ONE_PASS_MODES = ("momentum", "previous_gradient")
 SAM_RHO_SCHEDULES = ("constant", "linear_with_lr")
 
 # Optimizers that step inside backward (per-parameter hooks) or fuse backward and step: SAM needs the gradient
@@ -61,6 +61,9 @@ class SAMArguments:
         (Zhuang et al. 2022: surrogate-gap guided SAM, as the authors' JAX version); `"momentum"` (Momentum-SAM,
         Becker et al. 2024: one forward+backward per step at w − ρ·v/‖v‖, v the optimizer's momentum, SGD's
         momentum buffer or Adam's first moment; a plain step before the first; needs an optimizer with momentum);
+        `"adam_update"` (Momentum-SAM along the step Adam(W) takes: one forward+backward per step at w − ρ·u/‖u‖,
+        u = m̂/(√v̂+ε) Adam's bias-corrected update; with AdamW it keeps more of SAM's gain than `"momentum"`,
+        see docs/variants.md; needs torch's Adam or AdamW, e.g. `optim="adamw_torch"`, the default);
         `"previous_gradient"` (one forward+backward per step at w + ρ·g_prev/‖g_prev‖, g_prev the gradient the
         previous step applied, kept in the checkpoint; a plain step first).
     sam_interval (`int`, defaults to `1`):
@@ -140,7 +143,8 @@ class SAMArguments:
         default="sam",
         metadata={
             "help": "'sam', 'looksam' (reuse between SAM steps), 'gsam' (surrogate gap), 'momentum' (Momentum-SAM: "
-            "one pass at w - rho*v/||v||, v the optimizer's momentum) or 'previous_gradient' (one pass at "
+            "one pass at w - rho*v/||v||, v the optimizer's momentum), 'adam_update' (one pass at w - rho*u/||u||, "
+            "u = m/(sqrt(v)+eps) AdamW's update) or 'previous_gradient' (one pass at "
             "w + rho*g/||g||, g the previous step's gradient).",
             "choices": list(SAM_MODES),
         },
@@ -357,9 +361,14 @@ class SAMArguments:
                     f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it takes no ascent "
                     f"gradient (one pass per step). Leave {name} at {default!r}, or use sam_mode='sam'."
                 )
+        optim = str(getattr(self.optim, "value", self.optim)).lower()
+        if self.sam_mode == "adam_update" and optim not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"sam_mode='adam_update' looks ahead along Adam's update m̂/(√v̂+ε), which optim={optim!r} does not "
+                "take. Use optim='adamw_torch' (the default) or 'adamw_torch_fused', or sam_mode='momentum'."
+            )
         if self.sam_mode != "momentum":
             return
-        optim = str(getattr(self.optim, "value", self.optim)).lower()
         options = str(self.optim_args or "")
         momentum = re.search(r"(?:^|,)\s*momentum\s*=\s*([0-9.eE+-]+)", options)
         no_momentum = (

@@ -689,9 +689,11 @@ def check_ascent_subset(model: torch.nn.Module, args) -> None:
 def check_one_pass_batchnorm(model: torch.nn.Module, args) -> None:
     """The one-pass variants take their only forward at the look-ahead point, so BatchNorm in train mode would keep
     running statistics of that point, not of w (the weights evaluated and saved). Refused, with the fix."""
-    if args.sam_mode not in ("momentum", "previous_gradient"):
-        return
     from hf_sam.batchnorm import is_frozen_batchnorm
+    from hf_sam.one_pass import ONE_PASS_MODES
+
+    if args.sam_mode not in ONE_PASS_MODES:
+        return
 
     tracking = [
         name

@@ -1,7 +1,9 @@
 """The one-pass variants' home (torch only): the direction they look ahead along, and the point itself.
 
 `sam_mode="momentum"` (Momentum-SAM, Becker, Altrock & Risse 2024) looks ahead to w − ρ·v/‖v‖, v the base
-optimizer's momentum (its own state tensors, no copy); `sam_mode="previous_gradient"` to w + ρ·g/‖g‖, g the
+optimizer's momentum (its own state tensors, no copy); `sam_mode="adam_update"` to w − ρ·u/‖u‖, u = m̂/(√v̂+ε)
+the update Adam(W) takes next (one buffer the size of the weights while a step's passes run);
+`sam_mode="previous_gradient"` to w + ρ·g/‖g‖, g the
 gradient the previous optimizer step applied, kept in the `SAM` wrapper's `sam_state` so checkpoints carry it. The
 point is `hf_sam.sam.LookAhead`: fixed once per optimizer step, entered for each micro-batch's forward+backward and
 left right after, without a copy of the weights. `SAMMixin` decides when; this module says where.
@@ -13,7 +15,10 @@ import contextlib
 
 import torch
 
-from hf_sam.sam import SAM, LookAhead, global_norm, momentum_direction
+from hf_sam.sam import SAM, LookAhead, adam_update_direction, global_norm, momentum_direction
+
+# The modes that take one forward+backward per step, at a point fixed without an ascent gradient.
+ONE_PASS_MODES = ("momentum", "adam_update", "previous_gradient")
 
 
 class OnePass:
@@ -21,15 +26,17 @@ class OnePass:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        # v is the descent direction the optimizer accumulated (w moves by −lr·v): look ahead along −v. The
-        # previous gradient is an ascent direction: along +g.
-        self.sign = -1.0 if mode == "momentum" else 1.0
+        # v and u are descent directions (w moves by −lr·v, −lr·u): look ahead along −v, −u. The previous gradient
+        # is an ascent direction: along +g.
+        self.sign = 1.0 if mode == "previous_gradient" else -1.0
         self.point = LookAhead()
 
     def direction(self, wrapper: SAM, params: list[torch.Tensor], state: dict) -> list[torch.Tensor] | None:
         """The direction for `params`, None before the first optimizer step (no momentum, no previous gradient)."""
         if self.mode == "momentum":
             return momentum_direction(wrapper.base_optimizer, params, wrapper.momentum_key)
+        if self.mode == "adam_update":
+            return adam_update_direction(wrapper.base_optimizer, params)
         stored = state.get("previous_gradient")
         if stored is None or len(stored) != len(params):
             return None

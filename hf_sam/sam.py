@@ -248,6 +248,105 @@ def momentum_direction(optimizer: torch.optim.Optimizer, params: list[torch.Tens
     return [torch.zeros_like(p) if v is None else v for p, v in zip(params, found, strict=True)]
 
 
+ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def check_adam_update(optimizer: torch.optim.Optimizer) -> None:
+    """sam_mode='adam_update' reads Adam's two moments and its bias corrections, as torch's Adam and AdamW keep
+    them; anything else is refused with the fix."""
+    if not isinstance(optimizer, ADAM_FAMILY):
+        raise ValueError(
+            "sam_mode='adam_update' looks ahead along Adam's update m̂/(√v̂+ε), but the optimizer is "
+            f"{type(optimizer).__name__}. Use optim='adamw_torch' (or torch.optim.AdamW / Adam by hand), or "
+            "sam_mode='momentum' for other optimizers with a momentum."
+        )
+
+
+def adam_update_direction(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> AdamUpdate | None:
+    """u = m̂/(√v̂ + ε) of each parameter, the direction of the step Adam(W) takes next, or None before its first
+    step (see `AdamUpdate`)."""
+    state, settings, terms = optimizer.state, {}, []
+    for group in optimizer.param_groups:
+        settings.update({id(p): group for p in group["params"]})
+    for p in params:
+        entry = state[p] if p in state else {}
+        if "exp_avg" not in entry:
+            terms.append(None)
+            continue
+        group = settings[id(p)]
+        beta1, beta2 = group["betas"]
+        step = entry["step"]
+        # As torch's Adam: the bias corrections in float64 from a CPU step count; from one on the device (fused,
+        # capturable) as tensors, with no host sync.
+        step = float(step) if not torch.is_tensor(step) or step.device.type == "cpu" else step
+        second = entry["max_exp_avg_sq"] if group.get("amsgrad") else entry["exp_avg_sq"]
+        terms.append((entry["exp_avg"], second, 1 - beta1**step, (1 - beta2**step) ** 0.5, group["eps"]))
+    if all(t is None for t in terms):
+        return None
+    return AdamUpdate(params, terms)
+
+
+class AdamUpdate:
+    """Adam's update direction u = m̂/(√v̂ + ε) (Kingma & Ba 2015, algorithm 1; before the learning rate and the
+    weight decay), as a sequence of tensors computed one at a time when read: never a buffer the size of the model.
+    `LookAhead` reads it twice per micro-batch (enter, leave) and once for its norm; the moments do not change in
+    between (the optimizer steps after the last leave), so every read gives the same tensor, bit for bit. A
+    parameter the optimizer has not stepped yet reads as zeros.
+
+    Why not the raw first moment m, as sam_mode='momentum' does: Adam steps along m scaled per coordinate by
+    1/(√v̂ + ε), so a look-ahead along m points elsewhere than the step it anticipates (Functional-SAM, Singh et
+    al. 2025, preconditions SAM's perturbation by Adam's second moment for that reason)."""
+
+    def __init__(self, params: list[torch.Tensor], terms: list) -> None:
+        self.params, self.terms = params, terms
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return AdamUpdate(self.params[index], self.terms[index])
+        term = self.terms[index]
+        if term is None:
+            return torch.zeros_like(self.params[index])
+        first, second, bias1, bias2_sqrt, eps = term
+        return first.div(second.sqrt().div_(bias2_sqrt).add_(eps)).div_(bias1)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def local_squares(self) -> tuple[torch.Tensor, object]:
+        """(Σ‖u_i‖² over this process's elements in float32, the process group of sharded parameters or None), as
+        `global_norm` counts them, one tensor at a time."""
+        squares, group = None, None
+        for u in self:
+            if _is_dtensor(u):
+                if u.device_mesh.ndim != 1 or not all(p.is_shard() for p in u.placements):
+                    _unsupported_layout()
+                group, u = u.device_mesh.get_group(), u.to_local()
+            square = torch.linalg.vector_norm(u, dtype=torch.float32) ** 2
+            squares = square if squares is None else squares + square.to(squares.device)
+        return (squares if squares is not None else torch.zeros(())), group
+
+
+def direction_norm(directions: list) -> torch.Tensor:
+    """‖d‖ over lists of tensors and `AdamUpdate`s (read one tensor at a time), with `global_norm`'s semantics."""
+    plain = [d for part in directions if not isinstance(part, AdamUpdate) for d in part]
+    lazy = [part for part in directions if isinstance(part, AdamUpdate)]
+    if not lazy:
+        return global_norm(plain)
+    squares, group = None, None
+    for part in lazy:
+        part_squares, part_group = part.local_squares()
+        squares = part_squares if squares is None else squares + part_squares.to(squares.device)
+        group = group or part_group
+    if group is not None:
+        torch.distributed.all_reduce(squares, group=group)
+    if plain:
+        squares = squares + global_norm(plain).to(squares.device) ** 2
+    return squares.sqrt()
+
+
 def _adaptive_scale(group: PerturbationGroup) -> list[torch.Tensor]:
     """T = |w| + η, ASAM's elementwise parameter scale."""
     scale = torch._foreach_abs(local_tensors(group.params))
@@ -544,8 +643,8 @@ class LookAhead:
     after it, without a copy of the weights.
 
     ε = radius·d/‖d‖ along a direction d the optimizer already keeps: Momentum-SAM's momentum v (radius −ρ: v is
-    the descent direction the optimizer accumulated, w moves by −lr·v, so w − ρ·v/‖v‖ looks ahead along it) or the
-    stored previous gradient (radius ρ). d does not change until the optimizer steps, so `leave_` undoes `enter_` by
+    the descent direction the optimizer accumulated, w moves by −lr·v, so w − ρ·v/‖v‖ looks ahead along it), Adam's
+    update u (an `AdamUpdate`, read a tensor at a time; radius −ρ) or the stored previous gradient (radius ρ). d does not change until the optimizer steps, so `leave_` undoes `enter_` by
     adding −ε to the same storage: w comes back within float32 rounding (one add and one subtract per micro-batch;
     docs/variants.md measures the drift), no copy is allocated, and nothing outside the pass ever sees w + ε: not an
     evaluation, a checkpoint, a callback, an exception or a stop between micro-batches. Weights held in bf16/fp16
@@ -569,7 +668,7 @@ class LookAhead:
             raise RuntimeError(
                 "LookAhead.set_ while the weights are at the look-ahead point: leave_() first."
             )
-        norm = global_norm([d for _, directions, _ in groups for d in directions])
+        norm = direction_norm([directions for _, directions, _ in groups])
         self._groups = []
         value = float(norm)  # the one host sync of an optimizer step
         if math.isfinite(value) and value > 0:
@@ -587,7 +686,7 @@ class LookAhead:
             self._backup.perturb_(params, eps)
         else:
             for group_params, directions, alpha in self._groups:
-                torch._foreach_add_(group_params, directions, alpha=alpha)
+                _add_(group_params, directions, alpha)
         self.entered = True
 
     @torch.no_grad()
@@ -598,8 +697,17 @@ class LookAhead:
             self._backup.restore_()
         else:
             for group_params, directions, alpha in self._groups:
-                torch._foreach_add_(group_params, directions, alpha=-alpha)
+                _add_(group_params, directions, -alpha)
         self.entered = False
+
+
+def _add_(params: list[torch.Tensor], directions, alpha: float) -> None:
+    """params += alpha·directions: one fused op for a list, one tensor at a time for an `AdamUpdate`."""
+    if isinstance(directions, AdamUpdate):
+        for p, d in zip(params, directions, strict=True):
+            p.add_(d, alpha=alpha)
+    else:
+        torch._foreach_add_(params, directions, alpha=alpha)
 
 
 class SAM(torch.optim.Optimizer):
@@ -651,12 +759,17 @@ class SAM(torch.optim.Optimizer):
                 f"got {type(base_optimizer).__name__}."
             )
         validate_sam_hparams(rho, adaptive, eta, norm)
-        if mode not in ("sam", "momentum"):
-            raise ValueError(f"mode must be 'sam' or 'momentum' (Momentum-SAM, one pass), got {mode!r}.")
-        if mode == "momentum" and (adaptive or norm != "2"):
+        if mode not in ("sam", "momentum", "adam_update"):
             raise ValueError(
-                "mode='momentum' perturbs by -rho*v/||v||_2: use it with adaptive=False and norm='2'."
+                "mode must be 'sam', 'momentum' (Momentum-SAM, one pass) or 'adam_update' (one pass along Adam's "
+                f"update), got {mode!r}."
             )
+        if mode != "sam" and (adaptive or norm != "2"):
+            raise ValueError(
+                f"mode={mode!r} perturbs by -rho*d/||d||_2: use it with adaptive=False and norm='2'."
+            )
+        if mode == "adam_update":
+            check_adam_update(base_optimizer)
         # Momentum-SAM: which state entry holds v (checked now: an optimizer without momentum is refused here).
         self.mode = mode
         self.momentum_key = momentum_state_key(base_optimizer) if mode == "momentum" else None
@@ -673,7 +786,7 @@ class SAM(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._backup = WeightBackup()
-        self._look_ahead = LookAhead()  # mode='momentum'
+        self._look_ahead = LookAhead()  # the one-pass modes
         self.sam_state: dict = {}  # variant state that must survive a checkpoint (saved by state_dict)
         # Non-finite guard (off by default; SAMTrainer turns it on in fp32/bf16): skip, count, stop after N.
         self.max_nonfinite_steps = 0
@@ -719,7 +832,7 @@ class SAM(torch.optim.Optimizer):
         """
         perturbed = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
         perturbed = [(group, params) for group, params in perturbed if group["rho"] > 0 and params]
-        if self.mode == "momentum":
+        if self.mode != "sam":
             return self._momentum_ascent_step(perturbed, loss)
         if loss is not None:
             flat = [p for _, params in perturbed for p in params]
@@ -744,16 +857,22 @@ class SAM(torch.optim.Optimizer):
 
     def _momentum_ascent_step(self, perturbed: list, loss) -> torch.Tensor:
         """mode='momentum': w -> w − ρ·v/‖v‖ with v the base optimizer's momentum (no pass, no gradient), before
-        the step's one forward+backward; each group at its own ρ, one norm ‖v‖ over all. Before the base
+        the step's one forward+backward; mode='adam_update' the same along Adam's update u = m̂/(√v̂ + ε) instead of
+        v. Each group at its own ρ, one norm ‖v‖ over all. Before the base
         optimizer's first step there is no v: w stays (a plain step). Returns ‖v‖. No copy of the weights:
         `restore()` subtracts the same ε (`LookAhead`)."""
         if loss is not None:
             raise ValueError(
-                "mode='momentum' takes no ascent gradient: call sam.ascent_step() before the forward, then "
-                "backpropagate the loss (taken at w - rho*v/||v||) and call sam.descent_step()."
+                f"mode={self.mode!r} takes no ascent gradient: call sam.ascent_step() before the forward, then "
+                "backpropagate the loss (taken at the look-ahead point) and call sam.descent_step()."
             )
         params = [p for _, group_params in perturbed for p in group_params]
-        momentum = momentum_direction(self.base_optimizer, params, self.momentum_key) if params else None
+        if not params:
+            momentum = None
+        elif self.mode == "adam_update":
+            momentum = adam_update_direction(self.base_optimizer, params)
+        else:
+            momentum = momentum_direction(self.base_optimizer, params, self.momentum_key)
         if momentum is None:
             self.last_grad_norm = torch.zeros(())
             return self.last_grad_norm

@@ -115,7 +115,9 @@ def warn_if_look_ahead_too_far(clean: float, perturbed: float, rho: float, mode:
     Momentum-SAM value, keeps a BERT trained with AdamW at the majority class)."""
     if not (clean > 0 and perturbed > LOOK_AHEAD_LOSS_RATIO * clean):
         return False
-    where = "look-ahead point w − ρ·v/‖v‖" if mode == "momentum" else "perturbed point w + ε"
+    where = {"momentum": "look-ahead point w − ρ·v/‖v‖", "adam_update": "look-ahead point w − ρ·u/‖u‖"}.get(
+        mode, "perturbed point w + ε"
+    )
     logger.warning(
         f"At step {step} the loss at the {where} is {perturbed / clean:.1f}x the loss at w ({perturbed:.4g} against "
         f"{clean:.4g}): sam_rho={rho:g} is too large for this model, and training may stall. Lower sam_rho: "

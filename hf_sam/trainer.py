@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from hf_sam import loss_units, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
-from hf_sam.configs import ONE_PASS_MODES, SAMArguments, SAMTrainingArguments
+from hf_sam.configs import SAMArguments, SAMTrainingArguments
 from hf_sam.engines import (
     Plan,
     check_ascent_subset,
@@ -24,10 +24,11 @@ from hf_sam.engines import (
     check_trainer_class,
     select_engine,
 )
-from hf_sam.one_pass import OnePass
+from hf_sam.one_pass import ONE_PASS_MODES, OnePass
 from hf_sam.sam import (
     SAM,
     WeightBackup,
+    check_adam_update,
     looksam_reuse_gradient_,
     perturb_,
     perturbation_group,
@@ -195,6 +196,8 @@ class SAMMixin:
         """Build the stock optimizer, then wrap it in `SAM` (it shares the base's param_groups and state)."""
         optimizer = super().create_optimizer(*args, **kwargs)
         wrapper = _sam_in(optimizer)  # a user's own SAM, or the one a first train() built (now Accelerate's)
+        if self.args.sam_rho > 0 and self.args.sam_mode == "adam_update":
+            check_adam_update(getattr(wrapper, "base_optimizer", optimizer))
         if wrapper is not None and self.args.sam_rho > 0:
             wanted = "momentum" if self.args.sam_mode == "momentum" else "sam"
             if wrapper.mode != wanted:
