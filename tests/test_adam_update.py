@@ -99,7 +99,8 @@ def test_it_differs_from_the_look_ahead_along_the_first_moment(tmp_path):
     along_u = train(tmp_path / "u", rows)
     along_m = train(tmp_path / "m", rows, sam_mode="momentum")
     gap = max(
-        float((p - q).detach().abs().max()) for p, q in zip(along_u.model.parameters(), along_m.model.parameters())
+        float((p - q).detach().abs().max())
+        for p, q in zip(along_u.model.parameters(), along_m.model.parameters())
     )
     assert gap > 1e-4
 
