@@ -8,7 +8,8 @@ with AdamW for 4 steps of batch 8, whose activations are negligible next to its 
 memory during `train()` over the memory just before it (the resident set sampled every millisecond on CPU,
 `torch.cuda.max_memory_allocated` on a GPU), in copies of the parameters, and its excess over the stock Trainer's. What each keeps: SAM a backup of w (its ascent
 gradient becomes ε in place and is freed before the descent pass); `sam_mode="momentum"` nothing (ε is added and
-subtracted along the optimizer's own first moment); `"previous_gradient"` the previous step's gradient.
+subtracted along the optimizer's own first moment); `"adam_update"` one tensor the size of the largest parameter
+(Adam's update is computed a tensor at a time); `"previous_gradient"` the previous step's gradient.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CONFIGS = {
     "stock Trainer": None,
     "SAM": {"sam_rho": 0.05},
     'sam_mode="momentum"': {"sam_rho": 0.05, "sam_mode": "momentum"},
+    'sam_mode="adam_update"': {"sam_rho": 0.05, "sam_mode": "adam_update"},
     'sam_mode="previous_gradient"': {"sam_rho": 0.05, "sam_mode": "previous_gradient"},
 }
 

@@ -310,7 +310,8 @@ class AdamUpdate:
         if term is None:
             return torch.zeros_like(self.params[index])
         first, second, bias1, bias2_sqrt, eps = term
-        return first.div(second.sqrt().div_(bias2_sqrt).add_(eps)).div_(bias1)
+        u = second.sqrt().div_(bias2_sqrt).add_(eps)  # the one temporary: √v̂ + ε, then m̂ over it in place
+        return torch.div(first, u, out=u).div_(bias1)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
