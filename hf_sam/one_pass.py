@@ -37,6 +37,9 @@ class OnePass:
             return momentum_direction(wrapper.base_optimizer, params, wrapper.momentum_key)
         if self.mode == "adam_update":
             return adam_update_direction(wrapper.base_optimizer, params)
+        # Kept in the plan's order: `SAMMixin._perturbation_plan` carries it to each parameter when the plan is rebuilt
+        # (parameters frozen or unfrozen mid-run). A length that differs all the same (a checkpoint of another set-up)
+        # gives no direction.
         stored = state.get("previous_gradient")
         if stored is None or len(stored) != len(params):
             return None

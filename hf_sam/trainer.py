@@ -258,12 +258,15 @@ class SAMMixin:
         optimizer = self._sam_optimizer() if self.sam_engine.wraps_optimizer else self.optimizer
         previous, run.plan = run.plan, self.sam_engine.plan(model, optimizer, run.plan)
         if previous is not None and run.plan is not previous:
-            # Rebuilt mid-run (parameters frozen or unfrozen): GSAM's and LookSAM's per-parameter state follows it.
+            # Rebuilt mid-run (parameters frozen or unfrozen): the per-parameter state of GSAM, LookSAM and
+            # previous_gradient follows its parameter (a newly perturbed one: no g_v; a zero previous gradient, as
+            # the previous step applied none to it).
             if run.window.clean is not None:
                 run.window.clean = run.plan.carry(previous, run.window.clean, torch.zeros_like)
-            if "looksam_gv" in self._sam_state():
-                state = self._sam_state()
-                state["looksam_gv"] = run.plan.carry(previous, state["looksam_gv"], lambda p: None)
+            state = self._sam_state()
+            for key, fill in (("looksam_gv", lambda p: None), ("previous_gradient", torch.zeros_like)):
+                if key in state:
+                    state[key] = run.plan.carry(previous, state[key], fill)
         return run.plan
 
     def _note_loss(self, loss: torch.Tensor) -> None:

@@ -393,3 +393,65 @@ def test_previous_gradient_resume_is_exact(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-3"))
     for p, q in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(p, q)
+
+
+class TwinNet(torch.nn.Module):
+    """Two hidden layers of the same shape, so freezing one and unfreezing the other keeps both the count and the
+    shapes of the trainable tensors: a positional store of per-parameter state cannot tell them apart."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, features, target=None):
+        logits = self.head(torch.tanh(self.b(torch.tanh(self.a(features)))))
+        return {"logits": logits, "loss": torch.nn.functional.cross_entropy(logits, target)}
+
+
+# Which layers are trainable as each optimizer step starts: all, then `a` frozen, then `b` frozen and `a` again
+# trainable (the same count and shapes as the step before), then all.
+TRAINABLE = [("a", "b", "head"), ("b", "head"), ("a", "head"), ("a", "b", "head")]
+
+
+def hand_previous_gradient_frozen(model, windows, rho=RHO, lr=LR):
+    """The previous-gradient look-ahead keyed by parameter: each step looks ahead along the gradient the previous
+    step applied to each parameter it trains now (zero for one the previous step did not train), then plain SGD."""
+    g_prev: dict[int, torch.Tensor] = {}
+    for step, window in enumerate(windows):
+        trainable = [p for name in TRAINABLE[step] for p in getattr(model, name).parameters()]
+        w = [p.detach().clone() for p in trainable]
+        if g_prev:
+            d = [g_prev.get(id(p), torch.zeros_like(p)) for p in trainable]
+            norm = math.sqrt(sum(float((x**2).sum()) for x in d))
+            with torch.no_grad():
+                for p, x in zip(trainable, d, strict=True):
+                    p += rho * x / norm
+        g = [torch.zeros_like(p) for p in trainable]
+        for batch in window:
+            g = [a + b / len(window) for a, b in zip(g, grad_at(model, batch, trainable), strict=True)]
+        with torch.no_grad():
+            for p, x, grad in zip(trainable, w, g, strict=True):
+                p.copy_(x - lr * grad)
+        g_prev = {id(p): grad for p, grad in zip(trainable, g, strict=True)}
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_previous_gradient_follows_its_parameter_through_freezing(tmp_path):
+    """Freezing `b` and unfreezing `a` in one step keeps the number (and shapes) of perturbed tensors: the stored
+    gradient of `b` must not become `a`'s direction. Each parameter keeps its own previous gradient."""
+    from transformers import TrainerCallback
+
+    class Trainable(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            for name in ("a", "b", "head"):
+                getattr(model, name).requires_grad_(name in TRAINABLE[state.global_step])
+
+    rows = make_rows(32)
+    windows = [[batch] for batch in batches(rows, 8)]
+    expected = hand_previous_gradient_frozen(TwinNet(), windows)
+    model = TwinNet()
+    args = make_args(tmp_path, sam_rho=RHO, sam_mode="previous_gradient", max_steps=4)
+    SAMTrainer(model=model, args=args, train_dataset=rows, callbacks=[Trainable()]).train()
+    for p, q in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), q, atol=1e-6, rtol=0)
