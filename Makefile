@@ -37,6 +37,7 @@ style: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py --readme
 	$(PY) benchmarks/variant_overhead.py --readme
+	$(PY) benchmarks/variant_overhead.py --optimizer adamw --readme
 	$(PY) benchmarks/soak.py --readme
 	$(PY) benchmarks/memory.py --readme
 	$(PY) benchmarks/one_pass_drift.py --readme
@@ -44,8 +45,10 @@ bench: $(STAMP)
 experiments: $(STAMP)
 	$(PY) experiments/run_all.py
 	$(PY) experiments/benefit.py --readme
-	$(PY) experiments/benefit.py --optimizer adamw --tuning-seeds 5
+	$(PY) experiments/benefit.py --optimizer adamw --readme
+	$(PY) experiments/benefit.py --model vit --optimizer adamw --seeds 8 --readme
 	$(PY) experiments/rho_transformer.py
+	$(PY) experiments/budget_guide.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

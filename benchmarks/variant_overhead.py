@@ -2,6 +2,7 @@
 
     python benchmarks/variant_overhead.py            # CPU: ResNet-18 (64 px, batch 32), ~3 minutes
     python benchmarks/variant_overhead.py --readme   # also write the table into benchmarks/README.md
+    python benchmarks/variant_overhead.py --optimizer adamw --readme   # the budget guide's variants, with AdamW
 
 Every variant trains the same model on the same batches; each round runs every variant for `--steps`
 optimizer steps (a multiple of the interval k = 5, so each round holds the same mix of SAM and cheap steps),
@@ -53,6 +54,17 @@ VARIANTS = {
     "sam_ascent_fraction=0.25, sam_interval=2": {"sam_ascent_fraction": 0.25, "sam_interval": 2},
     "Momentum-SAM, sam_mode='momentum'": {"sam_mode": "momentum"},
     "sam_mode='previous_gradient'": {"sam_mode": "previous_gradient"},
+    "sam_mode='adam_update'": {"sam_mode": "adam_update"},  # AdamW only
+}
+# With AdamW: the budget guide's rows (docs/variants.md), and adam_update, which needs Adam's moments.
+ADAMW_VARIANTS = (
+    "stock Trainer", "SAM", "SAM, sam_interval=5", "LookSAM, k=5",
+    "ascent on 1/2 of the batch, sam_ascent_fraction=0.5", "ascent on 1/4 of the batch, sam_ascent_fraction=0.25",
+    "Momentum-SAM, sam_mode='momentum'", "sam_mode='adam_update'", "sam_mode='previous_gradient'",
+)  # fmt: skip
+OPTIMIZERS = {
+    "sgd": ("SGD momentum 0.9", {"optim": "sgd", "optim_args": "momentum=0.9"}),
+    "adamw": ("AdamW", {"optim": "adamw_torch"}),
 }
 
 
@@ -90,8 +102,10 @@ def main(argv=None) -> None:
         "--steps", type=int, default=10, help="optimizer steps per variant per round (multiple of 5)"
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
     parser.add_argument("--readme", action="store_true", help="write the table into benchmarks/README.md")
     args = parser.parse_args(argv)
+    label, optimizer = OPTIMIZERS[args.optimizer]
     hf_logging.set_verbosity_error()
 
     torch.manual_seed(0)
@@ -108,17 +122,18 @@ def main(argv=None) -> None:
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=args.batch_size,
         learning_rate=1e-3,
-        optim="sgd",
-        optim_args="momentum=0.9",  # every variant, stock included (Momentum-SAM needs a momentum)
+        **optimizer,  # every variant, stock included (Momentum-SAM needs a momentum)
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
         use_cpu=True,
         seed=0,
     )
-    ratios = {name: [] for name in VARIANTS}
+    names = [
+        n for n in VARIANTS if (n in ADAMW_VARIANTS if args.optimizer == "adamw" else "adam_update" not in n)
+    ]
+    ratios = {name: [] for name in names}
     passes = {}
-    names = list(VARIANTS)
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         times = {}
@@ -131,7 +146,7 @@ def main(argv=None) -> None:
 
     lines = [
         f"`python benchmarks/variant_overhead.py` on CPU ({torch.get_num_threads()} threads), {args.model} from config "
-        f"at {image_size} px, batch {args.batch_size}, fp32, SGD momentum 0.9; {args.rounds} interleaved rounds x {args.steps} steps; "
+        f"at {image_size} px, batch {args.batch_size}, fp32, {label}; {args.rounds} interleaved rounds x {args.steps} steps; "
         f"ratio = median over rounds of (mean step time / stock Trainer's).",
         "",
         "| variant | step time / stock | forward passes per step | backward passes per step |",
@@ -142,12 +157,13 @@ def main(argv=None) -> None:
         lines.append(f"| {name} | {statistics.median(ratios[name]):.2f} | {fwd:.2f} | {bwd:.2f} |")
     table = "\n".join(lines)
     print(table)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "variant_overhead_cpu.md")
+    stem = "variant_overhead_cpu" + ("_adamw" if args.optimizer == "adamw" else "")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{stem}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(table + "\n")
     if args.readme:
-        replace_readme_block("variant_overhead_cpu", table)
+        replace_readme_block(stem, table)
 
 
 if __name__ == "__main__":
