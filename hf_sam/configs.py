@@ -7,10 +7,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_sam.engines import FSDP2, check_deepspeed
 from hf_sam.one_pass import ONE_PASS_MODES
+from hf_sam.optimizer_state import constructor_settings, is_adam, missing_momentum
 from hf_sam.sam import SAM_NORMS, validate_sam_hparams
 
 SAM_MODES = ("sam", "looksam", "gsam", "momentum", "adam_update", "previous_gradient")
@@ -361,22 +362,25 @@ class SAMArguments:
                     f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it takes no ascent "
                     f"gradient (one pass per step). Leave {name} at {default!r}, or use sam_mode='sam'."
                 )
+        self._check_optimizer_state()
+
+    def _check_optimizer_state(self) -> None:
+        """`sam_mode="adam_update"` needs Adam's state, `"momentum"` a momentum: asked of `hf_sam.optimizer_state`'s
+        table about the class and settings the Trainer will build (`Trainer.get_optimizer_cls_and_kwargs`). An
+        optimizer that cannot be resolved here (its package missing) is checked once it is built."""
+        if self.sam_mode not in ("momentum", "adam_update"):
+            return
+        try:
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self)
+        except (ImportError, ValueError):
+            return
         optim = str(getattr(self.optim, "value", self.optim)).lower()
-        if self.sam_mode == "adam_update" and optim not in ("adamw_torch", "adamw_torch_fused"):
+        if self.sam_mode == "adam_update" and not is_adam(cls):
             raise ValueError(
                 f"sam_mode='adam_update' looks ahead along Adam's update m̂/(√v̂+ε), which optim={optim!r} does not "
                 "take. Use optim='adamw_torch' (the default) or 'adamw_torch_fused', or sam_mode='momentum'."
             )
-        if self.sam_mode != "momentum":
-            return
-        options = str(self.optim_args or "")
-        momentum = re.search(r"(?:^|,)\s*momentum\s*=\s*([0-9.eE+-]+)", options)
-        no_momentum = (
-            optim.startswith(("schedule_free", "adagrad", "rmsprop", "lomo", "adalomo"))
-            or (optim == "sgd" and (momentum is None or float(momentum.group(1)) == 0.0))
-            or (optim == "adafactor" and "beta1" not in options)
-        )
-        if no_momentum:
+        if self.sam_mode == "momentum" and missing_momentum(cls, [constructor_settings(cls, kwargs)]):
             raise ValueError(
                 f"sam_mode='momentum' perturbs the weights along the optimizer's momentum, but optim={optim!r} "
                 f"(optim_args={self.optim_args!r}) keeps none. Use optim='sgd' with optim_args='momentum=0.9', or "

@@ -8,8 +8,10 @@ SAM (Foret et al. 2021) minimises max_{||ε||_p <= ρ} L(w + ε). One step:
 3. g_SAM = ∇L(w + ε)                            (the "descent" gradient)
 4. w ← base_optimizer_step(w, g_SAM)            (w itself, not w + ε: we restore before stepping)
 
-The one path from g to w + ε is `perturb_` (one ascent step, or projected multi-step ascent); the `SAM` wrapper
-below, `hf_sam.SAMTrainer` and `hf_sam.sharpness` all go through it, so they cannot drift apart. A perturbation
+The one path from an ascent gradient g to w + ε is `perturb_` (one ascent step, or projected multi-step ascent):
+the `SAM` wrapper below, `hf_sam.SAMTrainer`'s two-pass step and `hf_sam.sharpness` all go through it, so they
+cannot drift apart. The one-pass modes move to their look-ahead point along a direction the optimizer keeps, with
+no ascent gradient: that is `LookAhead`'s. A perturbation
 group's settings are the four keys of `perturbation_settings` (`rho`, `adaptive`, `eta`, `sam_norm`), stored in
 the optimizer's param groups; `scheduled_rho` is ρ for a step of a ρ schedule.
 """
@@ -24,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from hf_sam.optimizer_state import is_adam, missing_momentum, optimizer_state
 
 __all__ = [
     "SAM",
@@ -172,7 +176,7 @@ def perturb_(
 ) -> torch.Tensor:
     """w ← w + ε for the groups' parameters (saved in `backup` first); returns ‖g‖ of the ascent gradient.
 
-    The only path from g to w + ε. One step: ε = ρ·g/‖g‖ (or the group's norm / ASAM form); if ‖g‖ is not finite
+    The one path from an ascent gradient to w + ε. One step: ε = ρ·g/‖g‖ (or the group's norm / ASAM form); if ‖g‖ is not finite
     the weights stay at w (the caller reads the returned norm). In the commonest setting (every group p = 2, no
     ASAM, one ρ) ε is applied as w += (ρ/‖g‖)·g, without first scaling g in place (one read and write of the
     gradients less); otherwise the groups' `grads` are turned into ε in place.
@@ -218,18 +222,11 @@ def perturb_(
 # ---------------------------------------------------------------------- Momentum-SAM (one pass)
 def momentum_state_key(optimizer: torch.optim.Optimizer) -> str:
     """The optimizer-state entry that holds the momentum v Momentum-SAM perturbs along (Becker et al. 2024, whose
-    code reads SGD's `momentum_buffer` and AdamW's first moment `exp_avg`), or a ValueError naming what works."""
-    groups = optimizer.param_groups
-    if isinstance(optimizer, torch.optim.SGD):
-        if all(group.get("momentum", 0) > 0 for group in groups):
-            return "momentum_buffer"
-        reason = "SGD without momentum keeps no momentum buffer"
-    elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)):
-        return "exp_avg"
-    elif type(optimizer).__name__ == "Adafactor" and all(group.get("beta1") is not None for group in groups):
-        return "exp_avg"
-    else:
-        reason = f"{type(optimizer).__name__} keeps no momentum (first-moment) state"
+    code reads SGD's `momentum_buffer` and AdamW's first moment `exp_avg`; `hf_sam.optimizer_state`'s table), or a
+    ValueError naming what works."""
+    reason = missing_momentum(type(optimizer), optimizer.param_groups)
+    if reason is None:
+        return optimizer_state(type(optimizer)).momentum_key
     raise ValueError(
         f"sam_mode='momentum' perturbs the weights along the optimizer's momentum, but {reason}. Use SGD with "
         "momentum or an Adam-type optimizer (with the Trainer: optim='sgd', optim_args='momentum=0.9', or "
@@ -248,13 +245,10 @@ def momentum_direction(optimizer: torch.optim.Optimizer, params: list[torch.Tens
     return [torch.zeros_like(p) if v is None else v for p, v in zip(params, found, strict=True)]
 
 
-ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
-
-
 def check_adam_update(optimizer: torch.optim.Optimizer) -> None:
     """sam_mode='adam_update' reads Adam's two moments and its bias corrections, as torch's Adam and AdamW keep
     them; anything else is refused with the fix."""
-    if not isinstance(optimizer, ADAM_FAMILY):
+    if not is_adam(type(optimizer)):
         raise ValueError(
             "sam_mode='adam_update' looks ahead along Adam's update m̂/(√v̂+ε), but the optimizer is "
             f"{type(optimizer).__name__}. Use optim='adamw_torch' (or torch.optim.AdamW / Adam by hand), or "
@@ -643,15 +637,16 @@ class LookAhead:
     """The one-pass variants' look-ahead point w + ε, entered for each micro-batch's forward+backward and left right
     after it, without a copy of the weights.
 
-    ε = radius·d/‖d‖ along a direction d the optimizer already keeps: Momentum-SAM's momentum v (radius −ρ: v is
-    the descent direction the optimizer accumulated, w moves by −lr·v, so w − ρ·v/‖v‖ looks ahead along it), Adam's
-    update u (an `AdamUpdate`, read a tensor at a time; radius −ρ) or the stored previous gradient (radius ρ). d does not change until the optimizer steps, so `leave_` undoes `enter_` by
+    ε = signed_rho·d/‖d‖ along a direction d the optimizer already keeps: Momentum-SAM's momentum v (signed_rho
+    = −ρ: v is the descent direction the optimizer accumulated, w moves by −lr·v, so w − ρ·v/‖v‖ looks ahead along
+    it), Adam's update u (an `AdamUpdate`, read a tensor at a time; −ρ) or the stored previous gradient (+ρ, an
+    ascent direction). d does not change until the optimizer steps, so `leave_` undoes `enter_` by
     adding −ε to the same storage: w comes back within float32 rounding (one add and one subtract per micro-batch;
     docs/variants.md measures the drift), no copy is allocated, and nothing outside the pass ever sees w + ε: not an
     evaluation, a checkpoint, a callback, an exception or a stop between micro-batches. Weights held in bf16/fp16
     would lose ε's low bits on every round trip, so for them a `WeightBackup` copy is kept and w comes back exactly.
 
-    `set_(groups)` fixes the point of one optimizer step: `groups` is a list of (params, direction, radius), one per
+    `set_(groups)` fixes the point of one optimizer step: `groups` is a list of (params, direction, signed_rho), one per
     parameter group (per-group ρ, e.g. ρ = 0 for a new head), with one norm ‖d‖ over all of them.
     """
 
@@ -663,7 +658,7 @@ class LookAhead:
 
     @torch.no_grad()
     def set_(self, groups: list[tuple[list[torch.Tensor], list[torch.Tensor], float]]) -> torch.Tensor:
-        """The point for the coming passes: w + radius·d/‖d‖ per group. Returns ‖d‖; a zero or non-finite ‖d‖ (no
+        """The point for the coming passes: w + signed_rho·d/‖d‖ per group. Returns ‖d‖; a zero or non-finite ‖d‖ (no
         momentum yet, a NaN) sets no point: the passes run at w."""
         if self.entered:
             raise RuntimeError(
@@ -674,7 +669,7 @@ class LookAhead:
         value = float(norm)  # the one host sync of an optimizer step
         if math.isfinite(value) and value > 0:
             scale = 1.0 / (value + NORM_EPS)
-            self._groups = [(p, d, radius * scale) for p, d, radius in groups if radius != 0 and p]
+            self._groups = [(p, d, rho * scale) for p, d, rho in groups if rho != 0 and p]
         return norm
 
     @torch.no_grad()
@@ -796,7 +791,6 @@ class SAM(torch.optim.Optimizer):
         self._loss_is_finite: torch.Tensor | None = None
         # Told after every guarded step whether it was skipped (SAMTrainer reports it to Accelerate).
         self.on_guarded_step: Callable[[bool], None] | None = None
-        self.last_grad_norm: torch.Tensor | None = None
         self.skipped_ascents = 0
 
     # The wrapper *is* the base optimizer as far as schedulers and checkpoints are concerned.
@@ -834,7 +828,7 @@ class SAM(torch.optim.Optimizer):
         perturbed = [(group, [p for p in group["params"] if p.requires_grad]) for group in self.param_groups]
         perturbed = [(group, params) for group, params in perturbed if group["rho"] > 0 and params]
         if self.mode != "sam":
-            return self._momentum_ascent_step(perturbed, loss)
+            return self._look_ahead_step(perturbed, loss)
         if loss is not None:
             flat = [p for _, params in perturbed for p in params]
             found = iter(torch.autograd.grad(loss, flat, allow_unused=True) if flat else ())
@@ -847,7 +841,6 @@ class SAM(torch.optim.Optimizer):
             if used:
                 groups.append(perturbation_group(group, [p for p, _ in used], [g for _, g in used]))
         grad_norm = perturb_(self._backup, groups) if groups else torch.zeros(())
-        self.last_grad_norm = grad_norm
         if groups and not torch.isfinite(grad_norm):
             self.skipped_ascents += 1
         if loss is None:
@@ -856,12 +849,11 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
         return grad_norm
 
-    def _momentum_ascent_step(self, perturbed: list, loss) -> torch.Tensor:
-        """mode='momentum': w -> w − ρ·v/‖v‖ with v the base optimizer's momentum (no pass, no gradient), before
-        the step's one forward+backward; mode='adam_update' the same along Adam's update u = m̂/(√v̂ + ε) instead of
-        v. Each group at its own ρ, one norm ‖v‖ over all. Before the base
-        optimizer's first step there is no v: w stays (a plain step). Returns ‖v‖. No copy of the weights:
-        `restore()` subtracts the same ε (`LookAhead`)."""
+    def _look_ahead_step(self, perturbed: list, loss) -> torch.Tensor:
+        """The one-pass modes: w -> w − ρ·d/‖d‖ before the step's one forward+backward (no pass, no gradient), d the
+        base optimizer's momentum v (mode='momentum') or Adam's update u = m̂/(√v̂ + ε) (mode='adam_update'). Each
+        group at its own ρ, one norm ‖d‖ over all. Before the base optimizer's first step there is no d: w stays (a
+        plain step). Returns ‖d‖. No copy of the weights: `restore()` subtracts the same ε (`LookAhead`)."""
         if loss is not None:
             raise ValueError(
                 f"mode={self.mode!r} takes no ascent gradient: call sam.ascent_step() before the forward, then "
@@ -869,22 +861,20 @@ class SAM(torch.optim.Optimizer):
             )
         params = [p for _, group_params in perturbed for p in group_params]
         if not params:
-            momentum = None
+            direction = None
         elif self.mode == "adam_update":
-            momentum = adam_update_direction(self.base_optimizer, params)
+            direction = adam_update_direction(self.base_optimizer, params)
         else:
-            momentum = momentum_direction(self.base_optimizer, params, self.momentum_key)
-        if momentum is None:
-            self.last_grad_norm = torch.zeros(())
-            return self.last_grad_norm
+            direction = momentum_direction(self.base_optimizer, params, self.momentum_key)
+        if direction is None:
+            return torch.zeros(())
         groups, start = [], 0
         for group, group_params in perturbed:
-            groups.append((group_params, momentum[start : start + len(group_params)], -group["rho"]))
+            groups.append((group_params, direction[start : start + len(group_params)], -group["rho"]))
             start += len(group_params)
         self._look_ahead.leave_()
         norm = self._look_ahead.set_(groups)
         self._look_ahead.enter_()
-        self.last_grad_norm = norm
         if not torch.isfinite(norm):
             self.skipped_ascents += 1
         return norm

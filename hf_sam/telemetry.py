@@ -78,8 +78,9 @@ class SAMTelemetry:
         """The `sam/*` values of the window, summed over processes (one all-reduce), then reset for the next.
 
         `same_examples`: the clean and perturbed losses are over the same examples (not with an ascent subset),
-        so their difference is the sharpness. `two_passes`: False for Momentum-SAM, whose one loss is the logged
-        `loss` (no perturbed loss or sharpness of its own)."""
+        so their difference is the sharpness. `two_passes`: False for the one-pass modes (`hf_sam.one_pass.ONE_PASS_MODES`:
+        momentum, adam_update, previous_gradient), whose one loss is the logged `loss` (no perturbed loss or
+        sharpness of its own)."""
         processes = accelerator.num_processes
         totals = dict(
             zip(FIELDS, accelerator.reduce(self._sums.clone(), reduction="sum").tolist(), strict=True)

@@ -132,7 +132,8 @@ class SAMMixin:
     4. w restored by copy before returning; the Trainer then clips, steps, schedules, saves and evaluates at w.
 
     How each pass runs under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 is the engine's (`hf_sam.engines`, chosen in
-    `__init__` as `self.sam_engine`); ε itself is `hf_sam.sam.perturb_`, the one path from g to w + ε.
+    `__init__` as `self.sam_engine`); ε itself is `hf_sam.sam.perturb_`, the one path from an ascent gradient to
+    w + ε (the one-pass modes' look-ahead point is `hf_sam.one_pass`'s).
 
     The variants of `SAMTrainingArguments` (interval, late-phase window, LookSAM, GSAM, m-sharpness groups,
     multi-step ascent, ascent subset, ρ schedule, parameter filter) change which steps run SAM and how the final
@@ -364,6 +365,7 @@ class SAMMixin:
     def _one_pass_sam_step(self, model, inputs, num_items_in_batch, direction, last_micro_batch: bool):
         """The one-pass variants: one forward+backward per micro-batch at w + ε with ε taken without an ascent pass:
         sam_mode='momentum' (Momentum-SAM, Becker et al. 2024) ε = −ρ·v/‖v‖, v the optimizer's momentum;
+        sam_mode='adam_update' ε = −ρ·u/‖u‖, u Adam's update m̂/(√v̂+ε);
         sam_mode='previous_gradient' ε = ρ·g_prev/‖g_prev‖, g_prev the gradient the previous step applied. Each
         parameter group at its own ρ (the wrapper's), one norm over all of them.
 

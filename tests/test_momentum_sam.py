@@ -286,6 +286,8 @@ def test_lora_perturbs_and_trains_the_adapters_only(tmp_path):
         ({"optim": "sgd", "optim_args": "momentum=0.0"}, "keeps none"),
         ({"optim": "adagrad", "optim_args": None}, "optim='adagrad'"),
         ({"optim": "adafactor", "optim_args": None}, "optim='adafactor'"),
+        # The Trainer passes no optim_args to Adafactor: "beta1" in them gives it no momentum.
+        ({"optim": "adafactor", "optim_args": "beta1=0.9"}, "optim='adafactor'"),
         ({"optim": "schedule_free_sgd", "optim_args": None}, "optim='schedule_free_sgd'"),
         ({"sam_group_size": 2}, "cannot be combined with sam_group_size=2"),
         ({"sam_ascent_fraction": 0.5}, "cannot be combined with sam_ascent_fraction=0.5"),
@@ -304,6 +306,48 @@ def test_settings_without_a_momentum_or_an_engine_for_it_are_refused(tmp_path, o
     }
     with pytest.raises(ValueError, match=message):
         SAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **settings)
+
+
+@pytest.mark.parametrize(
+    ("optim", "optim_args"),
+    [
+        ("sgd", "momentum=0.9"),
+        ("sgd", None),
+        ("sgd", "momentum=0.0"),
+        ("adamw_torch", None),
+        ("adamw_torch_fused", None),
+        ("adafactor", None),
+        ("adafactor", "beta1=0.9"),
+        ("adagrad", None),
+        ("rmsprop", None),
+        ("schedule_free_sgd", None),
+    ],
+)
+@pytest.mark.parametrize("mode", ["momentum", "adam_update"])
+def test_arguments_and_the_built_optimizer_agree_on_its_state(tmp_path, optim, optim_args, mode):
+    """One table (`hf_sam.optimizer_state`) decides for the arguments and for the optimizer the Trainer builds from
+    them: the arguments are refused exactly when the built optimizer would be."""
+    from transformers import Trainer, TrainingArguments
+
+    plain = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], optim=optim, optim_args=optim_args
+    )
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(plain)
+    built = cls(make_model().parameters(), **kwargs)
+    try:
+        SAM(built, RHO, mode=mode)
+        wrapper_refuses = False
+    except ValueError:
+        wrapper_refuses = True
+    try:
+        SAMTrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to=[], optim=optim, optim_args=optim_args,
+            sam_rho=RHO, sam_mode=mode,
+        )  # fmt: skip
+        arguments_refuse = False
+    except ValueError:
+        arguments_refuse = True
+    assert arguments_refuse == wrapper_refuses
 
 
 def test_a_users_optimizer_without_momentum_is_refused_before_the_first_step(tmp_path):
