@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from hf_sam.engines import FSDP2, check_deepspeed
-from hf_sam.one_pass import ONE_PASS_MODES
-from hf_sam.optimizer_state import constructor_settings, is_adam, missing_momentum
-from hf_sam.sam import SAM_NORMS, validate_sam_hparams
+from hf_sam.checks import SAM_MODES, SAM_RHO_SCHEDULES, check_arguments, check_engine_arguments
+from hf_sam.sam import SAM_NORMS
 
-SAM_MODES = ("sam", "looksam", "gsam", "momentum", "adam_update", "previous_gradient")
-# One forward+backward per step: ε comes without an ascent pass.
-SAM_RHO_SCHEDULES = ("constant", "linear_with_lr")
-
-# Optimizers that step inside backward (per-parameter hooks) or fuse backward and step: SAM needs the gradient
-# at w + ε to reach one optimizer step after w is restored, which these cannot give.
-_INCOMPATIBLE_OPTIM_MARKERS = ("lomo", "layerwise")
+__all__ = ["SAMArguments", "SAMTrainingArguments", "SAM_MODES", "SAM_RHO_SCHEDULES"]
 
 
 @dataclass
@@ -207,208 +197,16 @@ class SAMArguments:
                 f"{type(self).__name__}: SAMArguments is a mixin for a TrainingArguments subclass, e.g. "
                 "`class SAMSFTConfig(SAMArguments, SFTConfig)`."
             )
-        # Check our own fields first: a typo in a SAM field should not wait behind device set-up.
+        # Our own fields first: a typo in a SAM field should not wait behind device set-up (`hf_sam.checks`).
         self.sam_norm = _normalize_norm(self.sam_norm)
-        validate_sam_hparams(self.sam_rho, self.sam_adaptive, self.sam_eta, self.sam_norm, prefix="sam_")
-        if not isinstance(self.sam_fix_loss_normalization, bool):
-            raise ValueError(
-                f"sam_fix_loss_normalization must be True or False, got {self.sam_fix_loss_normalization!r}."
-            )
-        if self.sam_sync_perturbation is not None and not isinstance(self.sam_sync_perturbation, bool):
-            raise ValueError(
-                f"sam_sync_perturbation must be True, False or None, got {self.sam_sync_perturbation!r}."
-            )
-        self._check_variants()
-        if self.sam_rho > 0:
-            self._check_sam_compatible()
+        check_arguments(self)
         super().__post_init__()
-        # The engines' refusals (`hf_sam.engines`), here when the arguments or an `accelerate launch` DeepSpeed
-        # config (TrainingArguments builds its plugin from the environment) name the engine; `SAMMixin` checks again
-        # once Accelerate knows it.
-        if self.sam_rho > 0 and self.fsdp:
-            FSDP2.check(self, self.fsdp_plugin_args["fsdp_version"])
-        plugin = getattr(self, "deepspeed_plugin", None)
-        if self.sam_rho > 0 and (self.deepspeed or plugin is not None):
-            try:
-                if self.deepspeed:
-                    config = self.hf_deepspeed_config
-                    stage = int(config.get_value("zero_optimization.stage", 0))
-                    fp16, zero_config = config.is_true("fp16.enabled"), config.config.get("zero_optimization")
-                else:
-                    stage, fp16 = (
-                        plugin.zero_stage,
-                        False,
-                    )  # a launch config's fp16: the Trainer-time check sees it
-                    zero_config = plugin.deepspeed_config.get("zero_optimization")
-                check_deepspeed(self, stage, fp16=bool(self.fp16 or fp16), zero_config=zero_config)
-            except ValueError:
-                # TrainingArguments registered this config globally: a refused one must not make every later
-                # from_pretrained build under ZeRO-3's zero.Init.
-                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-                unset_hf_deepspeed_config()
-                raise
-
-    def _check_variants(self) -> None:
-        """Types, ranges and combinations of the variant fields: one clear error, before any work."""
-        if self.sam_mode not in SAM_MODES:
-            raise ValueError(
-                f"sam_mode must be one of {', '.join(map(repr, SAM_MODES))}, got {self.sam_mode!r}."
-            )
-        if not _is_int(self.sam_interval) or self.sam_interval < 1:
-            raise ValueError(
-                f"sam_interval must be an integer >= 1 (1: SAM on every step), got {self.sam_interval!r}."
-            )
-        for name in ("sam_start", "sam_end"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a fraction of training in [0, 1], got {value!r}.")
-        if self.sam_start >= self.sam_end:
-            raise ValueError(
-                f"sam_start ({self.sam_start}) must be smaller than sam_end ({self.sam_end}): SAM runs in between."
-            )
-        if self.sam_group_size is not None and (not _is_int(self.sam_group_size) or self.sam_group_size < 1):
-            raise ValueError(
-                f"sam_group_size must be a positive integer (examples per ε) or None, got {self.sam_group_size!r}."
-            )
-        if not _is_int(self.sam_ascent_steps) or self.sam_ascent_steps < 1:
-            raise ValueError(f"sam_ascent_steps must be an integer >= 1, got {self.sam_ascent_steps!r}.")
-        if not _is_number(self.sam_ascent_fraction) or not 0.0 < self.sam_ascent_fraction <= 1.0:
-            raise ValueError(
-                f"sam_ascent_fraction must be a fraction of the micro-batch in (0, 1] (1.0: plain SAM), got "
-                f"{self.sam_ascent_fraction!r}."
-            )
-        if self.sam_rho_schedule not in SAM_RHO_SCHEDULES:
-            raise ValueError(
-                f"sam_rho_schedule must be one of {', '.join(map(repr, SAM_RHO_SCHEDULES))}, got {self.sam_rho_schedule!r}."
-            )
-        if not _is_number(self.sam_rho_min) or not 0 <= self.sam_rho_min <= self.sam_rho:
-            raise ValueError(
-                f"sam_rho_min must be a number in [0, sam_rho={self.sam_rho}], got {self.sam_rho_min!r}."
-            )
-        if not _is_int(self.sam_max_nonfinite_steps) or self.sam_max_nonfinite_steps < 0:
-            raise ValueError(
-                f"sam_max_nonfinite_steps must be an integer >= 0 (0 disables the check), got {self.sam_max_nonfinite_steps!r}."
-            )
-        for name in ("sam_looksam_alpha", "sam_gsam_alpha"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}.")
-        if self.sam_param_filter is not None:
-            try:
-                re.compile(self.sam_param_filter)
-            except (re.error, TypeError) as error:
-                raise ValueError(
-                    f"sam_param_filter must be a regular expression over parameter names, got {self.sam_param_filter!r} ({error})."
-                ) from None
-
-        # Combinations that have no sound meaning (or no implementation yet): refuse rather than guess.
-        if self.sam_mode in ("looksam", "gsam"):
-            for name, value, default in (
-                ("sam_group_size", self.sam_group_size, None),
-                ("sam_ascent_steps", self.sam_ascent_steps, 1),
-                ("sam_param_filter", self.sam_param_filter, None),
-            ):
-                if value != default:
-                    raise ValueError(
-                        f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it needs the full clean "
-                        f"and SAM gradients of one ε per micro-batch. Use sam_mode='sam' or leave {name} at {default!r}."
-                    )
-        if self.sam_mode in ONE_PASS_MODES:
-            self._check_one_pass_mode()
-        if self.sam_ascent_fraction < 1.0:
-            for name, value, default, reason in (
-                (
-                    "sam_mode",
-                    self.sam_mode,
-                    "sam",
-                    "LookSAM and GSAM combine the whole micro-batch's clean gradient",
-                ),
-                (
-                    "sam_group_size",
-                    self.sam_group_size,
-                    None,
-                    "m-sharpness groups cut the micro-batch themselves",
-                ),
-            ):
-                if value != default:
-                    raise ValueError(
-                        f"sam_ascent_fraction={self.sam_ascent_fraction} cannot be combined with {name}={value!r}: "
-                        f"{reason}. Use sam_ascent_fraction=1.0, or leave {name} at {default!r}."
-                    )
-        if self.sam_mode == "looksam" and self.sam_interval < 2:
-            raise ValueError("sam_mode='looksam' needs sam_interval >= 2 (its k: a SAM step every k steps).")
-        if self.sam_group_size is not None and self.sam_sync_perturbation:
-            raise ValueError(
-                "sam_group_size (one ε per chunk of m examples) contradicts sam_sync_perturbation=True (one ε for "
-                "all processes): choose one."
-            )
-        if self.sam_ascent_steps > 1 and (self.sam_adaptive or self.sam_norm != "2"):
-            raise ValueError(
-                "sam_ascent_steps > 1 projects onto the Euclidean ρ-ball: use it with sam_norm='2' and sam_adaptive=False."
-            )
-
-    def _check_one_pass_mode(self) -> None:
-        """The one-pass variants take no ascent gradient: the settings that shape an ascent do not apply, and
-        Momentum-SAM's optimizer must keep a momentum (the one built from `optim` is checked again once it exists)."""
-        for name, value, default in (
-            ("sam_group_size", self.sam_group_size, None),
-            ("sam_ascent_steps", self.sam_ascent_steps, 1),
-            ("sam_ascent_fraction", self.sam_ascent_fraction, 1.0),
-            ("sam_adaptive", self.sam_adaptive, False),
-            ("sam_norm", self.sam_norm, "2"),
-        ):
-            if value != default:
-                raise ValueError(
-                    f"sam_mode={self.sam_mode!r} cannot be combined with {name}={value!r}: it takes no ascent "
-                    f"gradient (one pass per step). Leave {name} at {default!r}, or use sam_mode='sam'."
-                )
-        self._check_optimizer_state()
-
-    def _check_optimizer_state(self) -> None:
-        """`sam_mode="adam_update"` needs Adam's state, `"momentum"` a momentum: asked of `hf_sam.optimizer_state`'s
-        table about the class and settings the Trainer will build (`Trainer.get_optimizer_cls_and_kwargs`). An
-        optimizer that cannot be resolved here (its package missing) is checked once it is built."""
-        if self.sam_mode not in ("momentum", "adam_update"):
-            return
-        try:
-            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self)
-        except (ImportError, ValueError):
-            return
-        optim = str(getattr(self.optim, "value", self.optim)).lower()
-        if self.sam_mode == "adam_update" and not is_adam(cls):
-            raise ValueError(
-                f"sam_mode='adam_update' looks ahead along Adam's update m̂/(√v̂+ε), which optim={optim!r} does not "
-                "take. Use optim='adamw_torch' (the default) or 'adamw_torch_fused', or sam_mode='momentum'."
-            )
-        if self.sam_mode == "momentum" and missing_momentum(cls, [constructor_settings(cls, kwargs)]):
-            raise ValueError(
-                f"sam_mode='momentum' perturbs the weights along the optimizer's momentum, but optim={optim!r} "
-                f"(optim_args={self.optim_args!r}) keeps none. Use optim='sgd' with optim_args='momentum=0.9', or "
-                "optim='adamw_torch'."
-            )
-
-    def _check_sam_compatible(self) -> None:
-        """Reject the set-ups the two-pass step cannot run under, before any model or data is touched."""
-        optim = str(getattr(self.optim, "value", self.optim)).lower()
-        if any(marker in optim for marker in _INCOMPATIBLE_OPTIM_MARKERS):
-            raise ValueError(
-                f"optim={optim!r} updates the weights during backward, so SAM cannot take the second gradient at "
-                "w + eps and step from w. Use a regular optimizer (e.g. optim='sgd' or 'adamw_torch'), "
-                "or set sam_rho=0."
-            )
+        check_engine_arguments(self)  # an engine the arguments name: refused before any model loads
 
 
 @dataclass
 class SAMTrainingArguments(SAMArguments, TrainingArguments):
     """`TrainingArguments` plus the `sam_*` fields of `SAMArguments`, for `SAMTrainer`."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _normalize_norm(norm) -> str:

@@ -1,8 +1,9 @@
-"""How SAM's two passes run under each distributed engine: one small class per engine, and the set-ups refused.
+"""How SAM's two passes run under each distributed engine: one small class per engine.
 
 `SAMMixin` picks one in `__init__` (`select_engine`) and calls it; everything that differs between engines is
 here and nowhere else (what each perturbs, how it takes the ascent gradient and syncs the descent, whether it
-wraps the optimizer, its ε scope, which SAM settings it refuses):
+wraps the optimizer, its ε scope, which SAM settings it refuses: its `check`, which `hf_sam.checks` calls with
+the other refusals). `Engine` is what they share:
 
 | engine                   | parameters perturbed         | ascent gradient                          | ε scope      |
 |--------------------------|------------------------------|------------------------------------------|--------------|
@@ -17,20 +18,13 @@ wraps the optimizer, its ε scope, which SAM settings it refuses):
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
-import os
 import re
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import DistributedType
-from transformers.utils import logging
 
 from hf_sam.batchnorm import tracking_batchnorms
 from hf_sam.sam import all_reduce_mean_, mark_partitioned, perturbation_settings
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -64,24 +58,20 @@ def _nothing_to_perturb(mid_run: bool) -> None:
     raise ValueError("SAMTrainer found no parameter to perturb (trainable and matching sam_param_filter).")
 
 
-# The variants an engine may refuse (its `refused_variants`: one line each, {value} the setting's value).
-_VARIANT_DEFAULTS = {
-    "sam_group_size": None,
-    "sam_ascent_fraction": 1.0,
-    "sam_mode": "sam",
-    "sam_ascent_steps": 1,
-}
-
-
 def _refuse_variants(args, refused: dict[str, str]) -> None:
+    """An engine's `refused_variants` (one line each, {value} the setting's value): a variant set off its default."""
+    from hf_sam.checks import default_of
+
     for name, message in refused.items():
         value = getattr(args, name)
-        if value != _VARIANT_DEFAULTS[name]:
+        if value != default_of(name):
             raise ValueError(message.format(value=value))
 
 
-class ProcessLocal:
-    """One process, or DDP: full weights on every process, ε from this process's micro-batch gradient."""
+class Engine:
+    """What every engine does unless it says otherwise, written for full weights on every process: ε from this
+    process's micro-batch gradient (global with `sam_sync_perturbation=True`). `ProcessLocal` is this as it is; the
+    sharded engines (FSDP2, ZeRO-3) override what makes their ε global."""
 
     wraps_optimizer = True  # the optimizer the Trainer builds is wrapped in `hf_sam.SAM`
 
@@ -195,7 +185,11 @@ class ProcessLocal:
             _device_module(self.args.device).set_rng_state(device_state)
 
 
-class FSDP2(ProcessLocal):
+class ProcessLocal(Engine):
+    """One process, or DDP: full weights on every process, ε from this process's micro-batch gradient."""
+
+
+class FSDP2(Engine):
     """FSDP2 (`fully_shard`): parameters and gradients are shards (DTensors). Every process forwards through the
     same all-gathered w + ε, so ε comes from the gradient reduced over all processes, and ‖g‖ is the full-model
     norm (`hf_sam.sam.global_norm` all-reduces the shards' squares)."""
@@ -256,7 +250,7 @@ class FSDP2(ProcessLocal):
         return contextlib.nullcontext()  # every pass reduce-scatters (see begin_sam_micro_batch)
 
 
-class DeepSpeedZeRO(ProcessLocal):
+class DeepSpeedZeRO(Engine):
     """DeepSpeed ZeRO-1/2: full weights on every process; the engine owns the optimizer (flat fp32 partitions,
     which no forward uses) and steps inside `accelerator.backward`."""
 
@@ -286,7 +280,7 @@ class DeepSpeedZeRO(ProcessLocal):
     def plan(self, model: torch.nn.Module, optimizer, cached: Plan | None) -> Plan:
         """The module's own parameters, one group with the SAM settings of the arguments and the current LR.
 
-        Rebuilt, as `ProcessLocal.plan`, when a parameter's requires_grad changes (the key is the module's flags:
+        Rebuilt, as `Engine.plan`, when a parameter's requires_grad changes (the key is the module's flags:
         ZeRO's groups hold flat partitions, not the parameters; the module's list is kept to read them cheaply)."""
         watched = (
             cached.watched if cached is not None else list(self.accelerator.unwrap_model(model).parameters())
@@ -298,7 +292,7 @@ class DeepSpeedZeRO(ProcessLocal):
             if not params:
                 _nothing_to_perturb(mid_run=cached is not None)
             cached = Plan(
-                key, self._perturbed_tensors(params, watched), [], tracking_batchnorms(model), watched
+                key, self._bind_perturbed_tensors(params, watched), [], tracking_batchnorms(model), watched
             )
         args, lr_group = self.args, optimizer.param_groups[0]
         group = {
@@ -309,9 +303,10 @@ class DeepSpeedZeRO(ProcessLocal):
         cached.slices = [(slice(0, len(cached.params)), group)]
         return cached
 
-    def _perturbed_tensors(
+    def _bind_perturbed_tensors(
         self, params: list[torch.Tensor], watched: list[torch.Tensor]
     ) -> list[torch.Tensor]:
+        """The tensors a new plan perturbs for `params` (and what the engine must remember of them)."""
         return params  # full weights on every process
 
     def ascent_gradient(self, model, inputs: dict, num_items_in_batch, params) -> tuple[torch.Tensor, list]:
@@ -400,12 +395,12 @@ class DeepSpeedZeRO3(DeepSpeedZeRO):
         super().__init__(trainer)
         self._accumulated: list[torch.Tensor] | None = None  # the window's gradient partitions, set aside
         self._zeros: torch.Tensor | None = None
-        # Set with each plan (`_perturbed_tensors`): the perturbed parameters, every trainable one, their group.
+        # Set with each plan (`_bind_perturbed_tensors`): the perturbed parameters, every trainable one, their group.
         self.module_params: list[torch.Tensor] = []
         self.trainable: list[torch.Tensor] = []
         self.partition_group = None
 
-    def _perturbed_tensors(
+    def _bind_perturbed_tensors(
         self, params: list[torch.Tensor], watched: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """The partitions of the working weights (`ds_tensor`: what `WeightBackup` copies and moves); the parameters
@@ -478,99 +473,7 @@ class DeepSpeedZeRO3(DeepSpeedZeRO):
         self._release_gathered(model)  # the gathered copies still hold w + ε
 
 
-# Trainer classes whose training_step generates, or trains several models: the two-pass step cannot wrap them.
-_REFUSED_PARENTS = {
-    "GRPOTrainer": "generates completions inside its training step",
-    "RLOOTrainer": "generates completions inside its training step",
-    "PPOTrainer": "runs its own rollout loop with a policy and a value model",
-    "OnlineDPOTrainer": "generates completions inside its training step",
-    "NashMDTrainer": "generates completions inside its training step",
-    "XPOTrainer": "generates completions inside its training step",
-    "GKDTrainer": "generates with the student and trains against a teacher model",
-}
-
-
-# Parents whose batch rows are not independent examples: cutting them (m-sharpness chunks, the ascent subset)
-# would separate what their loss compares.
-_ROWS_ARE_NOT_EXAMPLES = {
-    "DPOTrainer": "stacks every pair's chosen rows, then its rejected rows, in one batch",
-    "RewardTrainer": "stacks every pair's chosen rows, then its rejected rows, in one batch",
-    "KTOTrainer": "estimates its KL term over the whole batch",
-}
-_CUTTING_SETTINGS = ("sam_group_size", "sam_ascent_fraction")
-
-
-def _passes_the_batch_through(training_step) -> bool:
-    """Whether an override of `training_step` only wraps the stock step in a context (trl's activation-offloading
-    wrapper): read from its source, so a future override that does more is refused rather than trusted."""
-    try:
-        lines = inspect.getsource(training_step).splitlines()
-    except (OSError, TypeError):
-        return False
-    body = [line.strip() for line in lines if line.strip() and not line.strip().startswith(("#", "@"))][1:]
-    forwards = "return super().training_step(*args, **kwargs)"
-    return body == [forwards] or (
-        len(body) == 2 and body[0].startswith("with self.") and body[0].endswith(":") and body[1] == forwards
-    )
-
-
-def _overrides_below_the_mixin(trainer_class: type, name: str) -> list[type]:
-    """The classes between `SAMMixin` and `transformers.Trainer` in the MRO that define `name`."""
-    from transformers import Trainer
-
-    mro = trainer_class.__mro__
-    below = next(i for i, c in enumerate(mro) if c.__name__ == "SAMMixin")
-    stop = mro.index(Trainer) if Trainer in mro else len(mro)
-    return [c for c in mro[below + 1 : stop] if name in c.__dict__]
-
-
-def check_trainer_class(trainer_class: type, args) -> None:
-    """A parent whose training step SAM cannot wrap exactly is refused before any work: one that generates or
-    trains several models, one whose own `training_step` changes the batch, and one whose rows are not examples
-    under a setting that cuts the batch."""
-    if args.sam_rho <= 0:
-        return
-    refused = next((c.__name__ for c in trainer_class.__mro__ if c.__name__ in _REFUSED_PARENTS), None)
-    if refused is not None:
-        raise ValueError(
-            f"{trainer_class.__name__}: SAM cannot wrap {refused}, which {_REFUSED_PARENTS[refused]}. Supported: "
-            "Trainer, Seq2SeqTrainer, trl's SFT, DPO, KTO, Reward, ORPO and CPO trainers, and subclasses whose "
-            "training_step is one forward+backward; or set sam_rho=0."
-        )
-    for parent in _overrides_below_the_mixin(trainer_class, "training_step"):
-        if not _passes_the_batch_through(parent.__dict__["training_step"]):
-            raise ValueError(
-                f"{trainer_class.__name__}: {parent.__name__}.training_step overrides the stock step below SAMMixin, "
-                "so SAM would take ε from the batch before the override and the descent from the batch after it. "
-                f"Put SAM below the override instead: `class {parent.__name__}(SAMTrainer)` (or SAMMixin first in "
-                "its bases) with its training_step calling super().training_step(...); or set sam_rho=0."
-            )
-    cutting = [
-        f"{n}={getattr(args, n)}" for n in _CUTTING_SETTINGS if getattr(args, n) != _VARIANT_DEFAULTS[n]
-    ]
-    if not cutting:
-        return
-    paired = next((c.__name__ for c in trainer_class.__mro__ if c.__name__ in _ROWS_ARE_NOT_EXAMPLES), None)
-    if paired is not None:
-        raise ValueError(
-            f"{trainer_class.__name__}: {', '.join(cutting)} cuts each micro-batch by rows, but {paired} "
-            f"{_ROWS_ARE_NOT_EXAMPLES[paired]}. Drop {' and '.join(c.split('=')[0] for c in cutting)} (plain SAM, "
-            "sam_interval and the other variants work with it)."
-        )
-    # trl packs padding-free with packing_strategy "bfd"; "wrapped" packing keeps rows of their own.
-    packed = getattr(args, "packing", False) and str(getattr(args, "packing_strategy", "bfd")).startswith(
-        "bfd"
-    )
-    if getattr(args, "padding_free", False) or packed:
-        raise ValueError(
-            f"{', '.join(cutting)} cuts each micro-batch by rows, but padding_free (or packing with a 'bfd' "
-            "strategy) concatenates the batch's sequences into one row. Set padding_free=False (and "
-            "packing_strategy='wrapped' or packing=False), or drop "
-            f"{' and '.join(c.split('=')[0] for c in cutting)}."
-        )
-
-
-def select_engine(trainer) -> ProcessLocal:
+def select_engine(trainer) -> Engine:
     """The engine of a built Trainer (Accelerate knows it, whether from the arguments or `accelerate launch`)."""
     if getattr(trainer.accelerator, "is_fsdp2", False):
         return FSDP2(trainer)
@@ -592,123 +495,6 @@ def check_deepspeed(args, zero_stage: int, fp16: bool = False, zero_config: dict
         DeepSpeedZeRO3.check(args, fp16=fp16, offload=", ".join(offloaded) or None)
     else:
         DeepSpeedZeRO.check(args)
-
-
-def check_engine(trainer) -> None:
-    """The engines' refusals, also when the plugin came from `accelerate launch` rather than the arguments, and the
-    ways of spreading a model over devices that SAM cannot run under."""
-    args = trainer.args
-    distributed_type = trainer.accelerator.distributed_type
-    if distributed_type == DistributedType.DEEPSPEED or trainer.is_deepspeed_enabled:
-        plugin = trainer.accelerator.state.deepspeed_plugin
-        check_deepspeed(
-            args,
-            plugin.zero_stage,
-            fp16=trainer.accelerator.mixed_precision == "fp16",
-            zero_config=plugin.deepspeed_config.get("zero_optimization"),
-        )
-    if distributed_type == DistributedType.FSDP or trainer.is_fsdp_enabled:
-        FSDP2.check(args, trainer.accelerator.state.fsdp_plugin.fsdp_version)
-    check_launch(trainer)
-    if args.n_gpu > 1:
-        raise ValueError(
-            f"SAMTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process): its "
-            "replicas would share one ε. Launch one process per GPU with `accelerate launch --multi_gpu` "
-            "(or torchrun), or expose a single GPU with CUDA_VISIBLE_DEVICES."
-        )
-    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
-    if parallelism is not None and (
-        getattr(parallelism, "cp_enabled", False) or getattr(parallelism, "sp_enabled", False)
-    ):
-        raise ValueError(
-            "SAMTrainer does not support context or sequence parallelism yet: the ascent pass would skip the "
-            "input sharding the Trainer applies to each micro-batch. Train without parallelism_config's cp/sp "
-            "sizes (DDP, FSDP2 or DeepSpeed ZeRO-1/2 work), or set sam_rho=0."
-        )
-
-
-def check_launch(trainer) -> None:
-    """A launch that runs something other than what it asked for. `accelerate launch` (or torchrun) started several
-    processes, but Accelerate runs each alone (on a machine without GPUs, a MULTI_GPU config without
-    `use_cpu=True`): they would train independently into one output_dir, and ε's scope would mean nothing. And a
-    FSDP launch that Accelerate did not turn into FSDP (no GPUs) trains with DDP's per-process ε instead of the
-    global one the FSDP engine takes: said in one line."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    accelerator = trainer.accelerator
-    if world_size > 1 and accelerator.num_processes == 1:
-        fix = (
-            "set use_cpu=True in the training arguments (the recipes do)"
-            if not torch.cuda.is_available()
-            else "check that each process sees its GPU (CUDA_VISIBLE_DEVICES)"
-        )
-        raise ValueError(
-            f"The launch started {world_size} processes (WORLD_SIZE={world_size}), but each runs alone "
-            "(Accelerate runs one process here): they would train independently into the "
-            f"same output_dir. To train on {world_size} processes, {fix}."
-        )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
-        logger.warning_once(
-            f"The launch asked for FSDP, but Accelerate runs {accelerator.distributed_type} here (FSDP needs "
-            "GPUs): SAMTrainer takes DDP's ε (per process unless sam_sync_perturbation=True), not the FSDP "
-            "engine's global one."
-        )
-
-
-def check_param_filter(model: torch.nn.Module, regex: str) -> None:
-    """`sam_param_filter` must match a trainable parameter (checked before any work)."""
-    pattern = re.compile(regex)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not any(pattern.search(n) for n in names):
-        raise ValueError(
-            f"sam_param_filter={regex!r} matches no trainable parameter. Some parameter names: {', '.join(names[:8])}."
-        )
-
-
-def check_ascent_subset(model: torch.nn.Module, args) -> None:
-    """`sam_ascent_fraction` must leave BatchNorm (in train mode during training) two examples to normalise."""
-    if args.sam_ascent_fraction >= 1.0:
-        return
-    from hf_sam.batchnorm import is_frozen_batchnorm
-
-    batch = args.per_device_train_batch_size
-    kept = math.ceil(args.sam_ascent_fraction * batch)
-    normalising = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not is_frozen_batchnorm(m)
-    ]
-    if kept < 2 <= batch and normalising:
-        raise ValueError(
-            f"sam_ascent_fraction={args.sam_ascent_fraction} of per_device_train_batch_size={batch} gives the ascent "
-            f"pass {kept} example, which BatchNorm in train mode ({normalising[0]}) cannot normalise. Use "
-            f"sam_ascent_fraction >= {2 / batch:g}, a larger batch, or freeze BatchNorm (hf_sam.batchnorm."
-            "freeze_batchnorm)."
-        )
-
-
-def check_one_pass_batchnorm(model: torch.nn.Module, args) -> None:
-    """The one-pass variants take their only forward at the look-ahead point, so BatchNorm in train mode would keep
-    running statistics of that point, not of w (the weights evaluated and saved). Refused, with the fix."""
-    from hf_sam.batchnorm import is_frozen_batchnorm
-    from hf_sam.one_pass import ONE_PASS_MODES
-
-    if args.sam_mode not in ONE_PASS_MODES:
-        return
-
-    tracking = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-        and m.track_running_stats
-        and not is_frozen_batchnorm(m)
-    ]
-    if tracking:
-        raise ValueError(
-            f"sam_mode={args.sam_mode!r} takes its only forward pass at the look-ahead point, so BatchNorm in train "
-            f"mode ({tracking[0]}{f' and {len(tracking) - 1} more' if len(tracking) > 1 else ''}) would keep "
-            "running statistics of that point, not of the weights evaluated and saved. Freeze BatchNorm "
-            "(hf_sam.batchnorm.freeze_batchnorm(model), as the recipes do), or use two-pass SAM (sam_mode='sam')."
-        )
 
 
 def _device_module(device):

@@ -14,16 +14,9 @@ from transformers import Trainer
 
 from hf_sam import loss_units, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
+from hf_sam.checks import check_accelerator, check_run, check_trainer_and_model
 from hf_sam.configs import SAMArguments, SAMTrainingArguments
-from hf_sam.engines import (
-    Plan,
-    check_ascent_subset,
-    check_engine,
-    check_one_pass_batchnorm,
-    check_param_filter,
-    check_trainer_class,
-    select_engine,
-)
+from hf_sam.engines import Plan, select_engine
 from hf_sam.one_pass import ONE_PASS_MODES, OnePass
 from hf_sam.sam import (
     SAM,
@@ -98,16 +91,6 @@ def _sam_in(optimizer) -> SAM | None:
     return optimizer
 
 
-def _check_settings(trainer_class: type, model, args) -> None:
-    """The refusals that need the trainer class and the model (not yet the Accelerator)."""
-    check_trainer_class(trainer_class, args)
-    if args.sam_rho > 0 and isinstance(model, torch.nn.Module):
-        if args.sam_param_filter is not None:
-            check_param_filter(model, args.sam_param_filter)
-        check_ascent_subset(model, args)
-        check_one_pass_batchnorm(model, args)
-
-
 class SAMMixin:
     """The Sharpness-Aware Minimization step for any `transformers.Trainer` subclass: put it first.
 
@@ -164,12 +147,12 @@ class SAMMixin:
                 "`TrainingArguments(...)` by `hf_sam.SAMTrainingArguments(...)` (same fields plus sam_*), or mix "
                 "`hf_sam.SAMArguments` into your arguments class: `class MyConfig(SAMArguments, SFTConfig)`."
             )
-        _check_settings(type(self), model, args)  # before Trainer.__init__ creates output_dir
+        check_trainer_and_model(type(self), model, args)  # before Trainer.__init__ creates output_dir
         output_dir_existed = args.output_dir is None or os.path.exists(args.output_dir)
         super().__init__(*bound.args, **bound.kwargs)
         if self.args.sam_rho > 0:
             try:
-                self._check_sam_compatible()  # needs the Accelerator: the engine may come from `accelerate launch`
+                check_accelerator(self)  # the engine may come from `accelerate launch`
             except ValueError:
                 if self.args.should_save:  # the process whose Trainer.__init__ made it: leave no trace
                     remove_if_created_empty(args.output_dir, output_dir_existed)
@@ -179,18 +162,6 @@ class SAMMixin:
         self._sam_backup = WeightBackup()
         self._sam_run: _Run | None = None
         self._loss_units_checked_for = None  # the TrainerState of the run whose loss units were asked
-
-    # ------------------------------------------------------------------ set-up checks
-    def _check_sam_compatible(self) -> None:
-        check_engine(
-            self
-        )  # also when the engine's plugin comes from `accelerate launch`; DataParallel, CP/SP
-        checkpointing_kwargs = self.args.gradient_checkpointing_kwargs or {}
-        if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
-            raise ValueError(
-                "gradient_checkpointing_kwargs={'use_reentrant': True} is incompatible with SAM's ascent pass "
-                "(torch.autograd.grad). Use {'use_reentrant': False} (the transformers default)."
-            )
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, *args, **kwargs):
@@ -237,20 +208,9 @@ class SAMMixin:
 
     def _current_run(self) -> _Run:
         if self._sam_run is None or self._sam_run.state is not self.state:
-            self._check_run_settings()
+            check_run(self)
             self._sam_run = _Run(self.state, self.args.sam_mode)
         return self._sam_run
-
-    def _check_run_settings(self) -> None:
-        """The construction checks again, before a run's first SAM step: a hyperparameter trial (or a user) may
-        have set sam_rho > 0, or another variant, on a trainer that was built and checked with other settings."""
-        args = self.args
-        if args.sam_rho <= 0:
-            return
-        args._check_variants()
-        args._check_sam_compatible()
-        _check_settings(type(self), self.model, args)
-        self._check_sam_compatible()
 
     def _perturbation_plan(self, model) -> Plan:
         """The engine's plan, cached per training loop (rebuilt when the optimizer's groups or a parameter's

@@ -504,6 +504,8 @@ def test_a_users_log_call_starts_no_collective(tmp_path, monkeypatch):
 def test_context_parallelism_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from hf_sam.checks import check_accelerator
+
     trainer = SAMTrainer(
         model=make_model(), args=make_args(tmp_path, sam_rho=RHO), train_dataset=make_rows(8)
     )
@@ -512,4 +514,4 @@ def test_context_parallelism_is_refused(tmp_path, monkeypatch):
         type(trainer.accelerator), "parallelism_config", property(lambda self: context_parallel)
     )
     with pytest.raises(ValueError, match="context or sequence parallelism"):
-        trainer._check_sam_compatible()
+        check_accelerator(trainer)
