@@ -9,7 +9,7 @@
   spreading a model over devices), and `check_run`, all of them again before a run's first SAM step.
 
 What each engine refuses is the engine's own (`hf_sam.engines`, their `check` classmethods); this module calls
-them. The `SAM` wrapper checks its own constructor arguments (`hf_sam.sam.validate_sam_hparams`, reused here).
+them. The `SAM` wrapper checks its own constructor arguments (`hf_sam.perturbation.validate_sam_hparams`, reused here).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers.utils import logging
 from hf_sam.engines import FSDP2, check_deepspeed
 from hf_sam.one_pass import ONE_PASS_MODES
 from hf_sam.optimizer_state import constructor_settings, is_adam, missing_momentum
-from hf_sam.sam import validate_sam_hparams
+from hf_sam.perturbation import validate_sam_hparams
 
 logger = logging.get_logger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hf_sam.checks import SAM_MODES, SAM_RHO_SCHEDULES, check_arguments, check_engine_arguments
-from hf_sam.sam import SAM_NORMS
+from hf_sam.perturbation import SAM_NORMS
 
 __all__ = ["SAMArguments", "SAMTrainingArguments", "SAM_MODES", "SAM_RHO_SCHEDULES"]
 

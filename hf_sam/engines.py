@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_sam.batchnorm import tracking_batchnorms
-from hf_sam.sam import all_reduce_mean_, mark_partitioned, perturbation_settings
+from hf_sam.norms import all_reduce_mean_, mark_partitioned
+from hf_sam.perturbation import perturbation_settings
 
 
 @dataclass
@@ -192,7 +193,7 @@ class ProcessLocal(Engine):
 class FSDP2(Engine):
     """FSDP2 (`fully_shard`): parameters and gradients are shards (DTensors). Every process forwards through the
     same all-gathered w + ε, so ε comes from the gradient reduced over all processes, and ‖g‖ is the full-model
-    norm (`hf_sam.sam.global_norm` all-reduces the shards' squares)."""
+    norm (`hf_sam.norms.global_norm` all-reduces the shards' squares)."""
 
     name = "FSDP2"
     global_epsilon = True

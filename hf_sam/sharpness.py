@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_sam.sam import PerturbationGroup, WeightBackup, perturb_
+from hf_sam.perturbation import PerturbationGroup, perturb_
+from hf_sam.weight_backup import WeightBackup
 
 __all__ = [
     "HessianSpectrum",
@@ -406,7 +407,7 @@ def m_sharpness(
     `dropped_examples`); `m` = the batch size gives SAM's per-batch sharpness. The inner maximum is estimated by
     `ascent_steps` steps of projected, normalised gradient ascent on the p = 2 ball:
     ε ← Π_ρ(ε + α ∇L(w+ε)/‖∇L(w+ε)‖₂), with α = `step_size` (default ρ, so that one step is exactly SAM's
-    ε = ρ g/‖g‖₂, computed by the same `hf_sam.sam.perturb_` the optimizer uses). The estimate is the largest
+    ε = ρ g/‖g‖₂, computed by the same `hf_sam.perturbation.perturb_` the optimizer uses). The estimate is the largest
     loss over the visited points (ε = 0 included): every one of them lies in the ball, so it is a lower bound on
     the true maximum that can only grow with more steps (the paper's appendix C.6 finds 1 step underestimates it
     near convergence). Each chunk costs `ascent_steps` forward+backward passes and one forward.

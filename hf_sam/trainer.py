@@ -17,22 +17,17 @@ from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
 from hf_sam.checks import check_accelerator, check_run, check_trainer_and_model
 from hf_sam.configs import SAMArguments, SAMTrainingArguments
 from hf_sam.engines import Plan, select_engine
-from hf_sam.one_pass import ONE_PASS_MODES, OnePass
-from hf_sam.sam import (
-    SAM,
-    WeightBackup,
-    check_adam_update,
-    looksam_reuse_gradient_,
-    perturb_,
-    perturbation_group,
-    scheduled_rho,
-)
+from hf_sam.gsam_looksam import looksam_reuse_gradient_
+from hf_sam.one_pass import ONE_PASS_MODES, OnePass, check_adam_update
+from hf_sam.perturbation import perturb_, perturbation_group, scheduled_rho
+from hf_sam.sam import SAM
 from hf_sam.telemetry import (
     SAMTelemetry,
     is_look_ahead_check_step,
     report_skipped_step,
     warn_if_look_ahead_too_far,
 )
+from hf_sam.weight_backup import WeightBackup
 
 
 class _Run:
@@ -107,7 +102,7 @@ class SAMMixin:
     1. ascent pass at w under `accelerator.no_sync`: forward + `torch.autograd.grad`, so gradients accumulated
        from earlier micro-batches stay untouched and ε is this process's own (m = per-device micro-batch);
     2. ε = ρ·g/‖g‖ over the trainable parameters (LoRA: the adapters), w ← w + ε in place with `torch._foreach_*`
-       (`hf_sam.sam.perturb_`); a zero gradient gives ε = 0, a non-finite one no perturbation (counted);
+       (`hf_sam.perturbation.perturb_`); a zero gradient gives ε = 0, a non-finite one no perturbation (counted);
     3. descent pass at w + ε through the stock `Trainer.training_step` (same dropout masks as the ascent pass,
        BatchNorm running statistics left as the clean pass set them, so `num_batches_tracked` advances once per
        micro-batch), so loss scaling, gradient accumulation, `num_items_in_batch`, DDP synchronisation and mixed
@@ -115,12 +110,12 @@ class SAMMixin:
     4. w restored by copy before returning; the Trainer then clips, steps, schedules, saves and evaluates at w.
 
     How each pass runs under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 is the engine's (`hf_sam.engines`, chosen in
-    `__init__` as `self.sam_engine`); ε itself is `hf_sam.sam.perturb_`, the one path from an ascent gradient to
+    `__init__` as `self.sam_engine`); ε itself is `hf_sam.perturbation.perturb_`, the one path from an ascent gradient to
     w + ε (the one-pass modes' look-ahead point is `hf_sam.one_pass`'s).
 
     The variants of `SAMTrainingArguments` (interval, late-phase window, LookSAM, GSAM, m-sharpness groups,
     multi-step ascent, ascent subset, ρ schedule, parameter filter) change which steps run SAM and how the final
-    gradient is formed: the policy is `hf_sam.variants`, the math `hf_sam.sam`.
+    gradient is formed: the policy is `hf_sam.variants`, the math `hf_sam.perturbation` and `hf_sam.gsam_looksam`.
 
     The optimizer the Trainer builds (`optim`, `optim_args`, weight-decay groups) is wrapped in `hf_sam.SAM`,
     whose `state_dict` is the base optimizer's plus any variant state, so checkpoints resume exactly. The logged

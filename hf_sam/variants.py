@@ -1,6 +1,6 @@
 """The variants' policy, testable without a Trainer: which optimizer step is which (interval, late-phase window,
 LookSAM reuse), which examples each pass sees (m-sharpness chunks, the ascent subset), and the clean-gradient
-window of GSAM and LookSAM. The math they apply lives in `hf_sam.sam`."""
+window of GSAM and LookSAM. The math they apply lives in `hf_sam.gsam_looksam`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from hf_sam.sam import all_reduce_mean_, global_norm, gsam_gradient_, looksam_orthogonal_component
+from hf_sam.gsam_looksam import gsam_gradient_, looksam_orthogonal_component
+from hf_sam.norms import all_reduce_mean_, global_norm
 
 # What an optimizer step does.
 PLAIN, SAM_STEP, LOOKSAM_REUSE = "plain", "sam", "looksam_reuse"
