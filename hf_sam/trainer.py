@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import os
 
@@ -27,6 +26,7 @@ from hf_sam.telemetry import (
     report_skipped_step,
     warn_if_look_ahead_too_far,
 )
+from hf_sam.trainer_internals import inputs_already_prepared, loss_weighted, records_undone
 from hf_sam.weight_backup import WeightBackup
 
 
@@ -389,7 +389,7 @@ class SAMMixin:
             with (
                 torch.no_grad(),
                 running_stats_frozen(batchnorms),
-                self._records_undone(),
+                records_undone(self),
                 self.compute_loss_context_manager(),
             ):
                 batch = dict(self._prepare_input(inputs))  # a copy: compute_loss may pop the labels
@@ -419,7 +419,7 @@ class SAMMixin:
             # BatchNorm in train mode cannot normalise one example (a short last batch, a small f·B).
             min_examples=2 if any(m.training for m in plan.batchnorms) else 1,
         )
-        with self._records_undone() if share < 1.0 else contextlib.nullcontext():
+        with records_undone(self) if share < 1.0 else contextlib.nullcontext():
             clean_loss, grads = self.sam_engine.ascent_gradient(
                 model, subset, num_items_in_batch, plan.params
             )
@@ -435,7 +435,7 @@ class SAMMixin:
             nonlocal extra_ascents
             extra_ascents += 1
             self.sam_engine.restore_random_state(rng_state)
-            with running_stats_frozen(plan.batchnorms), self._records_undone():
+            with running_stats_frozen(plan.batchnorms), records_undone(self):
                 return self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)[1]
 
         groups = [
@@ -460,9 +460,9 @@ class SAMMixin:
             with (
                 self.sam_engine.descent_context(model, is_last, self._sam_backup),
                 running_stats_frozen(plan.batchnorms),
-                self._loss_weighted(loss_weight),
-                self._records_undone() if share == 1.0 else contextlib.nullcontext(),
-                self._inputs_already_prepared(),
+                loss_weighted(self, loss_weight),
+                records_undone(self) if share == 1.0 else contextlib.nullcontext(),
+                inputs_already_prepared(self),
             ):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
@@ -481,47 +481,6 @@ class SAMMixin:
                 self, clean_loss, subset, inputs, num_items_in_batch
             )
         return clean_loss, perturbed_loss
-
-    @contextlib.contextmanager
-    def _inputs_already_prepared(self):
-        """The stock step prepares its inputs (`_prepare_inputs`); the descent pass gets the batch the ascent pass
-        was given, prepared once: a parent's preparation may not be idempotent (trl generates completions there)."""
-        # An instance attribute hides the method for this pass only.
-        self._prepare_inputs = lambda inputs: inputs
-        try:
-            yield
-        finally:
-            del self._prepare_inputs
-
-    @contextlib.contextmanager
-    def _records_undone(self):
-        """Undo what the parent's compute_loss records during a pass (`sam_clean_pass_state`): only one pass of each
-        micro-batch may count its tokens and metrics."""
-        saved = {
-            name: copy.deepcopy(getattr(self, name))
-            for name in self.sam_clean_pass_state
-            if hasattr(self, name)
-        }
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                setattr(self, name, value)
-
-    @contextlib.contextmanager
-    def _loss_weighted(self, weight: float):
-        """The stock step divides a per-batch mean loss by `current_gradient_accumulation_steps` (the number of
-        micro-batches in the window); a chunk that is `weight` of a micro-batch counts as 1/weight times more of
-        them. Works whatever `compute_loss` the user's subclass defines."""
-        if weight == 1.0:
-            yield
-            return
-        steps = self.current_gradient_accumulation_steps
-        self.current_gradient_accumulation_steps = steps / weight
-        try:
-            yield
-        finally:
-            self.current_gradient_accumulation_steps = steps
 
     # ------------------------------------------------------------------ telemetry
     def floating_point_ops(self, inputs) -> int:
