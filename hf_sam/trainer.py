@@ -46,6 +46,7 @@ class _Run:
         self.micro_batch = 0  # index of the micro-batch in its accumulation window (the ascent subset's draw)
         self.passes = 1.0  # forward+backward passes of the last micro-batch, example-weighted (total_flos)
         self.chunk_passes = 1.0  # the same, of the last chunk `_sam_micro_step` took
+        self.extra_ascents = 0  # the further ascents of that chunk (sam_ascent_steps > 1)
         self.telemetry = SAMTelemetry(start_step=state.global_step)
         self.look_ahead_warned = False  # the look-ahead guard warns once per run
         self.one_pass = OnePass(sam_mode)  # the one-pass variants' direction and point
@@ -255,26 +256,34 @@ class SAMMixin:
         try:
             if direction is not None:
                 return self._one_pass_sam_step(model, inputs, num_items_in_batch, direction, last_micro_batch)
-            return self._sam_training_step(model, inputs, num_items_in_batch, kind, last_micro_batch)
+            if kind != variants.SAM_STEP:
+                return self._plain_step(model, inputs, num_items_in_batch, kind, last_micro_batch)
+            return self._two_pass_sam_step(model, inputs, num_items_in_batch, last_micro_batch)
         finally:
             run.micro_batch = 0 if last_micro_batch else run.micro_batch + 1
 
-    def _sam_training_step(self, model, inputs, num_items_in_batch, kind: str, last_micro_batch: bool):
+    def _plain_step(self, model, inputs, num_items_in_batch, kind: str, last_micro_batch: bool):
+        """A step without SAM (outside the SAM window, between SAM steps, a one-pass mode's first step): the stock
+        step, plus what a variant keeps from it (the previous gradient; LookSAM's reuse of its stored direction)."""
         args, run = self.args, self._current_run()
         run.passes = 1.0
-        if kind != variants.SAM_STEP:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if args.sam_mode == "previous_gradient" and last_micro_batch:
-                run.one_pass.remember_gradient(self._perturbation_plan(model).params, self._sam_state())
-            self._note_loss(loss)
-            if kind == variants.LOOKSAM_REUSE and last_micro_batch:
-                # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
-                params = self._perturbation_plan(model).params
-                g_v = self._sam_state()["looksam_gv"]
-                looksam_reuse_gradient_([p.grad for p in params], g_v, args.sam_looksam_alpha)
-            run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
-            return loss
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if args.sam_mode == "previous_gradient" and last_micro_batch:
+            run.one_pass.remember_gradient(self._perturbation_plan(model).params, self._sam_state())
+        self._note_loss(loss)
+        if kind == variants.LOOKSAM_REUSE and last_micro_batch:
+            # One forward+backward, then the stored SAM direction (the gradient is complete and synced now).
+            params = self._perturbation_plan(model).params
+            g_v = self._sam_state()["looksam_gv"]
+            looksam_reuse_gradient_([p.grad for p in params], g_v, args.sam_looksam_alpha)
+        run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
+        return loss
 
+    def _two_pass_sam_step(self, model, inputs, num_items_in_batch, last_micro_batch: bool):
+        """Two-pass SAM (and GSAM, LookSAM's SAM steps) for one micro-batch, cut into m-sharpness chunks when
+        sam_group_size is set: each chunk's ascent, descent and restore is `_sam_micro_step`."""
+        args, run = self.args, self._current_run()
+        run.passes = 1.0
         model.train()
         if callable(getattr(self.optimizer, "train", None)):
             # As the stock step does, before the ascent: a schedule-free optimizer moves the weights to the point
@@ -429,15 +438,7 @@ class SAMMixin:
         # 2. w ← w + ε (projected multi-step ascent with sam_ascent_steps > 1).
         rhos = [self._scheduled_rho(group) for _, group in plan.slices]
 
-        extra_ascents = 0
-
-        def gradient_at_perturbed_weights():
-            nonlocal extra_ascents
-            extra_ascents += 1
-            self.sam_engine.restore_random_state(rng_state)
-            with running_stats_frozen(plan.batchnorms), records_undone(self):
-                return self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)[1]
-
+        run.extra_ascents = 0
         groups = [
             perturbation_group(group, plan.params[s], grads[s], rho)
             for (s, group), rho in zip(plan.slices, rhos, strict=True)
@@ -448,7 +449,7 @@ class SAMMixin:
                 groups,
                 args.sam_ascent_steps,
                 max(rhos),
-                gradient_at_perturbed_weights,
+                lambda: self._further_ascent(model, subset, num_items_in_batch, plan, rng_state),
                 params=plan.params,  # the cached list: the backup recognises it without a per-tensor check
             )
             # ε now lives in the weights only: free it before the descent pass, so SAM's memory overhead is the
@@ -475,12 +476,22 @@ class SAMMixin:
             finite,
             rhos[0] if rhos else 0.0,
         )
-        run.chunk_passes = share * (1 + extra_ascents) + 1  # the ascent(s) over the subset, then the descent
+        run.chunk_passes = (
+            share * (1 + run.extra_ascents) + 1
+        )  # the ascent(s) over the subset, then the descent
         if share < 1.0:
             clean_loss = loss_units.in_units_of_the_batch(
                 self, clean_loss, subset, inputs, num_items_in_batch
             )
         return clean_loss, perturbed_loss
+
+    def _further_ascent(self, model, subset, num_items_in_batch, plan: Plan, rng_state) -> list[torch.Tensor]:
+        """sam_ascent_steps > 1: the ascent gradient at the current perturbed weights, with the first ascent's random
+        numbers, BatchNorm statistics untouched and the parent's records undone (counted in `extra_ascents`)."""
+        self._current_run().extra_ascents += 1
+        self.sam_engine.restore_random_state(rng_state)
+        with running_stats_frozen(plan.batchnorms), records_undone(self):
+            return self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)[1]
 
     # ------------------------------------------------------------------ telemetry
     def floating_point_ops(self, inputs) -> int:
