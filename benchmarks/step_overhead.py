@@ -42,7 +42,7 @@ from hf_sam.batchnorm import freeze_batchnorm  # noqa: E402
 from hf_sam.sam import NORM_EPS, WeightBackup, global_norm  # noqa: E402
 
 # Steady-state step times. Left out, as one-off work of a run: the look-ahead guard's extra forward on steps 1, 2,
-# 4, 8, ... of a one-pass run (log2(steps) forwards in a whole run, 3 in a 10-step benchmark run), and the
+# 8, 16, ... of a one-pass run (log2(steps) forwards in a whole run, 3 in a 10-step benchmark run), and the
 # loss-units probe's two forwards at a run's first micro-batch (sam_fix_loss_normalization=False: both arms keep
 # the stock Trainer's loss scaling, which does not change the time).
 hf_sam.trainer.is_look_ahead_check_step = lambda step: False

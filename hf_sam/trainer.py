@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 
 import torch
@@ -49,6 +50,10 @@ class _Run:
         self.extra_ascents = 0  # the further ascents of that chunk (sam_ascent_steps > 1)
         self.telemetry = SAMTelemetry(start_step=state.global_step)
         self.look_ahead_warned = False  # the look-ahead guard warns once per run
+        self.first_clean_loss = math.nan  # the look-ahead guard: the loss at w at its first check,
+        self.look_ahead_worst_ratio = (
+            0.0  # and the largest (loss where the gradient is taken) / (loss at w) so far
+        )
         self.one_pass = OnePass(sam_mode)  # the one-pass variants' direction and point
 
 
@@ -370,7 +375,7 @@ class SAMMixin:
         return scheduled_rho(group["rho"], args.sam_rho_schedule, args.sam_rho_min, group["lr"], peak_lr)
 
     def _look_ahead_check_due(self) -> bool:
-        """The look-ahead guard's steps (1, 2, 4, 8, ...: `hf_sam.telemetry`), at their first micro-batch, until it
+        """The look-ahead guard's steps (1, 8, 16, 32, ...: `hf_sam.telemetry`), at their first micro-batch, until it
         has warned once in this run."""
         run = self._current_run()
         return (
@@ -382,12 +387,17 @@ class SAMMixin:
     def _check_look_ahead(self, clean: torch.Tensor, perturbed: torch.Tensor) -> None:
         run = self._current_run()
         if self.is_world_process_zero():  # one process's losses: one warning per launch
+            step = self.state.global_step + 1
+            if step <= 2 and math.isnan(run.first_clean_loss):
+                # What "has come down" is measured against: the first check (step 2 for the one-pass modes, whose
+                # first step is plain); a run resumed later has none, and gets no verdict.
+                run.first_clean_loss = float(clean)
+            clean, perturbed = float(clean), float(perturbed)
+            if clean > 0:
+                run.look_ahead_worst_ratio = max(run.look_ahead_worst_ratio, perturbed / clean)
+            args = self.args
             run.look_ahead_warned = warn_if_look_ahead_too_far(
-                float(clean),
-                float(perturbed),
-                self.args.sam_rho,
-                self.args.sam_mode,
-                self.state.global_step + 1,
+                clean, args.sam_rho, args.sam_mode, step, run.first_clean_loss, run.look_ahead_worst_ratio
             )
 
     def _forward_only(self, model, inputs, num_items_in_batch, batchnorms=()) -> torch.Tensor:
