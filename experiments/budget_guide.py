@@ -80,7 +80,9 @@ def step_costs(optimizer: str) -> dict[str, float]:
     return {name.strip(): float(value) for name, value in rows}
 
 
-def share_text(methods: dict | None, name: str) -> str:
+def share_text(methods: dict | None, name: str, stem: str) -> str:
+    if name == "adam_update" and "adamw" not in stem:
+        return "— (Adam only)"
     if methods is None or name not in methods:
         return "not measured"
     if name == "SAM":
@@ -106,7 +108,7 @@ def budget_table(benefits: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, name, row in ROWS:
         cells = [label, cost(sgd, row), cost(adamw, row)]
-        cells += [share_text(benefits[stem], name) for stem, _ in BENEFIT]
+        cells += [share_text(benefits[stem], name, stem) for stem, _ in BENEFIT]
         lines.append("| " + " | ".join(cells) + " |")
     gains = "; ".join(f"{title}: {gain_text(benefits[stem])}" for stem, title in BENEFIT)
     return "\n".join(
@@ -124,7 +126,9 @@ def budget_table(benefits: dict) -> str:
 def rho_table(benefits: dict) -> str:
     """The chosen lr and ρ of every method on every benchmark, * at an edge of the grid it was chosen from."""
 
-    def chosen(methods: dict | None, name: str) -> str:
+    def chosen(methods: dict | None, name: str, stem: str) -> str:
+        if name == "adam_update" and "adamw" not in stem:
+            return "— (Adam only)"
         if methods is None or name not in methods:
             return "not measured"
         entry = methods[name]
@@ -139,7 +143,7 @@ def rho_table(benefits: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, name in [("baseline", "baseline"), *[(label, name) for label, name, _ in ROWS]]:
         lines.append(
-            "| " + " | ".join([label, *[chosen(benefits[stem], name) for stem, _ in BENEFIT]]) + " |"
+            "| " + " | ".join([label, *[chosen(benefits[stem], name, stem) for stem, _ in BENEFIT]]) + " |"
         )
     edges = sum(cell.count("*") for cell in lines[2:])
     return "\n".join(
