@@ -32,10 +32,22 @@ ONE_PASS_MODES = ("momentum", "adam_update", "previous_gradient")
 
 
 # ---------------------------------------------------------------------- the directions, read from the optimizer
+def refuse_maximize(optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """The look-ahead modes point along −v (−u), the direction the optimizer steps when it minimises; with
+    maximize=True it steps along +v, so the look-ahead would point away from the step. Refused, not flipped."""
+    if any(group.get("maximize") for group in optimizer.param_groups):
+        raise ValueError(
+            f"sam_mode={mode!r} (mode={mode!r}) looks ahead along the step a minimising optimizer takes, but "
+            f"{type(optimizer).__name__} has maximize=True. Minimise the negated objective instead, or use "
+            "sam_mode='sam'."
+        )
+
+
 def momentum_state_key(optimizer: torch.optim.Optimizer) -> str:
     """The optimizer-state entry that holds the momentum v Momentum-SAM perturbs along (Becker et al. 2024, whose
     code reads SGD's `momentum_buffer` and AdamW's first moment `exp_avg`; `hf_sam.optimizer_state`'s table), or a
     ValueError naming what works."""
+    refuse_maximize(optimizer, "momentum")
     reason = missing_momentum(type(optimizer), optimizer.param_groups)
     if reason is None:
         return optimizer_state(type(optimizer)).momentum_key
@@ -66,6 +78,7 @@ def check_adam_update(optimizer: torch.optim.Optimizer) -> None:
             f"{type(optimizer).__name__}. Use optim='adamw_torch' (or torch.optim.AdamW / Adam by hand), or "
             "sam_mode='momentum' for other optimizers with a momentum."
         )
+    refuse_maximize(optimizer, "adam_update")
 
 
 def adam_update_direction(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> AdamUpdate | None:

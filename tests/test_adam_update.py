@@ -178,3 +178,15 @@ def test_a_users_optimizer_that_is_not_adam_is_refused_before_the_first_step(tmp
     with pytest.raises(ValueError, match="sam_mode='adam_update'.*optimizer is SGD"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "mode, base",
+    [("adam_update", lambda p: torch.optim.AdamW(p, maximize=True)),
+     ("momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, maximize=True))],
+    ids=["adam_update", "momentum"],
+)  # fmt: skip
+def test_a_maximizing_optimizer_is_refused(mode, base):
+    """maximize=True steps along +u (+v): a look-ahead along −u would point away from the step it anticipates."""
+    with pytest.raises(ValueError, match=f"mode='{mode}'.*maximize=True"):
+        SAM(base(make_model().parameters()), rho=RHO, mode=mode)
