@@ -56,6 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, digits, train_through_sam_trainer  # noqa: E402
 from common import DictMLP as MLP  # noqa: E402
 
+from hf_sam.finetune.data import noisy_labels  # noqa: E402
+
 NOISE, BATCH, VALIDATION = 0.3, 64, 0.2
 MAX_WIDENINGS = 2  # per side of a grid
 BASELINE, SAM = "baseline", "SAM"
@@ -139,12 +141,8 @@ def pair_noise(labels: torch.Tensor, rate: float, seed: int, classes: int = 10) 
     """Pair-flip label noise (Han et al. 2018, "Co-teaching"): a random `rate` fraction of the examples, drawn
     uniformly, get the label of the next class, c -> (c + 1) mod 10. Unlike symmetric noise the wrong labels
     agree with each other, so they are a pattern a network can learn, not a spread that early stopping averages
-    away."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    noisy = labels.clone()
-    flipped = torch.randperm(len(labels), generator=generator)[: round(rate * len(labels))]
-    noisy[flipped] = (noisy[flipped] + 1) % classes
-    return noisy
+    away. The recipes' `label_noise_type: pair` (`noisy_labels`), drawn from 10_000 + seed."""
+    return noisy_labels(labels, rate, 10_000 + seed, classes, "pair")
 
 
 def splits(seed: int):

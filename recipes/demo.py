@@ -13,7 +13,7 @@ handwritten digits (the `digits` dataset spec, 1,797 real 8x8 images) and timm's
    three methods on the same seeds: plain SGD (`sam_rho: 0`), SAM, and Momentum-SAM (`sam_mode: momentum`, one
    forward+backward pass per step), in two settings: clean labels (baseline.yaml, sam.yaml, momentum_sam.yaml)
    and 30% pair-flip label noise on the train split (pair_*.yaml: a seed-drawn 30% of the training labels moved
-   to the next class, 5 -> 6 -> ... -> 9 -> 5, written into a copy of the data by `digits_copy`; the test labels
+   to the next class, 5 -> 6 -> ... -> 9 -> 5, by the recipes' own `label_noise_type: pair`; the test labels
    stay clean). Each recipe's learning rate, steps and ρ were chosen on a validation slice of the train split
    (recipes/digits/tune_demo.py; the numbers in recipes/digits/test_efficientnet/README.md).
 
@@ -60,6 +60,7 @@ from hf_sam.finetune.data import (  # noqa: E402
     digits_dataset,
     load_image_classification,
     make_transform,
+    noisy_labels,
     preprocessing_from_processor,
 )
 from hf_sam.finetune.models import save_timm_checkpoint  # noqa: E402
@@ -75,7 +76,7 @@ METHODS = ("baseline", "SAM", "Momentum-SAM")  # one recipe each per setting; th
 
 class Setting(NamedTuple):
     title: str
-    noise: float  # pair-flip label noise on the train split, written into the data by `digits_copy`; 0: clean
+    noise: float  # pair-flip label noise on the train split (the recipes' `label_noise`); 0: clean
     recipes: dict  # method -> recipe file in RECIPES
 
 
@@ -204,7 +205,14 @@ def measure(run_dir: str, rho: float) -> dict:
     train = data.train
     if config["label_noise"]:
         seed = config["seed"] if config["label_noise_seed"] is None else config["label_noise_seed"]
-        train = add_label_noise(train, data.label_column, config["label_noise"], seed, len(data.label_names))
+        train = add_label_noise(
+            train,
+            data.label_column,
+            config["label_noise"],
+            seed,
+            len(data.label_names),
+            config["label_noise_type"],
+        )
     model = AutoModelForImageClassification.from_pretrained(run_dir)
     processor = AutoImageProcessor.from_pretrained(run_dir)
     transform = make_transform(
@@ -226,18 +234,15 @@ def recipe_value(recipe: str, key: str):
 # ====================================================================== the demo
 def run_all(out: str, settings, seeds, terminal, measure_flatness: bool = True) -> list[dict]:
     """Every (setting, seed, method) finetune from one pretrained checkpoint; one record per run. A setting with
-    label noise reads a copy of the digits with the seed's pair-flipped train labels (`digits_copy`), so every
-    method of a seed sees the same noisy labels."""
+    label noise draws its pair-flipped train labels from `noise_seed(seed)` in each recipe, so every method of a
+    seed sees the same noisy labels."""
     checkpoint = pretrain(out, terminal)
     records, total = [], len(settings) * len(METHODS) * len(seeds)
     for setting in settings:
         # m-sharpness is measured in SAM's ball for every method, so the methods are comparable.
         sam_rho = recipe_value(f"{RECIPES}/{setting.recipes['SAM']}", "sam_rho")
         for seed in seeds:
-            data_flags = []
-            if setting.noise:
-                data = os.path.join(out, "data", re.sub(r"\W+", "_", f"{setting.title}_seed{seed}").lower())
-                data_flags = ["--dataset_path", digits_copy(data, setting.noise, seed, SUBSET)]
+            data_flags = ["--label_noise_seed", str(noise_seed(seed))] if setting.noise else []
             for method in METHODS:
                 recipe = f"{RECIPES}/{setting.recipes[method]}"
                 name = re.sub(r"\W+", "_", f"{setting.title}_{method}_seed{seed}").lower()
@@ -502,48 +507,39 @@ def demo(readme: bool) -> None:
         print(f"README.md updated; picture copied to {README_PNG}")
 
 
-# ====================================================================== pair-flip label noise
-def pair_noise(labels: list[int], rate: float, seed: int, classes: int) -> list[int]:
-    """Pair-flip label noise (Han et al. 2018, "Co-teaching"; experiments/benefit.py `pair_noise`): a random
-    round(rate * n) of the n labels, drawn uniformly without replacement, get the next class, c -> (c + 1) mod
-    classes. The wrong labels agree with each other: a pattern a network learns, not a spread that averages out."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    noisy = torch.tensor(labels, dtype=torch.long)
-    flipped = torch.randperm(len(noisy), generator=generator)[: round(rate * len(noisy))]
-    noisy[flipped] = (noisy[flipped] + 1) % classes
-    return noisy.tolist()
+# ====================================================================== pair-flip label noise: the tuning data
+def noise_seed(seed: int) -> int:
+    """Which labels a seed's runs flip: drawn from 10_000 + seed (experiments/benefit.py's offset), the draws the
+    README's numbers were measured with, apart from the training seed."""
+    return 10_000 + seed
 
 
-def digits_copy(folder: str, rate: float, seed: int, subset: list[str], validation: bool = False) -> str:
-    """The `digits` dataset saved where a recipe reads it with `dataset_path`, the train labels of the classes in
-    `subset` pair-flipped within the subset (in its order: 5 -> 6 -> ... -> 9 -> 5), the test labels clean.
-
-    recipes/finetune.py's `label_noise` is symmetric only, so the demo writes the noisy labels into the data.
-    `validation=True`: the *train* split cut in two instead (every fifth image of each class held out, with its
-    noisy label, as a user would have it, as `test`); the real test split is not in the copy."""
+def validation_copy(folder: str, rate: float, seed: int, subset: list[str]) -> str:
+    """For tuning (recipes/digits/tune_demo.py): the *train* split of `digits` cut in two, saved where a recipe reads
+    it with `dataset_path`: every fifth image of each class held out as `test`, the real test split not in the copy.
+    The train labels of the classes in `subset` are pair-flipped within the subset first (`noisy_labels`, seed
+    `noise_seed(seed)`), so the held-out images carry noisy labels, as a user's validation slice would; runs on the
+    copy pass `--label_noise 0` (the noise is in the data already)."""
     data = digits_dataset()
     train = data["train"]
     names = train.features["label"].names
     ids = [names.index(name) for name in subset]
     labels = list(train["label"])
     rows = [i for i, label in enumerate(labels) if label in ids]
-    flipped = pair_noise([ids.index(labels[i]) for i in rows], rate, seed, len(ids))
-    for i, k in zip(rows, flipped):
+    within = torch.tensor([ids.index(labels[i]) for i in rows])
+    for i, k in zip(rows, noisy_labels(within, rate, noise_seed(seed), len(ids), "pair").tolist()):
         labels[i] = ids[k]
     train = train.remove_columns("label").add_column("label", labels, feature=train.features["label"])
+    rank, seen = [], {}
+    for label in data["train"]["label"]:  # rank within the true class: the same images for every seed
+        rank.append(seen.get(label, 0))
+        seen[label] = rank[-1] + 1
+    held_out = np.array(rank) % 5 == 2
     from datasets import DatasetDict
 
-    if validation:
-        rank, seen = [], {}
-        for label in data["train"]["label"]:  # rank within the true class: the same images for every seed
-            rank.append(seen.get(label, 0))
-            seen[label] = rank[-1] + 1
-        held_out = np.array(rank) % 5 == 2
-        data = DatasetDict(
-            train=train.select(np.flatnonzero(~held_out)), test=train.select(np.flatnonzero(held_out))
-        )
-    else:
-        data = DatasetDict(train=train, test=data["test"])
+    data = DatasetDict(
+        train=train.select(np.flatnonzero(~held_out)), test=train.select(np.flatnonzero(held_out))
+    )
     os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
     with output_to(os.path.join(os.path.dirname(folder) or ".", "data.log")):
         data.save_to_disk(folder)

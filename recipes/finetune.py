@@ -100,7 +100,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
         if args.data.label_noise:
             noise_seed = training.seed if args.data.label_noise_seed is None else args.data.label_noise_seed
             data.train = add_label_noise(
-                data.train, data.label_column, args.data.label_noise, noise_seed, len(data.label_names)
+                data.train,
+                data.label_column,
+                args.data.label_noise,
+                noise_seed,
+                len(data.label_names),
+                args.data.label_noise_type,
             )
         resume = resolve_resume(
             training.resume_from_checkpoint, training.output_dir, not training.save_only_model, warn=True

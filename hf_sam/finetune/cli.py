@@ -28,6 +28,7 @@ from hf_sam.configs import SAMTrainingArguments
 from hf_sam.finetune.checkpoints import checkpoints_newest_first, resolve_resume
 from hf_sam.finetune.data import (
     EVAL_RESIZES,
+    LABEL_NOISE_TYPES,
     TRAIN_AUGMENTATIONS,
     check_label_noise,
     check_source,
@@ -225,8 +226,16 @@ class DataArguments:
     label_noise: float = field(
         default=0.0,
         metadata={
-            "help": "Symmetric label noise (paper, 3.3): this fraction of the train labels, after label_subset, "
-            "is replaced by a uniformly drawn other class; the test split stays clean. 0 = clean."
+            "help": "Label noise (paper, 3.3): this fraction of the train labels, after label_subset, is "
+            "corrupted as `label_noise_type` says; the test split stays clean. 0 = clean."
+        },
+    )
+    label_noise_type: str = field(
+        default="symmetric",
+        metadata={
+            "help": "How a corrupted label is drawn: 'symmetric' (a uniformly drawn other class, the paper's) or "
+            "'pair' (the next class, c -> c + 1 in label_subset's order: pair-flip, Han et al. 2018).",
+            "choices": list(LABEL_NOISE_TYPES),
         },
     )
     label_noise_seed: int | None = field(
@@ -514,7 +523,7 @@ def _check(
     check_source(resolve_spec(data.dataset), data.dataset_path)
     if data.dataset_path and not os.path.exists(data.dataset_path):
         raise ConfigError(f"dataset_path {data.dataset_path!r} does not exist (cwd: {os.getcwd()}).")
-    check_label_noise(data.label_noise)
+    check_label_noise(data.label_noise, data.label_noise_type)
     if isinstance(data.crop_min_area, bool) or not 0 < data.crop_min_area <= 1:
         raise ConfigError(
             f"crop_min_area must be in (0, 1] (the smallest share of the image's area a training crop keeps), got "

@@ -445,35 +445,59 @@ def check_label_range(ds: Dataset, column: str, num_classes: int, where: str, so
             )
 
 
-def check_label_noise(fraction: float) -> None:
-    """`label_noise` is a fraction in [0, 1): the share of the training labels to corrupt."""
+LABEL_NOISE_TYPES = ("symmetric", "pair")
+
+
+def check_label_noise(fraction: float, kind: str = "symmetric") -> None:
+    """`label_noise` is a fraction in [0, 1): the share of the training labels to corrupt; `label_noise_type` says
+    how (LABEL_NOISE_TYPES)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise DataError(
             f"label_noise must be a fraction in [0, 1) (the share of training labels replaced by another "
             f"class; 0 = clean labels), got {fraction!r}. Set e.g. `label_noise: 0.4`."
         )
+    if kind not in LABEL_NOISE_TYPES:
+        raise DataError(
+            f"label_noise_type must be 'symmetric' or 'pair', got {kind!r}. 'symmetric': a corrupted label becomes "
+            "any other class; 'pair': the next class, c -> c + 1 (Han et al. 2018)."
+        )
 
 
-def add_label_noise(ds: Dataset, column: str, fraction: float, seed: int, num_classes: int) -> Dataset:
-    """Symmetric label noise (paper, section 3.3): the labels of exactly round(fraction * len(ds)) examples,
-    drawn uniformly without replacement, are replaced by a uniformly drawn *other* class (never the true one).
+def noisy_labels(
+    labels: torch.Tensor, fraction: float, seed: int, num_classes: int, kind: str
+) -> torch.Tensor:
+    """`labels` with exactly round(fraction * n) of them, drawn uniformly without replacement, corrupted:
 
-    The definition of experiments/common.py `symmetric_noise` (and of Jiang et al. 2018, which the paper
-    follows, up to "other": a corrupted label is always wrong here). Deterministic for a seed; the images and
-    every other column are untouched. Apply it to the train split only, after class selection.
-    """
-    check_label_noise(fraction)
+    - "symmetric" (paper, section 3.3; Jiang et al. 2018, up to "other"): replaced by a uniformly drawn *other*
+      class, never the true one;
+    - "pair" (pair-flip, Han et al. 2018, "Co-teaching"): moved to the next class, c -> (c + 1) mod K. The wrong
+      labels agree with each other: a pattern a network learns, not a spread that averages out.
+
+    Deterministic for a seed (a generator of its own, not the global one). experiments/benefit.py draws its pair
+    noise here too."""
+    generator = torch.Generator().manual_seed(seed)
+    noisy = labels.clone()
+    flipped = torch.randperm(len(noisy), generator=generator)[: round(fraction * len(noisy))]
+    if kind == "pair":
+        shift = torch.ones(len(flipped), dtype=noisy.dtype)
+    else:  # a shift of 1..K-1 classes: uniform over the other classes
+        shift = torch.randint(1, num_classes, (len(flipped),), generator=generator)
+    noisy[flipped] = (noisy[flipped] + shift) % num_classes
+    return noisy
+
+
+def add_label_noise(
+    ds: Dataset, column: str, fraction: float, seed: int, num_classes: int, kind: str = "symmetric"
+) -> Dataset:
+    """The train split `ds` with `noisy_labels` in `column` (`kind`: "symmetric" or "pair"); the images and every
+    other column untouched. Apply it to the train split only, after class selection."""
+    check_label_noise(fraction, kind)
     if fraction == 0:
         return ds
     if num_classes < 2:
         raise DataError(f"label_noise needs at least 2 classes to swap labels between, got {num_classes}.")
-    generator = torch.Generator().manual_seed(seed)
     labels = torch.tensor(ds[column], dtype=torch.long)
-    flipped = torch.randperm(len(labels), generator=generator)[: round(fraction * len(labels))]
-    # A shift of 1..K-1 classes: uniform over the other classes, never the true one.
-    shift = torch.randint(1, num_classes, (len(flipped),), generator=generator)
-    labels[flipped] = (labels[flipped] + shift) % num_classes
-    noisy = labels.tolist()
+    noisy = noisy_labels(labels, fraction, seed, num_classes, kind).tolist()
     return ds.map(
         lambda _, indices: {column: [noisy[i] for i in indices]},
         input_columns=column,

@@ -262,7 +262,5 @@ def label_noise_line(args) -> str:
     if not d.label_noise:
         return "Label noise: none (clean labels)"
     seed = args.training.seed if d.label_noise_seed is None else d.label_noise_seed
-    return (
-        f"Label noise: {100 * d.label_noise:g}% of the training labels replaced by another class (symmetric, "
-        f"seed {seed}); test labels clean"
-    )
+    how = "another class (symmetric" if d.label_noise_type == "symmetric" else "the next class (pair-flip"
+    return f"Label noise: {100 * d.label_noise:g}% of the training labels replaced by {how}, seed {seed}); test labels clean"

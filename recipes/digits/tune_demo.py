@@ -6,7 +6,7 @@
     python recipes/digits/tune_demo.py --summary       # every grid run so far: mean ± std per cell, best marked
 
 The *train* split of the digits is cut in two (every fifth image of each class held out as validation, the rest
-trained on; `recipes/demo.py` `digits_copy(validation=True)`); the test split is never loaded. Under label noise
+trained on; `recipes/demo.py` `validation_copy`); the test split is never loaded. Under label noise
 both parts carry the seed's pair-flipped labels, and the score is the top-1 against the validation labels as a
 user has them, noisy ones included (with pair-flip noise under 50%, a model that learns the flips loses more on
 the clean majority than it gains on the flipped ones, so the ranking is the clean ranking's). Each cell runs the
@@ -54,10 +54,11 @@ def run_grid(args) -> None:
                 for seed in args.seeds:
                     data = os.path.join(OUT, f"data_{args.setting}_seed{seed}")
                     if not os.path.exists(data):
-                        demo.digits_copy(data, setting.noise, seed, demo.SUBSET, validation=True)
+                        demo.validation_copy(data, setting.noise, seed, demo.SUBSET)
                     name = f"{args.setting}_{args.method}_lr{lr}_steps{steps}_rho{rho}_seed{seed}"
                     run_dir = os.path.join(OUT, "runs", re.sub(r"[^\w.]+", "_", name).lower())
                     flags = ["--model_name_or_path", checkpoint, "--dataset_path", data, "--seed", str(seed),
+                             "--label_noise", "0",  # the copy's labels are noisy already
                              "--learning_rate", str(lr), "--max_steps", str(steps)]  # fmt: skip
                     if args.method != "baseline":
                         flags += ["--sam_rho", str(rho)]
