@@ -108,9 +108,9 @@ def adam_update_direction(optimizer: torch.optim.Optimizer, params: list[torch.T
 class AdamUpdate:
     """Adam's update direction u = m̂/(√v̂ + ε) (Kingma & Ba 2015, algorithm 1; before the learning rate and the
     weight decay), as a sequence of tensors computed one at a time when read: never a buffer the size of the model.
-    `LookAhead` reads it twice per micro-batch (enter, leave) and once for its norm; the moments do not change in
-    between (the optimizer steps after the last leave), so every read gives the same tensor, bit for bit. A
-    parameter the optimizer has not stepped yet reads as zeros.
+    `LookAhead` reads it twice per micro-batch (enter, leave: `add_to_`) and once for its norm; the moments do not
+    change in between (the optimizer steps after the last leave), so every read gives the same tensor, bit for bit.
+    A parameter the optimizer has not stepped yet reads as zeros.
 
     Why not the raw first moment m, as sam_mode='momentum' does: Adam steps along m scaled per coordinate by
     1/(√v̂ + ε), so a look-ahead along m points elsewhere than the step it anticipates (Functional-SAM, Singh et
@@ -128,23 +128,45 @@ class AdamUpdate:
         term = self.terms[index]
         if term is None:
             return torch.zeros_like(self.params[index])
-        first, second, bias1, bias2_sqrt, eps = term
-        u = second.sqrt().div_(bias2_sqrt).add_(eps)  # the one temporary: √v̂ + ε, then m̂ over it in place
-        return torch.div(first, u, out=u).div_(bias1)
+        first, denominator, scale = self._parts(term)
+        return torch.div(first, denominator, out=denominator).mul_(scale)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    @staticmethod
+    def _parts(term) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
+        """(m, D, c) with u = c·m/D, in the fewest passes over memory: D = √v + ε·√(1−β2^t) and
+        c = √(1−β2^t)/(1−β1^t), the same u as m̂/(√v̂ + ε) (both sides times √(1−β2^t)). D is the one temporary."""
+        first, second, bias1, bias2_sqrt, eps = term
+        return first, second.sqrt().add_(eps * bias2_sqrt), bias2_sqrt / bias1
+
+    def add_to_(self, params: list[torch.Tensor], alpha: float) -> None:
+        """params += alpha·u, one tensor at a time: a fused m/D multiply-add into the weights (`addcdiv_`), so
+        entering or leaving the look-ahead point costs three passes over memory per tensor and no copy of u."""
+        for p, term in zip(params, self.terms, strict=True):
+            if term is None:
+                continue
+            first, denominator, scale = self._parts(term)
+            if torch.is_tensor(scale):  # a device step count (fused, capturable): no host sync for the value
+                p.addcdiv_(first, denominator.div_(scale), value=alpha)
+            else:
+                p.addcdiv_(first, denominator, value=alpha * scale)
 
     def local_squares(self) -> tuple[torch.Tensor, object]:
         """(Σ‖u_i‖² over this process's elements in float32, the process group of sharded parameters or None), as
         `global_norm` counts them, one tensor at a time."""
         squares, group = None, None
-        for u in self:
-            if is_dtensor(u):
-                if u.device_mesh.ndim != 1 or not all(p.is_shard() for p in u.placements):
+        for term in self.terms:
+            if term is None:
+                continue
+            first, denominator, scale = self._parts(term)
+            ratio = torch.div(first, denominator, out=denominator)  # u / c: c is applied to the tensor's norm
+            if is_dtensor(ratio):
+                if ratio.device_mesh.ndim != 1 or not all(p.is_shard() for p in ratio.placements):
                     unsupported_layout()
-                group, u = u.device_mesh.get_group(), u.to_local()
-            square = torch.linalg.vector_norm(u, dtype=torch.float32) ** 2
+                group, ratio = ratio.device_mesh.get_group(), ratio.to_local()
+            square = (torch.linalg.vector_norm(ratio, dtype=torch.float32) * scale) ** 2
             squares = square if squares is None else squares + square.to(squares.device)
         return (squares if squares is not None else torch.zeros(())), group
 
@@ -234,8 +256,7 @@ class LookAhead:
 def _add_(params: list[torch.Tensor], directions, alpha: float) -> None:
     """params += alpha·directions: one fused op for a list, one tensor at a time for an `AdamUpdate`."""
     if isinstance(directions, AdamUpdate):
-        for p, d in zip(params, directions, strict=True):
-            p.add_(d, alpha=alpha)
+        directions.add_to_(params, alpha)
     else:
         torch._foreach_add_(params, directions, alpha=alpha)
 
