@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 # The modes that take one forward+backward per step, at a point fixed without an ascent gradient.
 ONE_PASS_MODES = ("momentum", "adam_update", "previous_gradient")
+# `AdamUpdate` reads u in pieces of at most this many elements (4 MiB in float32): its only memory beyond the
+# optimizer's, and small enough to stay in a CPU's cache between the two passes that use it.
+PIECE = 1 << 20
 
 
 # ---------------------------------------------------------------------- the directions, read from the optimizer
@@ -118,6 +122,7 @@ class AdamUpdate:
 
     def __init__(self, params: list[torch.Tensor], terms: list) -> None:
         self.params, self.terms = params, terms
+        self._scratch: dict = {}  # (device, dtype) -> one flat buffer of ≤ PIECE elements, reused for every D
 
     def __len__(self) -> int:
         return len(self.params)
@@ -128,46 +133,73 @@ class AdamUpdate:
         term = self.terms[index]
         if term is None:
             return torch.zeros_like(self.params[index])
-        first, denominator, scale = self._parts(term)
-        return torch.div(first, denominator, out=denominator).mul_(scale)
+        first, second, bias1, bias2_sqrt, eps = term
+        denominator = second.sqrt().add_(eps * bias2_sqrt)
+        return torch.div(first, denominator, out=denominator).mul_(bias2_sqrt / bias1)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    @staticmethod
-    def _parts(term) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
-        """(m, D, c) with u = c·m/D, in the fewest passes over memory: D = √v + ε·√(1−β2^t) and
-        c = √(1−β2^t)/(1−β1^t), the same u as m̂/(√v̂ + ε) (both sides times √(1−β2^t)). D is the one temporary."""
-        first, second, bias1, bias2_sqrt, eps = term
-        return first, second.sqrt().add_(eps * bias2_sqrt), bias2_sqrt / bias1
+    # u = c·m/D with D = √v + ε·√(1−β2^t) and c = √(1−β2^t)/(1−β1^t): the same u as m̂/(√v̂ + ε) (both sides times
+    # √(1−β2^t)), in the fewest passes over memory. The passes below walk each tensor in pieces of ≤ PIECE elements
+    # with one reused scratch buffer for D: a fresh temporary per tensor costs more than the arithmetic on a CPU
+    # (each large allocation is new memory, page-faulted in), and a piece of D is still in cache when it is read.
+    def _pieces(self, p: torch.Tensor, term) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(p, m, v) in matching flat pieces; whole where a flat view is not possible (DTensors, strided)."""
+        first, second = term[0], term[1]
+        tensors = (p, first, second)
+        if p.numel() <= PIECE or is_dtensor(p) or not all(t.is_contiguous() for t in tensors):
+            yield tensors
+            return
+        flat = [t.view(-1) for t in tensors]
+        for start in range(0, p.numel(), PIECE):
+            yield tuple(t[start : start + PIECE] for t in flat)
+
+    def _denominator(self, second: torch.Tensor, term) -> torch.Tensor:
+        """D = √v + ε·√(1−β2^t) for a piece of v, in the scratch buffer when it fits (a new tensor otherwise)."""
+        if is_dtensor(second) or second.numel() > PIECE:
+            denominator = second.sqrt()
+        else:
+            key = (second.device, second.dtype)
+            if key not in self._scratch:
+                size = min(PIECE, max(t[1].numel() for t in self.terms if t is not None))
+                self._scratch[key] = torch.empty(size, device=second.device, dtype=second.dtype)
+            denominator = torch.sqrt(second, out=self._scratch[key][: second.numel()].view(second.shape))
+        return denominator.add_(term[4] * term[3])
 
     def add_to_(self, params: list[torch.Tensor], alpha: float) -> None:
-        """params += alpha·u, one tensor at a time: a fused m/D multiply-add into the weights (`addcdiv_`), so
-        entering or leaving the look-ahead point costs three passes over memory per tensor and no copy of u."""
+        """params += alpha·u, a piece at a time: D, then a fused m/D multiply-add into the weights (`addcdiv_`), so
+        entering or leaving the look-ahead point costs three passes over memory and no copy of u."""
         for p, term in zip(params, self.terms, strict=True):
             if term is None:
                 continue
-            first, denominator, scale = self._parts(term)
-            if torch.is_tensor(scale):  # a device step count (fused, capturable): no host sync for the value
-                p.addcdiv_(first, denominator.div_(scale), value=alpha)
-            else:
-                p.addcdiv_(first, denominator, value=alpha * scale)
+            scale = term[3] / term[2]
+            for p_piece, first, second in self._pieces(p, term):
+                denominator = self._denominator(second, term)
+                if torch.is_tensor(
+                    scale
+                ):  # a device step count (fused, capturable): no host sync for the value
+                    p_piece.addcdiv_(first, denominator.div_(scale), value=alpha)
+                else:
+                    p_piece.addcdiv_(first, denominator, value=alpha * scale)
 
     def local_squares(self) -> tuple[torch.Tensor, object]:
         """(Σ‖u_i‖² over this process's elements in float32, the process group of sharded parameters or None), as
-        `global_norm` counts them, one tensor at a time."""
+        `global_norm` counts them, a piece at a time."""
         squares, group = None, None
-        for term in self.terms:
+        for p, term in zip(self.params, self.terms, strict=True):
             if term is None:
                 continue
-            first, denominator, scale = self._parts(term)
-            ratio = torch.div(first, denominator, out=denominator)  # u / c: c is applied to the tensor's norm
-            if is_dtensor(ratio):
-                if ratio.device_mesh.ndim != 1 or not all(p.is_shard() for p in ratio.placements):
-                    unsupported_layout()
-                group, ratio = ratio.device_mesh.get_group(), ratio.to_local()
-            square = (torch.linalg.vector_norm(ratio, dtype=torch.float32) * scale) ** 2
-            squares = square if squares is None else squares + square.to(squares.device)
+            for _, first, second in self._pieces(p, term):
+                ratio = torch.div(
+                    first, denominator := self._denominator(second, term), out=denominator
+                )  # u / c
+                if is_dtensor(ratio):
+                    if ratio.device_mesh.ndim != 1 or not all(q.is_shard() for q in ratio.placements):
+                        unsupported_layout()
+                    group, ratio = ratio.device_mesh.get_group(), ratio.to_local()
+                square = (torch.linalg.vector_norm(ratio, dtype=torch.float32) * (term[3] / term[2])) ** 2
+                squares = square if squares is None else squares + square.to(squares.device)
         return (squares if squares is not None else torch.zeros(())), group
 
 

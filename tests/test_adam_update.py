@@ -190,3 +190,42 @@ def test_a_maximizing_optimizer_is_refused(mode, base):
     """maximize=True steps along +u (+v): a look-ahead along −u would point away from the step it anticipates."""
     with pytest.raises(ValueError, match=f"mode='{mode}'.*maximize=True"):
         SAM(base(make_model().parameters()), rho=RHO, mode=mode)
+
+
+@pytest.mark.parametrize("piece", [7, 1 << 20], ids=["in pieces", "whole tensors"])
+def test_entering_and_norming_in_pieces_match_adams_formula(monkeypatch, piece):
+    """`AdamUpdate.add_to_` and its norm walk each tensor in pieces of ≤ PIECE elements with a reused scratch buffer:
+    ragged pieces (7 does not divide the sizes), a strided tensor (read whole) and a parameter Adam has not stepped
+    give w + α·u and ‖u‖ of Adam's formula."""
+    import hf_sam.one_pass as one_pass
+
+    monkeypatch.setattr(one_pass, "PIECE", piece)
+    torch.manual_seed(0)
+    params = [torch.randn(5, 9), torch.randn(3, 4).t(), torch.randn(30), torch.randn(6)]  # the second is strided
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params[:3], lr=LR, betas=BETAS, eps=EPS)
+    for _ in range(3):
+        for p in params[:3]:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    u = adam_update_direction(optimizer, params)
+    step = 3
+    want = []
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            want.append(torch.zeros_like(p))
+            continue
+        m_hat, v_hat = state["exp_avg"] / (1 - BETAS[0] ** step), state["exp_avg_sq"] / (1 - BETAS[1] ** step)
+        want.append(m_hat / (v_hat.sqrt() + EPS))
+    torch.testing.assert_close(direction_norm([u]), global_norm(want), atol=0, rtol=1e-5)
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        u.add_to_(params, -0.5)
+    for p, w, d in zip(params, before, want, strict=True):
+        torch.testing.assert_close(p.detach(), w - 0.5 * d, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        u.add_to_(params, 0.5)
+    for p, w in zip(params, before, strict=True):
+        torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=0)
