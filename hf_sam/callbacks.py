@@ -11,7 +11,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from hf_sam.sharpness import LossFn, check_attention, hessian_eigenvalues, m_sharpness, model_loss
+from hf_sam.hessian import hessian_eigenvalues
+from hf_sam.m_sharpness import m_sharpness
+from hf_sam.measurement import LossFn, check_attention, model_loss
 
 logger = logging.get_logger(__name__)
 
