@@ -161,6 +161,10 @@ class SAM(torch.optim.Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        # This wrapper's backup of w, for custom loops (`ascent_step` / `restore`). SAMTrainer keeps its own
+        # (`SAMMixin._sam_backup`), which does not depend on a wrapper (under DeepSpeed there is none, and a wrapper
+        # may be the user's or rebuilt for each new model); under the Trainer this one stays empty, so the
+        # `restore()` in `step()` finds nothing to restore.
         self._backup = WeightBackup()
         self._look_ahead = LookAhead()  # the one-pass modes
         self.sam_state: dict = {}  # variant state that must survive a checkpoint (saved by state_dict)

@@ -6,6 +6,8 @@ process count or resume: the trainer adds quantities already in those units (see
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.utils import logging
 
@@ -140,6 +142,31 @@ def warn_if_look_ahead_too_far(
         "this model. Lower sam_rho (see docs/variants.md, 'Choosing ρ', for the values tuned on each model family)."
     )
     return True
+
+
+class LookAheadGuard:
+    """The look-ahead guard's state for one run: the loss at w at its first check, the largest (loss where the
+    gradient is taken) / (loss at w) so far, and whether it has warned (once per run). The trainer asks it on the
+    check steps (`is_look_ahead_check_step`), at their first micro-batch, on one process."""
+
+    def __init__(self) -> None:
+        self.warned = False
+        self.first_clean_loss = math.nan
+        self.worst_ratio = 0.0
+
+    def check(self, clean, perturbed, step: int, rho: float, mode: str) -> None:
+        """Record the losses at w (`clean`) and where the gradient is taken (`perturbed`) of optimizer step `step`
+        (1-based), and warn if ρ keeps the model from learning (`warn_if_look_ahead_too_far`)."""
+        if step <= 2 and math.isnan(self.first_clean_loss):
+            # What "has come down" is measured against: the first check (step 2 for the one-pass modes, whose
+            # first step is plain); a run resumed later has none, and gets no verdict.
+            self.first_clean_loss = float(clean)
+        clean, perturbed = float(clean), float(perturbed)
+        if clean > 0:
+            self.worst_ratio = max(self.worst_ratio, perturbed / clean)
+        self.warned = warn_if_look_ahead_too_far(
+            clean, rho, mode, step, self.first_clean_loss, self.worst_ratio
+        )
 
 
 def _whole_if_integral(value: float) -> int | float:

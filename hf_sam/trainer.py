@@ -1,95 +1,37 @@
-"""The two-pass SAM step as a mixin for any `transformers.Trainer` subclass (`SAMMixin`), and `SAMTrainer` =
-`SAMMixin` + `transformers.Trainer`. Overrides a few public hooks (`__init__`, `create_optimizer`,
-`training_step`, `log`), never the loop; the engines, variants, math and telemetry live in their own modules."""
+"""The SAM step as a mixin for any `transformers.Trainer` subclass (`SAMMixin`), and `SAMTrainer` = `SAMMixin` +
+`transformers.Trainer`. Overrides a few public hooks (`__init__`, `create_optimizer`, `training_step`,
+`floating_point_ops`, `log`), never the loop, and picks the step kind of each micro-batch (`_plain_step`,
+`_two_pass_sam_step`, `_one_pass_sam_step`). One micro-batch of two-pass SAM is `hf_sam.two_pass`, what a run
+keeps `hf_sam.run_state`, what the constructor needs `hf_sam.trainer_setup`; the engines, checks, variants, math
+and telemetry live in their own modules."""
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import math
 import os
 
 import torch
 from transformers import Trainer
 
-from hf_sam import loss_units, variants
+from hf_sam import loss_units, two_pass, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
 from hf_sam.checks import check_accelerator, check_run, check_trainer_and_model
 from hf_sam.configs import SAMArguments, SAMTrainingArguments
 from hf_sam.engines import Plan, select_engine
 from hf_sam.gsam_looksam import looksam_reuse_gradient_
-from hf_sam.one_pass import ONE_PASS_MODES, OnePass, check_adam_update
-from hf_sam.perturbation import perturb_, perturbation_group, scheduled_rho
+from hf_sam.one_pass import ONE_PASS_MODES, check_adam_update
+from hf_sam.perturbation import scheduled_rho
+from hf_sam.run_state import RunState
 from hf_sam.sam import SAM
-from hf_sam.telemetry import (
-    SAMTelemetry,
-    is_look_ahead_check_step,
-    report_skipped_step,
-    warn_if_look_ahead_too_far,
+from hf_sam.telemetry import is_look_ahead_check_step, report_skipped_step
+from hf_sam.trainer_internals import records_undone
+from hf_sam.trainer_setup import (
+    parent_signature,
+    remove_if_created_empty,
+    sam_in,
+    wrap_in_sam,
+    wrapper_mode,
 )
-from hf_sam.trainer_internals import inputs_already_prepared, loss_weighted, records_undone
 from hf_sam.weight_backup import WeightBackup
-
-
-class _Run:
-    """What `SAMMixin` keeps for one training loop.
-
-    The Trainer builds a new `TrainerState` at the start of every loop (each `train()`, each `model_init` /
-    hyperparameter trial, a resume, an `auto_find_batch_size` retry), so a run is recognised by its state object
-    and nothing carries over from one loop into the next: a cached parameter list of the previous model would be
-    perturbed instead of the new one (ε = 0 on the model being trained), a half-filled window would leak.
-    """
-
-    def __init__(self, state, sam_mode: str) -> None:
-        self.state = state
-        self.plan: Plan | None = None
-        self.window = variants.CleanGradientWindow()  # GSAM / LookSAM
-        self.micro_batch = 0  # index of the micro-batch in its accumulation window (the ascent subset's draw)
-        self.passes = 1.0  # forward+backward passes of the last micro-batch, example-weighted (total_flos)
-        self.chunk_passes = 1.0  # the same, of the last chunk `_sam_micro_step` took
-        self.extra_ascents = 0  # the further ascents of that chunk (sam_ascent_steps > 1)
-        self.telemetry = SAMTelemetry(start_step=state.global_step)
-        self.look_ahead_warned = False  # the look-ahead guard warns once per run
-        self.first_clean_loss = math.nan  # the look-ahead guard: the loss at w at its first check,
-        self.look_ahead_worst_ratio = (
-            0.0  # and the largest (loss where the gradient is taken) / (loss at w) so far
-        )
-        self.one_pass = OnePass(sam_mode)  # the one-pass variants' direction and point
-
-
-def _parent_signature(trainer_class: type) -> inspect.Signature:
-    """The signature of the first `__init__` below `SAMMixin` that names an `args` parameter: it decides which
-    positional argument is `args` (trl's DPOTrainer takes (model, ref_model, args, ...), DistillationTrainer
-    (model, teacher_model, args, ...)). Pass-through `__init__(self, *args, **kwargs)` are looked through."""
-    mro = trainer_class.__mro__
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    for cls in mro[mro.index(SAMMixin) + 1 :]:
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            continue
-        signature = inspect.signature(init)
-        args = signature.parameters.get("args")
-        if args is not None and args.kind in named:
-            return signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
-    raise TypeError(
-        f"{trainer_class.__name__}: SAMMixin needs a Trainer subclass whose __init__ takes `args`."
-    )
-
-
-def remove_if_created_empty(path: str | None, existed: bool) -> None:
-    """Remove the folder `path` if it did not exist before (`existed` False) and is empty now: made by
-    `Trainer.__init__` before a set-up check failed, it should leave no trace. Anything else is left alone."""
-    if path is None or existed:
-        return
-    with contextlib.suppress(OSError):  # not empty, not a folder, already gone: not ours to remove
-        os.rmdir(path)
-
-
-def _sam_in(optimizer) -> SAM | None:
-    """The `hf_sam.SAM` inside an optimizer (itself, or under AcceleratedOptimizer and friends), if any."""
-    while optimizer is not None and not isinstance(optimizer, SAM):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
 
 
 class SAMMixin:
@@ -115,9 +57,10 @@ class SAMMixin:
        precision stay the Trainer's;
     4. w restored by copy before returning; the Trainer then clips, steps, schedules, saves and evaluates at w.
 
-    How each pass runs under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 is the engine's (`hf_sam.engines`, chosen in
-    `__init__` as `self.sam_engine`); ε itself is `hf_sam.perturbation.perturb_`, the one path from an ascent gradient to
-    w + ε (the one-pass modes' look-ahead point is `hf_sam.one_pass`'s).
+    Steps 1-4 are `hf_sam.two_pass.sam_micro_step`. How each pass runs under DDP, FSDP2 and DeepSpeed ZeRO-1/2/3
+    is the engine's (`hf_sam.engines`, chosen in `__init__` as `self.sam_engine`); ε itself is
+    `hf_sam.perturbation.perturb_`, the one path from an ascent gradient to w + ε (the one-pass modes' look-ahead
+    point is `hf_sam.one_pass`'s).
 
     The variants of `SAMTrainingArguments` (interval, late-phase window, LookSAM, GSAM, m-sharpness groups,
     multi-step ascent, ascent subset, ρ schedule, parameter filter) change which steps run SAM and how the final
@@ -137,7 +80,7 @@ class SAMMixin:
 
     def __init__(self, *pargs, **kwargs):
         name = type(self).__name__
-        bound = _parent_signature(type(self)).bind_partial(*pargs, **kwargs)
+        bound = parent_signature(type(self), SAMMixin).bind_partial(*pargs, **kwargs)
         model, args = bound.arguments.get("model"), bound.arguments.get("args")
         if args is None:
             args = bound.arguments["args"] = SAMTrainingArguments(output_dir="trainer_output")
@@ -159,20 +102,25 @@ class SAMMixin:
                     remove_if_created_empty(args.output_dir, output_dir_existed)
                 raise
         self.sam_engine = select_engine(self)
-        # The Trainer path's one owner of "restore w" (the wrapper's own backup stays empty: custom loops only).
+        # The one backup of w on the Trainer path. The `SAM` wrapper keeps its own (`SAM._backup`) for custom loops,
+        # and it stays empty here (its `ascent_step` never runs under the Trainer, so the `restore()` in its `step()`
+        # finds nothing to restore). Kept apart because this one must not depend on the wrapper: under DeepSpeed no
+        # wrapper exists (`Engine.wraps_optimizer`), and a wrapper may be the user's or be rebuilt for each new
+        # model (model_init, hyperparameter trials), while this backup, with its once-per-trainer warning about
+        # what low-precision weights keep of ε, lives as long as the trainer.
         self._sam_backup = WeightBackup()
-        self._sam_run: _Run | None = None
+        self._sam_run: RunState | None = None
         self._loss_units_checked_for = None  # the TrainerState of the run whose loss units were asked
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, *args, **kwargs):
         """Build the stock optimizer, then wrap it in `SAM` (it shares the base's param_groups and state)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        wrapper = _sam_in(optimizer)  # a user's own SAM, or the one a first train() built (now Accelerate's)
+        wrapper = sam_in(optimizer)  # a user's own SAM, or the one a first train() built (now Accelerate's)
         if self.args.sam_rho > 0 and self.args.sam_mode == "adam_update":
             check_adam_update(getattr(wrapper, "base_optimizer", optimizer))
         if wrapper is not None and self.args.sam_rho > 0:
-            wanted = "momentum" if self.args.sam_mode == "momentum" else "sam"
+            wanted = wrapper_mode(self.args.sam_mode)
             if wrapper.mode != wanted:
                 raise ValueError(
                     f"The optimizer passed to {type(self).__name__} is hf_sam.SAM(mode={wrapper.mode!r}), but "
@@ -180,23 +128,12 @@ class SAMMixin:
                     f"mode={wanted!r}), or pass the base optimizer and let {type(self).__name__} wrap it."
                 )
         if self.args.sam_rho > 0 and self.sam_engine.wraps_optimizer and wrapper is None:
-            a = self.args
-            mode = "momentum" if a.sam_mode == "momentum" else "sam"  # the wrapper's own modes
-            self.optimizer = optimizer = SAM(
-                optimizer, a.sam_rho, a.sam_adaptive, a.sam_eta, a.sam_norm, mode
-            )
-            # fp16's GradScaler already skips non-finite steps; in fp32/bf16 the wrapper does (and stops after N).
-            optimizer.max_nonfinite_steps = (
-                a.sam_max_nonfinite_steps if self.accelerator.scaler is None else 0
-            )
+            self.optimizer = optimizer = wrap_in_sam(optimizer, self.args, self.accelerator.scaler)
             optimizer.on_guarded_step = lambda skipped: report_skipped_step(self.optimizer, skipped)
-            # w is restored by training_step before the Trainer steps, and Accelerate detects an fp16 overflow by
-            # whether the GradScaler calls step(): let the scaler skip this optimizer as it skips any other.
-            optimizer._step_supports_amp_scaling = False
         return optimizer
 
     def _sam_optimizer(self) -> SAM:
-        optimizer = _sam_in(self.optimizer)
+        optimizer = sam_in(self.optimizer)
         if optimizer is None:
             raise RuntimeError(
                 "SAMTrainer's optimizer is not wrapped in hf_sam.SAM; was create_optimizer() overridden?"
@@ -207,29 +144,19 @@ class SAMMixin:
         """Variant state that lives in checkpoints (LookSAM's g_v): the wrapper's, or none without a wrapper."""
         return self._sam_optimizer().sam_state if self.sam_engine.wraps_optimizer else {}
 
-    def _current_run(self) -> _Run:
+    def _current_run(self) -> RunState:
         if self._sam_run is None or self._sam_run.state is not self.state:
             check_run(self)
-            self._sam_run = _Run(self.state, self.args.sam_mode)
+            self._sam_run = RunState(self.state, self.args.sam_mode)
         return self._sam_run
 
     def _perturbation_plan(self, model) -> Plan:
         """The engine's plan, cached per training loop (rebuilt when the optimizer's groups or a parameter's
-        requires_grad change)."""
-        run = self._current_run()
-        optimizer = self._sam_optimizer() if self.sam_engine.wraps_optimizer else self.optimizer
-        previous, run.plan = run.plan, self.sam_engine.plan(model, optimizer, run.plan)
-        if previous is not None and run.plan is not previous:
-            # Rebuilt mid-run (parameters frozen or unfrozen): the per-parameter state of GSAM, LookSAM and
-            # previous_gradient follows its parameter (a newly perturbed one: no g_v; a zero previous gradient, as
-            # the previous step applied none to it).
-            if run.window.clean is not None:
-                run.window.clean = run.plan.carry(previous, run.window.clean, torch.zeros_like)
-            state = self._sam_state()
-            for key, fill in (("looksam_gv", lambda p: None), ("previous_gradient", torch.zeros_like)):
-                if key in state:
-                    state[key] = run.plan.carry(previous, state[key], fill)
-        return run.plan
+        requires_grad change; the variants' per-parameter state then follows its parameter: `RunState.follow`)."""
+        run, wraps = self._current_run(), self.sam_engine.wraps_optimizer
+        optimizer = self._sam_optimizer() if wraps else self.optimizer
+        plan = self.sam_engine.plan(model, optimizer, run.plan)
+        return run.follow(plan, optimizer.sam_state if wraps else {})
 
     def _note_loss(self, loss: torch.Tensor) -> None:
         if self.sam_engine.guards_steps():
@@ -286,7 +213,7 @@ class SAMMixin:
 
     def _two_pass_sam_step(self, model, inputs, num_items_in_batch, last_micro_batch: bool):
         """Two-pass SAM (and GSAM, LookSAM's SAM steps) for one micro-batch, cut into m-sharpness chunks when
-        sam_group_size is set: each chunk's ascent, descent and restore is `_sam_micro_step`."""
+        sam_group_size is set: each chunk's ascent, descent and restore is `hf_sam.two_pass.sam_micro_step`."""
         args, run = self.args, self._current_run()
         run.passes = 1.0
         model.train()
@@ -302,13 +229,15 @@ class SAMMixin:
         # num_items_in_batch already sums over chunks.
         weighted = not loss_units.normalised_by_num_items(self, num_items_in_batch)
         statistics = ChunkStatistics(plan.batchnorms) if len(chunks) > 1 else None
+        rhos = self._scheduled_rhos(plan)
         clean_total, perturbed_total, run.passes = 0.0, 0.0, 0.0
         for index, (chunk, share) in enumerate(chunks):
             weight = share if weighted else 1.0
-            clean, perturbed = self._sam_micro_step(
-                model, chunk, num_items_in_batch, plan, is_last=index == len(chunks) - 1, loss_weight=weight
-            )
-            run.passes += share * run.chunk_passes
+            clean, perturbed, passes = two_pass.sam_micro_step(
+                self, run, self._sam_backup, super().training_step, model, chunk, num_items_in_batch,
+                plan=plan, rhos=rhos, is_last=index == len(chunks) - 1, loss_weight=weight,
+            )  # fmt: skip
+            run.passes += share * passes
             clean_total, perturbed_total = clean_total + weight * clean, perturbed_total + perturbed
             if statistics is not None:
                 statistics.add_chunk(share)
@@ -347,7 +276,7 @@ class SAMMixin:
         plan = self._perturbation_plan(model)
         clean = None
         if run.micro_batch == 0:
-            rhos = [self._scheduled_rho(group) for _, group in plan.slices]
+            rhos = self._scheduled_rhos(plan)
             norm = run.one_pass.set_point(
                 [(plan.params[s], direction[s], rho) for (s, _), rho in zip(plan.slices, rhos, strict=True)]
             )
@@ -368,37 +297,32 @@ class SAMMixin:
         run.telemetry.add(args.device, forward_passes=1, backward_passes=1)
         return loss
 
-    def _scheduled_rho(self, group: dict) -> float:
-        """A parameter group's ρ (the wrapper's, per group), following the learning rate with sam_rho_schedule."""
+    def _scheduled_rhos(self, plan: Plan) -> list[float]:
+        """Each param group's ρ (the wrapper's, per group), following the learning rate with sam_rho_schedule."""
         args = self.args
-        peak_lr = group.get("initial_lr", args.learning_rate) or args.learning_rate
-        return scheduled_rho(group["rho"], args.sam_rho_schedule, args.sam_rho_min, group["lr"], peak_lr)
+        return [
+            scheduled_rho(
+                group["rho"], args.sam_rho_schedule, args.sam_rho_min, group["lr"],
+                group.get("initial_lr", args.learning_rate) or args.learning_rate,
+            )
+            for _, group in plan.slices
+        ]  # fmt: skip
 
     def _look_ahead_check_due(self) -> bool:
         """The look-ahead guard's steps (1, 8, 16, 32, ...: `hf_sam.telemetry`), at their first micro-batch, until it
-        has warned once in this run."""
+        has warned once in this run. (`is_look_ahead_check_step` is looked up in this module: the overhead
+        benchmarks turn the guard off here.)"""
         run = self._current_run()
         return (
             run.micro_batch == 0
-            and not run.look_ahead_warned
+            and not run.look_ahead.warned
             and is_look_ahead_check_step(self.state.global_step + 1)
         )
 
     def _check_look_ahead(self, clean: torch.Tensor, perturbed: torch.Tensor) -> None:
-        run = self._current_run()
-        if self.is_world_process_zero():  # one process's losses: one warning per launch
-            step = self.state.global_step + 1
-            if step <= 2 and math.isnan(run.first_clean_loss):
-                # What "has come down" is measured against: the first check (step 2 for the one-pass modes, whose
-                # first step is plain); a run resumed later has none, and gets no verdict.
-                run.first_clean_loss = float(clean)
-            clean, perturbed = float(clean), float(perturbed)
-            if clean > 0:
-                run.look_ahead_worst_ratio = max(run.look_ahead_worst_ratio, perturbed / clean)
-            args = self.args
-            run.look_ahead_warned = warn_if_look_ahead_too_far(
-                clean, args.sam_rho, args.sam_mode, step, run.first_clean_loss, run.look_ahead_worst_ratio
-            )
+        if self.is_world_process_zero():  # one process's losses (one host sync): one warning per launch
+            step, args = self.state.global_step + 1, self.args
+            self._current_run().look_ahead.check(clean, perturbed, step, args.sam_rho, args.sam_mode)
 
     def _forward_only(self, model, inputs, num_items_in_batch, batchnorms=()) -> torch.Tensor:
         """`compute_loss` without gradients, leaving no trace: the random state put back (so the step's own pass
@@ -415,93 +339,6 @@ class SAMMixin:
                 return self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch).detach()
         finally:
             self.sam_engine.restore_random_state(random_state)
-
-    def _sam_micro_step(
-        self, model, inputs, num_items_in_batch, plan: Plan, is_last: bool, loss_weight: float
-    ):
-        """Ascent(s) at w, descent at w + ε, exact restore, for one micro-batch (or one chunk of m examples).
-
-        Returns the clean loss (as `compute_loss` gives it) and the perturbed loss (as `training_step` reports it,
-        times `loss_weight`, the chunk's share of its micro-batch).
-        """
-        args, run = self.args, self._current_run()
-        rng_state = self.sam_engine.random_state()
-
-        # 1. Ascent pass at w, on ⌈f·B⌉ examples drawn uniformly with sam_ascent_fraction < 1. The parent's metrics
-        # describe the micro-batch trained on: a subset's records give way to the descent pass's.
-        subset, share = variants.ascent_subset(
-            inputs,
-            args.sam_ascent_fraction,
-            variants.subset_generator(
-                args.seed, self.state.global_step, run.micro_batch, self.accelerator.process_index
-            ),
-            # BatchNorm in train mode cannot normalise one example (a short last batch, a small f·B).
-            min_examples=2 if any(m.training for m in plan.batchnorms) else 1,
-        )
-        with records_undone(self) if share < 1.0 else contextlib.nullcontext():
-            clean_loss, grads = self.sam_engine.ascent_gradient(
-                model, subset, num_items_in_batch, plan.params
-            )
-        if args.sam_mode in ("gsam", "looksam"):
-            run.window.add(grads, loss_units.as_reported(self, 1.0, num_items_in_batch))  # `.grad`'s units
-
-        # 2. w ← w + ε (projected multi-step ascent with sam_ascent_steps > 1).
-        rhos = [self._scheduled_rho(group) for _, group in plan.slices]
-
-        run.extra_ascents = 0
-        groups = [
-            perturbation_group(group, plan.params[s], grads[s], rho)
-            for (s, group), rho in zip(plan.slices, rhos, strict=True)
-        ]
-        try:
-            grad_norm = perturb_(
-                self._sam_backup,
-                groups,
-                args.sam_ascent_steps,
-                max(rhos),
-                lambda: self._further_ascent(model, subset, num_items_in_batch, plan, rng_state),
-                params=plan.params,  # the cached list: the backup recognises it without a per-tensor check
-            )
-            # ε now lives in the weights only: free it before the descent pass, so SAM's memory overhead is the
-            # backup copy of w alone.
-            del grads, groups
-
-            # 3. Descent pass at w + ε: the stock step, with the ascent pass's random numbers (dropout masks).
-            self.sam_engine.restore_random_state(rng_state)
-            with (
-                self.sam_engine.descent_context(model, is_last, self._sam_backup),
-                running_stats_frozen(plan.batchnorms),
-                loss_weighted(self, loss_weight),
-                records_undone(self) if share == 1.0 else contextlib.nullcontext(),
-                inputs_already_prepared(self),
-            ):
-                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            # 4. Back to w (exact copy) before the Trainer clips, steps, saves or evaluates.
-            self._sam_backup.restore_()
-
-        finite = bool(torch.isfinite(grad_norm))
-        run.telemetry.record_ascent(
-            grad_norm * loss_units.mean_loss_factor(self, subset, num_items_in_batch),
-            finite,
-            rhos[0] if rhos else 0.0,
-        )
-        run.chunk_passes = (
-            share * (1 + run.extra_ascents) + 1
-        )  # the ascent(s) over the subset, then the descent
-        if share < 1.0:
-            clean_loss = loss_units.in_units_of_the_batch(
-                self, clean_loss, subset, inputs, num_items_in_batch
-            )
-        return clean_loss, perturbed_loss
-
-    def _further_ascent(self, model, subset, num_items_in_batch, plan: Plan, rng_state) -> list[torch.Tensor]:
-        """sam_ascent_steps > 1: the ascent gradient at the current perturbed weights, with the first ascent's random
-        numbers, BatchNorm statistics untouched and the parent's records undone (counted in `extra_ascents`)."""
-        self._current_run().extra_ascents += 1
-        self.sam_engine.restore_random_state(rng_state)
-        with running_stats_frozen(plan.batchnorms), records_undone(self):
-            return self.sam_engine.ascent_gradient(model, subset, num_items_in_batch, plan.params)[1]
 
     # ------------------------------------------------------------------ telemetry
     def floating_point_ops(self, inputs) -> int:
