@@ -136,8 +136,9 @@ class Engine:
         }
 
     # ------------------------------------------------------------------ the passes
-    def begin_sam_micro_batch(self, model) -> None:
-        """Called before the first pass of a SAM micro-batch."""
+    def begin_sam_micro_batch(self, model, first_in_window: bool) -> None:
+        """Called before the first pass of a SAM micro-batch (`first_in_window`: the first micro-batch of its
+        accumulation window, so no gradient has been accumulated yet)."""
 
     def ascent_gradient(self, model, inputs: dict, num_items_in_batch, params) -> tuple[torch.Tensor, list]:
         """(loss at the current weights, its gradient for `params`) without touching `.grad` or DDP's reducer.
@@ -222,7 +223,7 @@ class FSDP2(Engine):
             )
         _refuse_variants(args, cls.refused_variants)
 
-    def begin_sam_micro_batch(self, model) -> None:
+    def begin_sam_micro_batch(self, model, first_in_window: bool) -> None:
         # The Trainer defers FSDP2's reduce-scatter to the last micro-batch, keeping unsharded local gradients in
         # between; the ascent's own synced backward would fold those into its gradient. So a SAM step
         # reduce-scatters every pass: the accumulated gradient then lives in the sharded `.grad` alone (less
@@ -395,6 +396,8 @@ class DeepSpeedZeRO3(DeepSpeedZeRO):
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
         self._accumulated: list[torch.Tensor] | None = None  # the window's gradient partitions, set aside
+        # Whether earlier micro-batches of the window left a gradient in the partitions (told by the trainer).
+        self._window_has_gradient = False
         self._zeros: torch.Tensor | None = None
         # Set with each plan (`_bind_perturbed_tensors`): the perturbed parameters, every trainable one, their group.
         self.module_params: list[torch.Tensor] = []
@@ -420,14 +423,19 @@ class DeepSpeedZeRO3(DeepSpeedZeRO):
         the accumulated gradient back, untouched, before the descent backward adds to it."""
         from deepspeed.utils import safe_get_local_grad
 
-        first = self.trainer._current_run().micro_batch == 0
-        self._accumulated = None if first else [safe_get_local_grad(p).clone() for p in self.trainable]
+        self._accumulated = (
+            [safe_get_local_grad(p).clone() for p in self.trainable] if self._window_has_gradient else None
+        )
         self._zero_gradient_partitions()
         loss = self._loss(model, inputs, num_items_in_batch)
         # Not divided by the accumulation steps: the mean loss's gradient, in the units of the other engines.
         model.backward(loss, scale_wrt_gas=False)
         grads = [safe_get_local_grad(p) for p in self.module_params]
         return loss.detach(), mark_partitioned(grads, self.partition_group)
+
+    def begin_sam_micro_batch(self, model, first_in_window: bool) -> None:
+        """The trainer says where the micro-batch stands in its window: its ascent sets aside what is accumulated."""
+        self._window_has_gradient = not first_in_window
 
     def _zero_gradient_partitions(self) -> None:
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad

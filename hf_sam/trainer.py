@@ -223,7 +223,7 @@ class SAMMixin:
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         plan = self._perturbation_plan(model)
-        self.sam_engine.begin_sam_micro_batch(model)
+        self.sam_engine.begin_sam_micro_batch(model, first_in_window=run.micro_batch == 0)
         chunks = variants.chunks(inputs, args.sam_group_size)
         # A per-batch mean loss needs each chunk weighted by its share of the micro-batch; a loss normalised by
         # num_items_in_batch already sums over chunks.
