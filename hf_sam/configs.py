@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from hf_sam.checks import SAM_MODES, SAM_RHO_SCHEDULES, check_arguments, check_engine_arguments
+from hf_sam.argument_checks import SAM_MODES, SAM_RHO_SCHEDULES, check_arguments, check_engine_arguments
 from hf_sam.perturbation import SAM_NORMS
 
 __all__ = ["SAMArguments", "SAMTrainingArguments", "SAM_MODES", "SAM_RHO_SCHEDULES"]
@@ -197,7 +197,7 @@ class SAMArguments:
                 f"{type(self).__name__}: SAMArguments is a mixin for a TrainingArguments subclass, e.g. "
                 "`class SAMSFTConfig(SAMArguments, SFTConfig)`."
             )
-        # Our own fields first: a typo in a SAM field should not wait behind device set-up (`hf_sam.checks`).
+        # Our own fields first: a typo in a SAM field should not wait behind device set-up (`hf_sam.argument_checks`).
         self.sam_norm = _normalize_norm(self.sam_norm)
         check_arguments(self)
         super().__post_init__()

@@ -14,7 +14,6 @@ from transformers import Trainer
 
 from hf_sam import loss_units, two_pass, variants
 from hf_sam.batchnorm import ChunkStatistics, running_stats_frozen
-from hf_sam.checks import check_accelerator, check_run, check_trainer_and_model
 from hf_sam.configs import SAMArguments, SAMTrainingArguments
 from hf_sam.engines import Plan, select_engine
 from hf_sam.gsam_looksam import looksam_reuse_gradient_
@@ -22,6 +21,7 @@ from hf_sam.one_pass import ONE_PASS_MODES, check_adam_update
 from hf_sam.perturbation import scheduled_rho
 from hf_sam.run_state import RunState
 from hf_sam.sam import SAM
+from hf_sam.setup_checks import check_accelerator, check_run, check_sam_wrapper, check_trainer_and_model
 from hf_sam.telemetry import is_look_ahead_check_step, report_skipped_step
 from hf_sam.trainer_internals import records_undone
 from hf_sam.trainer_setup import (
@@ -29,7 +29,6 @@ from hf_sam.trainer_setup import (
     remove_if_created_empty,
     sam_in,
     wrap_in_sam,
-    wrapper_mode,
 )
 from hf_sam.weight_backup import WeightBackup
 
@@ -120,13 +119,7 @@ class SAMMixin:
         if self.args.sam_rho > 0 and self.args.sam_mode == "adam_update":
             check_adam_update(getattr(wrapper, "base_optimizer", optimizer))
         if wrapper is not None and self.args.sam_rho > 0:
-            wanted = wrapper_mode(self.args.sam_mode)
-            if wrapper.mode != wanted:
-                raise ValueError(
-                    f"The optimizer passed to {type(self).__name__} is hf_sam.SAM(mode={wrapper.mode!r}), but "
-                    f"sam_mode={self.args.sam_mode!r} needs mode={wanted!r}: build it as SAM(base, rho, "
-                    f"mode={wanted!r}), or pass the base optimizer and let {type(self).__name__} wrap it."
-                )
+            check_sam_wrapper(wrapper, self.args, type(self).__name__)
         if self.args.sam_rho > 0 and self.sam_engine.wraps_optimizer and wrapper is None:
             self.optimizer = optimizer = wrap_in_sam(optimizer, self.args, self.accelerator.scaler)
             optimizer.on_guarded_step = lambda skipped: report_skipped_step(self.optimizer, skipped)

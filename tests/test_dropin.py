@@ -504,7 +504,7 @@ def test_a_users_log_call_starts_no_collective(tmp_path, monkeypatch):
 def test_context_parallelism_is_refused(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from hf_sam.checks import check_accelerator
+    from hf_sam.setup_checks import check_accelerator
 
     trainer = SAMTrainer(
         model=make_model(), args=make_args(tmp_path, sam_rho=RHO), train_dataset=make_rows(8)

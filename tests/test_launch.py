@@ -9,7 +9,7 @@ import pytest
 import torch
 from two_processes import REPO, SCRIPTS
 
-from hf_sam import checks
+from hf_sam import setup_checks
 
 
 @pytest.mark.multiprocess
@@ -39,15 +39,15 @@ def _trainer(num_processes=1, fsdp=False):
 def test_several_processes_seen_by_the_environment_but_one_run_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="WORLD_SIZE=2.*train independently"):
-        checks.check_launch(_trainer())
-    checks.check_launch(_trainer(num_processes=2))  # a real two-process run
+        setup_checks.check_launch(_trainer())
+    setup_checks.check_launch(_trainer(num_processes=2))  # a real two-process run
 
 
 def test_a_fsdp_launch_that_accelerate_did_not_enable_is_said(monkeypatch):
     warnings = []
-    monkeypatch.setattr(checks.logger, "warning_once", warnings.append)
+    monkeypatch.setattr(setup_checks.logger, "warning_once", warnings.append)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    checks.check_launch(_trainer(fsdp=True))
+    setup_checks.check_launch(_trainer(fsdp=True))
     assert warnings == []
-    checks.check_launch(_trainer(fsdp=False))
+    setup_checks.check_launch(_trainer(fsdp=False))
     assert len(warnings) == 1 and "asked for FSDP" in warnings[0] and "DDP's ε" in warnings[0]

@@ -18,7 +18,7 @@ from test_variants import flat_dot, flat_norm
 from toy import TinyNet, loss_and_grads, make_rows, reference_sam_gradient, stack
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_sam import SAM, SAMTrainer, SAMTrainingArguments, engines
+from hf_sam import SAM, SAMTrainer, SAMTrainingArguments, engines, engines_deepspeed
 from hf_sam import sam as sam_module
 
 RHO = 0.05
@@ -377,7 +377,7 @@ def stub_engine(cls, **args):
     return engine
 
 
-@pytest.mark.parametrize("cls", [engines.ProcessLocal, engines.FSDP2, engines.DeepSpeedZeRO])
+@pytest.mark.parametrize("cls", [engines.ProcessLocal, engines.FSDP2, engines_deepspeed.DeepSpeedZeRO])
 def test_every_engine_plan_follows_requires_grad(cls):
     torch.manual_seed(0)
     model = TinyNet()
