@@ -25,6 +25,13 @@ import json
 import os
 import re
 import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from readme_block import replace_readme_block  # noqa: E402
+
+BLOCK = "results"  # recipes/README.md's block
+START, END = f"<!-- {BLOCK}:start -->", f"<!-- {BLOCK}:end -->"
 
 # Table 3 (top-1 error %, mean ± 95% CI over 5 runs): (SAM, baseline) for EfficientNet-B7 (ImageNet only) and
 # EfficientNet-L2.
@@ -41,7 +48,6 @@ PAPER = {
                         "imagenet": ("11.39 ± 0.02", "11.8")},
 }  # fmt: skip
 RUNS = ("sam", "baseline", "baseline_2x")  # the "ours" columns, in order
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 _SEED_FOLDER = re.compile(r"^seed-(\d+)$")
 
 
@@ -94,17 +100,10 @@ def table(recipes: str = "recipes", outputs: str = "outputs", seeds: set[int] | 
 def update_readme(
     readme: str, recipes: str = "recipes", outputs: str = "outputs", seeds: set[int] | None = None
 ) -> bool:
-    with open(readme) as f:
-        text = f.read()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme}: no {START} ... {END} block to fill.")
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END),
-                 lambda _: f"{START}\n{table(recipes, outputs, seeds)}\n{END}", text, flags=re.S)  # fmt: skip
-    if new == text:
-        return False
-    with open(readme, "w") as f:
-        f.write(new)
-    return True
+    try:
+        return replace_readme_block(BLOCK, table(recipes, outputs, seeds), readme=readme)
+    except ValueError as err:  # a script's user error: one line, no traceback
+        raise SystemExit(str(err)) from None
 
 
 if __name__ == "__main__":

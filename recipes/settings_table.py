@@ -26,10 +26,16 @@ import argparse
 import glob
 import os
 import re
+import sys
 
 import yaml
 
-START, END = "<!-- settings:start -->", "<!-- settings:end -->"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from readme_block import replace_readme_block  # noqa: E402
+
+BLOCK = "settings"  # recipes/README.md's block
+START, END = f"<!-- {BLOCK}:start -->", f"<!-- {BLOCK}:end -->"
+
 # What is finetuned and on what, and bookkeeping: not settings of the method.
 IDENTITY = ("model_name_or_path", "dataset")
 BOOKKEEPING = ("dataloader_num_workers", "license", "license_link", "license_name", "logging_steps",
@@ -143,20 +149,10 @@ def table(recipes: str = os.path.dirname(os.path.abspath(__file__))) -> str:
 
 
 def update_readme(readme: str, recipes: str = os.path.dirname(os.path.abspath(__file__))) -> bool:
-    with open(readme) as f:
-        text = f.read()
-    if START not in text or END not in text:
-        raise SystemExit(
-            f"{readme}: no {START} ... {END} block to fill; add the two markers where the table goes."
-        )
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    new = f"{before}{START}\n{table(recipes)}\n{END}{after}"
-    if new == text:
-        return False
-    with open(readme, "w") as f:
-        f.write(new)
-    return True
+    try:
+        return replace_readme_block(BLOCK, table(recipes), readme=readme)
+    except ValueError as err:  # a script's user error: one line, no traceback
+        raise SystemExit(str(err)) from None
 
 
 if __name__ == "__main__":
