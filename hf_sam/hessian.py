@@ -10,17 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_sam.measurement import (
-    LossFn,
-    batch_size,
-    collect_batches,
-    measurement_mode,
-    model_loss,
-    scalar_loss,
-    to_device,
-    trainable_parameters,
-    with_progress,
-)
+from hf_sam import measurement
+from hf_sam.measurement import LossFn, measurement_mode, model_loss
 
 
 @dataclass
@@ -50,7 +41,7 @@ class _HessianOperator:
         self.model, self.loss_fn, self.params, self.dtype = model, loss_fn, params, dtype
         self.device = params[0].device
         self.batches = batches
-        sizes = [batch_size(b) for b in batches]
+        sizes = [measurement.batch_size(b) for b in batches]
         # Weight each batch by its share of the examples: the result is the Hessian of the mean loss over the
         # union of the batches even when the last batch is smaller.
         self.weights = [s / sum(sizes) for s in sizes]
@@ -63,7 +54,9 @@ class _HessianOperator:
         ]
         out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         for batch, weight in zip(self.batches, self.weights, strict=True):
-            loss = scalar_loss(self.loss_fn, self.model, to_device(batch, self.device))
+            loss = measurement.scalar_loss(
+                self.loss_fn, self.model, measurement.to_device(batch, self.device)
+            )
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             # H v = ∇(∇L · v): one more backward through the gradient graph.
             dot = sum(
@@ -104,8 +97,8 @@ def hessian_eigenvalues(
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
     if not isinstance(max_iter, int) or max_iter < top_k:
         raise ValueError(f"max_iter must be an integer >= top_k ({top_k}), got {max_iter!r}.")
-    batches = collect_batches(batches, num_batches)
-    params = trainable_parameters(model)
+    batches = measurement.collect_batches(batches, num_batches)
+    params = measurement.trainable_parameters(model)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     with measurement_mode(model):
         operator = _HessianOperator(model, batches, loss_fn, params, dtype)
@@ -142,7 +135,7 @@ def _lanczos(matvec, n, top_k, iterations, tol, seed, dtype, progress) -> Hessia
     v_prev, beta = None, 0.0
     theta = residuals = None
     converged = False
-    for j in with_progress(range(iterations), progress, desc="Lanczos", leave=False):
+    for j in measurement.with_progress(range(iterations), progress, desc="Lanczos", leave=False):
         basis[j] = v
         w = matvec(v)
         alpha = torch.dot(w, v).item()
