@@ -201,7 +201,12 @@ def test_entering_and_norming_in_pieces_match_adams_formula(monkeypatch, piece):
 
     monkeypatch.setattr(one_pass, "PIECE", piece)
     torch.manual_seed(0)
-    params = [torch.randn(5, 9), torch.randn(3, 4).t(), torch.randn(30), torch.randn(6)]  # the second is strided
+    params = [
+        torch.randn(5, 9),
+        torch.randn(3, 4).t(),
+        torch.randn(30),
+        torch.randn(6),
+    ]  # the second is strided
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params[:3], lr=LR, betas=BETAS, eps=EPS)
