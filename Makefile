@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py --readme
 	$(PY) benchmarks/variant_overhead.py --readme
 	$(PY) benchmarks/variant_overhead.py --optimizer adamw --readme
+	$(PY) benchmarks/variant_overhead.py --optimizer adamw --image-size 224 --readme --variants SAM \
+		"Momentum-SAM, sam_mode='momentum'" "sam_mode='adam_update'"
 	$(PY) benchmarks/soak.py --readme
 	$(PY) benchmarks/memory.py --readme
 	$(PY) benchmarks/one_pass_drift.py --readme
@@ -47,7 +49,7 @@ experiments: $(STAMP)
 	$(PY) experiments/benefit.py --readme
 	$(PY) experiments/benefit.py --optimizer adamw --readme
 	$(PY) experiments/benefit.py --model vit --optimizer adamw --seeds 8 --readme
-	$(PY) experiments/rho_transformer.py
+	$(PY) experiments/rho_transformer.py --readme
 	$(PY) experiments/budget_guide.py
 
 clean:

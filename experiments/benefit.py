@@ -8,7 +8,8 @@ Three benchmarks, each a (model, optimizer family) pair on the same data:
   decay 5e-4, 50 epochs;
 - `--model mlp --optimizer adamw`: the same MLP with AdamW (weight decay 0.01), the Trainer's default optimizer;
 - `--model vit --optimizer adamw`: a ViT from `transformers` built from config (patches of 4x4 pixels, hidden 128,
-  2 layers, 4 heads, ≈ 0.27M weights), AdamW (weight decay 0.01) with a 5% warm-up, 50 epochs.
+  2 layers, 4 heads, ≈ 0.27M weights), AdamW (weight decay 0.01) with a 5% warm-up, 50 epochs; one noisy training
+  set for every seed, and a coordinate search (ρ, then lr) to fit in about 30 minutes (`Benchmark`).
 All three: scikit-learn's digits (the only real images here) with 30% pair-flip label noise on the training labels
 (a random 30% of the training images get the label of the next class, c -> c + 1 mod 10; Han et al. 2018), batch
 64, cosine decay, every method through `SAMTrainer` (the product's path).

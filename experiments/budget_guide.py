@@ -68,9 +68,14 @@ def load_benefit(stem: str) -> dict | None:
     return methods
 
 
-def step_costs(optimizer: str) -> dict[str, float]:
+def step_costs(optimizer: str, image_size: int | None = None) -> dict[str, float]:
     """variant row name -> step time / stock, from variant_overhead's table (empty when not measured)."""
-    path = os.path.join(OVERHEAD, "variant_overhead_cpu" + ("_adamw" if optimizer == "adamw" else "") + ".md")
+    stem = (
+        "variant_overhead_cpu"
+        + ("_adamw" if optimizer == "adamw" else "")
+        + (f"_{image_size}px" if image_size else "")
+    )
+    path = os.path.join(OVERHEAD, f"{stem}.md")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -101,8 +106,13 @@ def gain_text(methods: dict | None) -> str:
 
 
 def budget_table(benefits: dict) -> str:
-    sgd, adamw = step_costs("sgd"), step_costs("adamw")
-    cost = lambda table, row: f"{table[row]:.2f}" if row in table else "—"  # noqa: E731
+    sgd, adamw, adamw_224 = step_costs("sgd"), step_costs("adamw"), step_costs("adamw", 224)
+
+    def cost(table: dict, row: str) -> str:
+        if row in table:
+            return f"{table[row]:.2f}"
+        return "— (Adam only)" if table is sgd and "adam_update" in row else "not measured"
+
     header = ["method", "step time / stock, SGD", "step time / stock, AdamW"]
     header += [f"share of SAM's gain [90% interval], {title}" for _, title in BENEFIT]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -111,10 +121,17 @@ def budget_table(benefits: dict) -> str:
         cells += [share_text(benefits[stem], name, stem) for stem, _ in BENEFIT]
         lines.append("| " + " | ".join(cells) + " |")
     gains = "; ".join(f"{title}: {gain_text(benefits[stem])}" for stem, title in BENEFIT)
+    at_224 = ", ".join(f"{label} {adamw_224[row]:.2f}x" for label, _, row in ROWS if row in adamw_224)
+    at_224 = (
+        f" At 224 px, the resolution the recipes finetune at, where a step does 12x the work per weight: {at_224} "
+        "(`--image-size 224`)."
+        if at_224
+        else ""
+    )
     return "\n".join(
         [
-            "Step time: `benchmarks/variant_overhead.py` (CPU, ResNet-18 at 64 px; — where the mode does not run "
-            "with that optimizer). Share of SAM's gain: `experiments/benefit.py` (digits, 30% pair-flip noise, lr "
+            f"Step time: `benchmarks/variant_overhead.py` (CPU, ResNet-18 at 64 px, batch 32).{at_224} Share of "
+            "SAM's gain: `experiments/benefit.py` (digits, 30% pair-flip noise, lr "
             "and ρ chosen per method on a validation slice, 90% paired bootstrap interval over the seeds). SAM's "
             f"gain over the tuned baseline: {gains}. Written by `python experiments/budget_guide.py`.",
             "",

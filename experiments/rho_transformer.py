@@ -1,13 +1,15 @@
 """Which ρ a transformer trained with AdamW takes: SAM and Momentum-SAM over a grid of ρ on a BERT-style encoder.
 
-    python experiments/rho_transformer.py [--seeds 3] [--steps 300] [--workers 1]
+    python experiments/rho_transformer.py [--seeds 3] [--steps 300] [--workers 1] [--readme]
 
 The data are scikit-learn's digits read as text: each 8x8 image is a sequence of 64 pixel tokens (values 0-16)
 after a [CLS] token, classified by a 2-layer BERT built from config (hidden 64, 4 heads, ≈ 0.1M parameters)
 through `SAMTrainer` with the Trainer's default optimizer, AdamW (lr 1e-3, linear decay, 10% warm-up). Every
 number is validation accuracy on 20% of the training images (the test images are never read), mean ± std over
-the seeds, the same seeds for every setting. `guard` counts the runs in which the look-ahead guard warned
-(the loss where the gradient is taken more than 1.5x the loss at w). Writes results/rho_transformer.{md,json}.
+the seeds, the same seeds for every setting. `guard` counts the runs in which the look-ahead guard warned (the loss
+where the gradient is taken has been more than 1.5x the loss at w and the loss at w has not come down by step 8 or
+later: `hf_sam.telemetry.LookAheadGuard`). Writes results/rho_transformer.{md,json}; with `--readme` also the table
+into its block of experiments/README.md.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +27,8 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 # (sam_mode, ρ): 0 is the plain AdamW baseline.
 GRID = [("sam", 0.0), ("sam", 0.01), ("sam", 0.05), ("sam", 0.2), ("sam", 0.5),
-        ("momentum", 0.05), ("momentum", 0.5), ("momentum", 3.0)]  # fmt: skip
+        ("momentum", 0.05), ("momentum", 0.5), ("momentum", 3.0),
+        ("adam_update", 0.5), ("adam_update", 3.0), ("adam_update", 10.0)]  # fmt: skip
 
 
 def token_digits():
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--readme", action="store_true", help="write the table into experiments/README.md")
     a = parser.parse_args()
     jobs = [(mode, rho, seed, a.steps) for mode, rho in GRID for seed in range(a.seeds)]
     start = time.perf_counter()
@@ -100,7 +105,7 @@ def main() -> None:
     for mode, rho in GRID:
         runs = [r for r in results if r["mode"] == mode and r["rho"] == rho]
         top1 = np.array([r["val_top1"] for r in runs]) * 100
-        name = "AdamW (baseline)" if rho == 0 else ("SAM" if mode == "sam" else '`sam_mode="momentum"`')
+        name = "AdamW (baseline)" if rho == 0 else ("SAM" if mode == "sam" else f'`sam_mode="{mode}"`')
         rows.append(f"| {name} | {rho:g} | {top1.mean():.1f} ± {top1.std(ddof=1):.1f} | "
                     f"{sum(r['guard_warned'] for r in runs)}/{len(runs)} |")  # fmt: skip
     table = "\n".join(["| method | ρ | validation top-1 (%) | guard warned |", "|---|---|---|---|", *rows])
@@ -113,6 +118,11 @@ def main() -> None:
     (RESULTS / "rho_transformer.md").write_text(text)
     (RESULTS / "rho_transformer.json").write_text(json.dumps(results, indent=1))
     print(text)
+    if a.readme:
+        sys.path.insert(0, str(RESULTS.parent.parent / "benchmarks"))
+        from readme_block import EXPERIMENTS_README, replace_readme_block
+
+        replace_readme_block("rho_transformer", text, readme=EXPERIMENTS_README)
 
 
 if __name__ == "__main__":
