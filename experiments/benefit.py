@@ -391,6 +391,13 @@ def summary(bench: Benchmark, chosen: dict, grids: dict, finals: dict[str, list[
     return rows
 
 
+def searched(row: dict) -> str:
+    """The values each axis of a method's search took (a coordinate search tries them along a line, not as a grid)."""
+    lrs = ", ".join(f"{v:g}" for v in sorted(row["grid_lrs"]))
+    rhos = [v for v in row["grid_rhos"] if v is not None]
+    return f"{lrs}; " + (", ".join(f"{v:g}" for v in sorted(rhos)) if rhos else "—")
+
+
 def fmt(value: float, at_edge: bool) -> str:
     return f"{value:g}" + ("*" if at_edge else "")
 
@@ -413,14 +420,16 @@ def table(bench: Benchmark, rows: dict, seeds: int, minutes: float, command: str
         f"batch {BATCH}, through `SAMTrainer`. {noise_text} Learning rate and ρ chosen per method on a "
         f"{VALIDATION:.0%} validation slice of the (noisy) training set over {bench.tuning_seeds} tuning seeds"
         f"{search_text}, each grid widened "
-        "until its choice is inside it (* marks a choice still at an edge; every grid is in the json); test top-1 "
+        "until its choice is inside it (* marks a choice still at an edge; the values searched are in the last "
+        "column, every run in the json); test top-1 "
         f"on the clean test labels over seeds 0-{seeds - 1} (mean ± std), the same seeds for every method. "
         f"SAM's gain: {sam['top1_mean'] - base['top1_mean']:+.1f} points. Share of SAM's gain = (method − "
         "baseline) / (SAM − baseline), with its 90% paired bootstrap interval over the seeds. "
         f"`{command}`, {minutes:.0f} min on this CPU.",
         "",
-        "| method | chosen lr, ρ | test top-1 (%) | share of SAM's gain [90% interval] | passes per step | wall time / baseline |",
-        "|---|---|---|---|---|---|",
+        "| method | chosen lr, ρ | test top-1 (%) | share of SAM's gain [90% interval] | passes per step "
+        "| wall time / baseline | lr searched; ρ searched |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         setting = fmt(row["lr"], row["lr_at_edge"])
@@ -433,7 +442,7 @@ def table(bench: Benchmark, rows: dict, seeds: int, minutes: float, command: str
             share_text = f"{value:.0%} [{low:.0%}, {high:.0%}]"
         lines.append(
             f"| {name} | {setting} | {row['top1_mean']:.1f} ± {row['top1_std']:.1f} | {share_text} "
-            f"| {row['passes']:.2f} | {row['wall']:.2f} |"
+            f"| {row['passes']:.2f} | {row['wall']:.2f} | {searched(row)} |"
         )
     return "\n".join(lines)
 
@@ -450,6 +459,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--readme", action="store_true", help="write the table into experiments/README.md")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="write the table again from results/<stem>.json, without training (after a change of the table)",
+    )
     parser.add_argument(
         "--only", nargs="*", default=None, help="methods to run (baseline and SAM always run)"
     )
@@ -469,6 +483,16 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown method(s) {unknown} for this benchmark; choose from {methods}.")
 
+    command = " ".join(["python experiments/benefit.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command.replace(" --readme", "").replace(" --from-results", "")
+    if args.from_results:  # the table again from the recorded runs (no training): a new column, a fixed text
+        with open(os.path.join(RESULTS, f"{bench.stem}.json")) as f:
+            record = json.load(f)
+        seeds = record["benchmark"]["seeds"]
+        text = table(bench, record["summary"], seeds, record["minutes"], record.get("command", command))
+        write_table(bench, text, args.readme)
+        print(text)
+        return
     started = time.perf_counter()
     chosen, grids, tuning = tune(bench, names, args.workers)
     os.makedirs(RESULTS, exist_ok=True)
@@ -480,21 +504,24 @@ def main(argv=None) -> None:
     finals = {n: [r for r in results if r["method"] == n] for n in names}
     minutes = (time.perf_counter() - started) / 60
     rows = summary(bench, chosen, grids, finals)
-    command = " ".join(["python experiments/benefit.py", *(argv if argv is not None else sys.argv[1:])])
-    command = command.replace(" --readme", "")
     text = table(bench, rows, args.seeds, minutes, command)
     print(text)
     record = {
         "benchmark": {"model": bench.model, "optimizer": bench.optimizer, "title": bench.title,
                       "epochs": bench.epochs, "tuning_seeds": bench.tuning_seeds, "seeds": args.seeds},
         "chosen": {k: list(v) for k, v in chosen.items()},
-        "summary": rows, "tuning": tuning, "final": results, "minutes": minutes,
+        "summary": rows, "tuning": tuning, "final": results, "minutes": minutes, "command": command,
     }  # fmt: skip
     with open(os.path.join(RESULTS, f"{bench.stem}.json"), "w") as f:
         json.dump(record, f, indent=1)
+    write_table(bench, text, args.readme)
+
+
+def write_table(bench: Benchmark, text: str, readme: bool) -> None:
+    """results/<stem>.md, and with `readme` the table's block of experiments/README.md."""
     with open(os.path.join(RESULTS, f"{bench.stem}.md"), "w") as f:
         f.write(text + "\n")
-    if args.readme:
+    if readme:
         sys.path.insert(
             0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
         )
