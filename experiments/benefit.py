@@ -60,7 +60,8 @@ from common import DictMLP as MLP  # noqa: E402
 from hf_sam.finetune.data import noisy_labels  # noqa: E402
 
 NOISE, BATCH, VALIDATION = 0.3, 64, 0.2
-MAX_WIDENINGS = 2  # per side of a grid
+# Per axis (lr, ρ) of a method's search. 2 left the MLP-AdamW sam_interval=5 ρ at its edge (27*).
+MAX_WIDENINGS = 4
 BASELINE, SAM = "baseline", "SAM"
 
 
