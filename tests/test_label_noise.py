@@ -71,31 +71,39 @@ def test_recipe_refuses_out_of_range_before_any_work(bad, tmp_path):
     assert not out.exists()
 
 
-def test_recipe_corrupts_train_split_only(tmp_path, monkeypatch):
-    """Through recipes/finetune.py: train labels noisy (after label_subset), test labels as loaded."""
-    checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"), num_classes=5)
-    seen = {}
+class _Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
+
+def data_trained_on(monkeypatch, argv: list[str]):
+    """The data `recipes/finetune.py main(argv)` would train on: captured where the transforms are set, then
+    stopped (nothing is trained)."""
+    seen = {}
 
     def capture(data, *args):
         seen["data"] = data
-        raise Stop
+        raise _Stop
 
     monkeypatch.setattr(finetune, "set_transforms", capture)
+    with pytest.raises(_Stop):
+        finetune.main(argv)
+    return seen["data"]
+
+
+def test_recipe_corrupts_train_split_only(tmp_path, monkeypatch):
+    """Through recipes/finetune.py: train labels noisy (after label_subset), test labels as loaded."""
+    checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"), num_classes=5)
     argv = ["--config", RECIPE, "--model_name_or_path", checkpoint, "--output_dir", str(tmp_path / "o")]
-    with pytest.raises(Stop):
-        finetune.main(argv + ["--label_noise", "0.25", "--seed", "4"])
-    data = seen["data"]
+    data = data_trained_on(monkeypatch, argv + ["--label_noise", "0.25", "--seed", "4"])
     clean = load_image_classification(SPECS["digits"], label_subset=["5", "6", "7", "8", "9"])
     flipped = sum(a != b for a, b in zip(clean.train["label"], data.train["label"]))
     assert len(data.train) == len(clean.train) and flipped == round(0.25 * len(clean.train))
     assert data.test["label"] == clean.test["label"]
-    first = data.train["label"]
-    with pytest.raises(Stop):  # label_noise_seed, not the run's seed, decides when given
-        finetune.main(argv + ["--label_noise", "0.25", "--seed", "5", "--label_noise_seed", "4"])
-    assert seen["data"].train["label"] == first
+    # label_noise_seed, not the run's seed, decides when given
+    again = data_trained_on(
+        monkeypatch, argv + ["--label_noise", "0.25", "--seed", "5", "--label_noise_seed", "4"]
+    )
+    assert again.train["label"] == data.train["label"]
 
 
 def test_model_card_records_label_noise(tmp_path):
@@ -160,22 +168,10 @@ def test_pair_recipes_train_on_noisy_labels_without_a_prepared_copy(name, tmp_pa
     """The demo's pair-flip recipes, run by hand as their header shows but without --dataset_path, trained on clean
     labels (the noise lived only in the demo's data copy): now the recipe itself carries the noise."""
     checkpoint = tiny_timm_checkpoint(str(tmp_path / "ckpt"), num_classes=5)
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def capture(data, *args):
-        seen["data"] = data
-        raise Stop
-
-    monkeypatch.setattr(finetune, "set_transforms", capture)
     recipe = os.path.join(REPO, "recipes/digits/test_efficientnet", name)
-    with pytest.raises(Stop):
-        finetune.main(
-            ["--config", recipe, "--model_name_or_path", checkpoint, "--output_dir", str(tmp_path / "o")]
-        )
+    argv = ["--config", recipe, "--model_name_or_path", checkpoint, "--output_dir", str(tmp_path / "o")]
+    data = data_trained_on(monkeypatch, argv)
     clean = load_image_classification(SPECS["digits"], label_subset=["5", "6", "7", "8", "9"])
-    shifts = [(b - a) % 5 for a, b in zip(clean.train["label"], seen["data"].train["label"]) if a != b]
+    shifts = [(b - a) % 5 for a, b in zip(clean.train["label"], data.train["label"]) if a != b]
     assert len(shifts) == round(0.3 * len(clean.train)) and set(shifts) == {1}
-    assert seen["data"].test["label"] == clean.test["label"]
+    assert data.test["label"] == clean.test["label"]
