@@ -122,7 +122,8 @@ class AdamUpdate:
 
     def __init__(self, params: list[torch.Tensor], terms: list) -> None:
         self.params, self.terms = params, terms
-        self._scratch: dict = {}  # (device, dtype) -> one flat buffer of ≤ PIECE elements, reused for every D
+        # (device, dtype) -> one flat buffer of ≤ PIECE elements, reused for every D of one pass, freed after it.
+        self._scratch: dict = {}
 
     def __len__(self) -> int:
         return len(self.params)
@@ -176,12 +177,11 @@ class AdamUpdate:
             scale = term[3] / term[2]
             for p_piece, first, second in self._pieces(p, term):
                 denominator = self._denominator(second, term)
-                if torch.is_tensor(
-                    scale
-                ):  # a device step count (fused, capturable): no host sync for the value
+                if torch.is_tensor(scale):  # a device step count (fused, capturable): no host sync
                     p_piece.addcdiv_(first, denominator.div_(scale), value=alpha)
                 else:
                     p_piece.addcdiv_(first, denominator, value=alpha * scale)
+        self._scratch.clear()  # held for one pass only: nothing stays allocated through the forward and backward
 
     def local_squares(self) -> tuple[torch.Tensor, object]:
         """(Σ‖u_i‖² over this process's elements in float32, the process group of sharded parameters or None), as
@@ -191,15 +191,15 @@ class AdamUpdate:
             if term is None:
                 continue
             for _, first, second in self._pieces(p, term):
-                ratio = torch.div(
-                    first, denominator := self._denominator(second, term), out=denominator
-                )  # u / c
+                denominator = self._denominator(second, term)
+                ratio = torch.div(first, denominator, out=denominator)  # u / c: c scales the norm below
                 if is_dtensor(ratio):
                     if ratio.device_mesh.ndim != 1 or not all(q.is_shard() for q in ratio.placements):
                         unsupported_layout()
                     group, ratio = ratio.device_mesh.get_group(), ratio.to_local()
                 square = (torch.linalg.vector_norm(ratio, dtype=torch.float32) * (term[3] / term[2])) ** 2
                 squares = square if squares is None else squares + square.to(squares.device)
+        self._scratch.clear()
         return (squares if squares is not None else torch.zeros(())), group
 
 
