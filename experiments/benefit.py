@@ -490,6 +490,13 @@ def main(argv=None) -> None:
         with open(os.path.join(RESULTS, f"{bench.stem}.json")) as f:
             record = json.load(f)
         seeds = record["benchmark"]["seeds"]
+        # Described as it was run: the recorded protocol wins over today's definition (absent keys: today's).
+        recorded = {
+            k: v
+            for k, v in record["benchmark"].items()
+            if k in ("epochs", "tuning_seeds", "search", "noise_draw")
+        }
+        bench = Benchmark(**{**bench.__dict__, **recorded})
         text = table(bench, record["summary"], seeds, record["minutes"], record.get("command", command))
         write_table(bench, text, args.readme)
         print(text)
